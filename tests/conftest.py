@@ -1,0 +1,99 @@
+"""Shared fixtures: a real PostgreSQL per server version, started by the tests themselves.
+
+``make test`` runs every PostgreSQL-backed test on PostgreSQL 15 and 16. Choose versions with
+``--pg-version 16`` (repeatable) or ``PGLOGREPL_TEST_PG_VERSIONS=15,16``. Under ``CI=true`` a
+PostgreSQL test that skips, or a version with no passing test, fails the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from pglogrepl_bridge.embedded import ENV_DSN, PostgresServer, find_bindirs, postgres_server
+
+DEFAULT_VERSIONS = (15, 16)
+REPORT = Path(__file__).resolve().parent.parent / ".pg-report.json"
+_results: Counter[str] = Counter()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--pg-version",
+        action="append",
+        type=int,
+        default=None,
+        help="PostgreSQL major version to test against (repeatable; default 15 and 16)",
+    )
+
+
+def _versions(config: pytest.Config) -> list[int]:
+    if os.environ.get(ENV_DSN):
+        return [0]  # the external server, whatever its version
+    chosen = config.getoption("--pg-version")
+    if not chosen and os.environ.get("PGLOGREPL_TEST_PG_VERSIONS"):
+        chosen = [int(v) for v in os.environ["PGLOGREPL_TEST_PG_VERSIONS"].split(",")]
+    if chosen:
+        return list(chosen)
+    available = find_bindirs()
+    found = [v for v in DEFAULT_VERSIONS if v in available]
+    if os.environ.get("CI"):
+        return list(DEFAULT_VERSIONS)  # a missing one must fail loudly in CI, not vanish
+    return found or [max(available)] if available else list(DEFAULT_VERSIONS)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "pg" in metafunc.fixturenames:
+        versions = _versions(metafunc.config)
+        metafunc.parametrize(
+            "pg",
+            versions,
+            indirect=True,
+            scope="session",
+            ids=[f"pg{v}" if v else "external" for v in versions],
+        )
+
+
+@pytest.fixture(scope="session")
+def pg(request: pytest.FixtureRequest) -> Iterator[PostgresServer]:
+    """A running server with wal_level=logical; removed at the end of the session."""
+    with postgres_server(request.param or None) as server:
+        yield server
+
+
+@pytest.fixture
+def pg_conn(pg: PostgresServer) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
+    with psycopg.connect(pg.dsn, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    report = yield
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and "pg" in callspec.params:
+        version = callspec.params["pg"] or "external"
+        if report.when == "call" or (report.when == "setup" and not report.passed):
+            outcome = "passed" if report.passed else report.outcome
+            _results[f"{version}:{outcome}"] += 1
+            if os.environ.get("CI") and report.skipped:
+                report.outcome = "failed"
+                report.longrepr = f"PostgreSQL test skipped in CI: {report.longrepr}"
+    return report
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    summary = dict(sorted(_results.items()))
+    REPORT.write_text(json.dumps(summary, indent=1) + "\n")
+    if os.environ.get("CI") and not session.config.getoption("collectonly"):
+        expected = [str(v) if v else "external" for v in _versions(session.config)]
+        missing = [v for v in expected if not _results.get(f"{v}:passed")]
+        if missing:
+            print(f"\nCI: no PostgreSQL test passed on: {', '.join(missing)}")
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -1,0 +1,89 @@
+"""The PostgreSQL provider: it starts, is set up for logical decoding, and leaves nothing."""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+
+import psycopg
+import pytest
+
+from pglogrepl_bridge.embedded import ENV_DSN, PostgresServer, find_bindirs, postgres_server
+
+
+def test_server_has_logical_settings(pg_conn: psycopg.Connection[tuple[object, ...]]) -> None:
+    settings = dict(
+        pg_conn.execute(
+            "SELECT name, setting FROM pg_settings WHERE name IN "
+            "('wal_level','max_wal_senders','max_replication_slots','max_prepared_transactions')"
+        ).fetchall()
+    )
+    assert settings["wal_level"] == "logical"
+    assert int(str(settings["max_wal_senders"])) >= 10
+    assert int(str(settings["max_replication_slots"])) >= 10
+    assert int(str(settings["max_prepared_transactions"])) > 0
+
+
+def test_version_matches_request(pg: PostgresServer, request: pytest.FixtureRequest) -> None:
+    wanted = request.node.callspec.params["pg"]
+    with psycopg.connect(pg.dsn) as conn:
+        assert conn.info.server_version // 10000 == pg.version
+    if wanted:
+        assert pg.version == wanted
+
+
+def test_logical_slot_create_and_drop(pg_conn: psycopg.Connection[tuple[object, ...]]) -> None:
+    pg_conn.execute("SELECT pg_create_logical_replication_slot('provider_probe', 'pgoutput')")
+    rows = pg_conn.execute(
+        "SELECT plugin, slot_type FROM pg_replication_slots WHERE slot_name = 'provider_probe'"
+    ).fetchall()
+    assert rows == [("pgoutput", "logical")]
+    pg_conn.execute("SELECT pg_drop_replication_slot('provider_probe')")
+    assert not pg_conn.execute(
+        "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'provider_probe'"
+    ).fetchall()
+
+
+def test_replication_connection_works(pg: PostgresServer) -> None:
+    with psycopg.connect(pg.dsn, replication="database", autocommit=True) as conn:
+        row = conn.execute("IDENTIFY_SYSTEM").fetchone()
+    assert row is not None and row[3] == "postgres"
+
+
+def test_safe_dsn_hides_password(pg: PostgresServer) -> None:
+    password = psycopg.conninfo.conninfo_to_dict(pg.dsn).get("password")
+    if password:
+        assert str(password) not in pg.safe_dsn
+    assert "host=" in pg.safe_dsn
+
+
+def _postgres_pids() -> set[int]:
+    out = subprocess.run(["ps", "-eo", "pid=,stat=,args="], capture_output=True, text=True).stdout
+    return {
+        int(line.split()[0])
+        for line in out.splitlines()
+        if "postgres" in line and "Z" not in line.split()[1]
+    }
+
+
+@pytest.mark.skipif(bool(os.environ.get(ENV_DSN)), reason="an external server is not ours to stop")
+@pytest.mark.parametrize("version", sorted(find_bindirs()) or [16])
+def test_local_cluster_cleans_up_even_on_failure(version: int) -> None:
+    before_dirs = set(glob.glob("/tmp/pglogrepl-bridge-pg-*"))
+    before_pids = _postgres_pids()
+    with pytest.raises(RuntimeError, match="boom"), postgres_server(version) as server:
+        assert server.kind in ("local", "container")
+        with psycopg.connect(server.dsn) as conn:
+            assert conn.execute("SHOW wal_level").fetchone() == ("logical",)
+        raise RuntimeError("boom")
+    assert set(glob.glob("/tmp/pglogrepl-bridge-pg-*")) == before_dirs
+    assert _postgres_pids() <= before_pids
+
+
+def test_restart_keeps_settings(pg: PostgresServer) -> None:
+    if pg.kind != "local":
+        pytest.skip("restart is only possible for a local cluster")
+    pg.restart()
+    with psycopg.connect(pg.dsn) as conn:
+        assert conn.execute("SHOW wal_level").fetchone() == ("logical",)
