@@ -1,0 +1,130 @@
+"""Relation metadata, fed only from Relation and Type messages of the stream.
+
+Never from the catalog: the catalog shows the schema of *now*, the stream the schema of the
+change. Each entry precomputes its column names and loaders, so turning a row into a dict is
+one zip over tuples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import DecodeError
+from .messages import KIND_BINARY, KIND_NULL, KIND_TEXT, Column, Relation, TupleData, Type
+from .values import Load, ValueLoaders, ValueProblem
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class RelationInfo:
+    relid: int
+    namespace: str
+    name: str
+    replica_identity: str
+    columns: tuple[Column, ...]
+    names: tuple[str, ...]
+    key_names: tuple[str, ...]
+    text_loads: tuple[Load, ...]
+    binary_loads: tuple[Load, ...]
+    loaders: ValueLoaders
+
+    @property
+    def qualified_name(self) -> str:
+        # pgoutput sends an empty namespace for pg_catalog
+        return f"{self.namespace or 'pg_catalog'}.{self.name}"
+
+    def row(self, tup: TupleData, *, key_only: bool = False) -> dict[str, Any]:
+        """The row as {column: value}; unchanged-TOAST columns are left out."""
+        if len(tup.kinds) != len(self.names):
+            raise DecodeError(
+                f"tuple has {len(tup.kinds)} columns, relation {self.qualified_name} has "
+                f"{len(self.names)}",
+                msg_type="TupleData",
+            )
+        out: dict[str, Any] = {}
+        try:
+            for name, kind, value, tload, bload in zip(
+                self.names, tup.kinds, tup.values, self.text_loads, self.binary_loads, strict=True
+            ):
+                if kind == KIND_TEXT:
+                    out[name] = tload(value)  # type: ignore[arg-type]
+                elif kind == KIND_NULL:
+                    out[name] = None
+                elif kind == KIND_BINARY:
+                    out[name] = bload(value)  # type: ignore[arg-type]
+        except Exception:
+            out = self._row_slow(tup)
+        if key_only:
+            return {k: out[k] for k in self.key_names if k in out}
+        return out
+
+    def _row_slow(self, tup: TupleData) -> dict[str, Any]:
+        """Per-column error handling: a bad value keeps its text and is reported."""
+        out: dict[str, Any] = {}
+        for col, kind, value, tload, bload in zip(
+            self.columns, tup.kinds, tup.values, self.text_loads, self.binary_loads, strict=True
+        ):
+            if kind == KIND_NULL:
+                out[col.name] = None
+            elif kind in (KIND_TEXT, KIND_BINARY):
+                assert value is not None
+                try:
+                    out[col.name] = (tload if kind == KIND_TEXT else bload)(value)
+                except Exception as exc:
+                    text = bytes(value).decode(errors="replace")
+                    if kind == KIND_BINARY:
+                        text = "\\x" + bytes(value).hex()
+                    self.loaders.on_problem(
+                        ValueProblem(self.qualified_name, col.name, col.type_oid, text, str(exc))
+                    )
+                    out[col.name] = text
+        return out
+
+    def unchanged_toast(self, tup: TupleData) -> tuple[str, ...]:
+        if b"u" not in tup.kinds:
+            return ()
+        return tuple(n for n, k in zip(self.names, tup.kinds, strict=False) if k == 0x75)
+
+
+class RelationCache:
+    """relid → RelationInfo. A re-sent Relation (after a schema change) replaces the entry."""
+
+    def __init__(self, loaders: ValueLoaders | None = None) -> None:
+        self.loaders = loaders or ValueLoaders()
+        self._relations: dict[int, RelationInfo] = {}
+
+    def add_relation(self, msg: Relation) -> RelationInfo:
+        cols = msg.columns
+        info = RelationInfo(
+            relid=msg.relid,
+            namespace=msg.namespace,
+            name=msg.name,
+            replica_identity=msg.replica_identity,
+            columns=cols,
+            names=tuple(c.name for c in cols),
+            key_names=tuple(c.name for c in cols if c.is_key),
+            text_loads=tuple(self.loaders.text_loader(c.type_oid) for c in cols),
+            binary_loads=tuple(self.loaders.binary_loader(c.type_oid) for c in cols),
+            loaders=self.loaders,
+        )
+        self._relations[msg.relid] = info
+        return info
+
+    def add_type(self, msg: Type) -> None:
+        self.loaders.note_type(msg.oid, msg.namespace, msg.name)
+
+    def get(self, relid: int) -> RelationInfo:
+        try:
+            return self._relations[relid]
+        except KeyError:
+            raise DecodeError(
+                f"change for relation id {relid} before any Relation message describing it; "
+                "the stream must be consumed from the start of a transaction",
+                msg_type="DML",
+            ) from None
+
+    def __contains__(self, relid: int) -> bool:
+        return relid in self._relations
+
+    def __len__(self) -> int:
+        return len(self._relations)

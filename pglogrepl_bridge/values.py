@@ -1,0 +1,107 @@
+"""Column values: typed through psycopg's own loaders (text and binary), or lossless text.
+
+psycopg's loaders need no connection (a bare ``Transformer``), so this stays IO-free. Loaders
+are looked up once per column when a Relation arrives, never per value.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from psycopg.adapt import Transformer
+from psycopg.postgres import types as builtin_types
+from psycopg.pq import Format
+
+log = logging.getLogger(__name__)
+
+ValueMode = Literal["typed", "text"]
+Load = Callable[[bytes], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ValueProblem:
+    """A value that could not be converted; the change keeps its text instead."""
+
+    relation: str
+    column: str
+    type_oid: int
+    text: str
+    error: str
+
+
+def _text(data: bytes) -> str:
+    return data.decode()
+
+
+def _raw(data: bytes) -> bytes:
+    return bytes(data)
+
+
+class ValueLoaders:
+    """Chooses a loader per (type OID, format).
+
+    ``type_map`` maps a custom type's qualified name (``schema.name``, as the stream's Type
+    message says) to a built-in base type name, e.g. ``{"public.email": "text"}``: that is how
+    domains load through their base type. Other unknown OIDs come out as their text.
+    """
+
+    def __init__(
+        self,
+        mode: ValueMode = "typed",
+        *,
+        type_map: Mapping[str, str] | None = None,
+        on_problem: Callable[[ValueProblem], None] | None = None,
+    ) -> None:
+        self.mode = mode
+        self._transformer = Transformer()
+        self._type_map = dict(type_map or {})
+        self._custom: dict[int, str] = {}
+        self.on_problem = on_problem or _log_problem
+
+    def note_type(self, oid: int, namespace: str, name: str) -> None:
+        """Record a Type message: custom OIDs are only known by name from the stream."""
+        self._custom[oid] = f"{namespace}.{name}" if namespace else name
+
+    def type_name(self, oid: int) -> str:
+        info = builtin_types.get(oid)
+        if info is not None:
+            return info.name
+        return self._custom.get(oid, str(oid))
+
+    def _effective_oid(self, oid: int) -> int:
+        qualified = self._custom.get(oid)
+        if qualified is not None and qualified in self._type_map:
+            base = builtin_types.get(self._type_map[qualified])
+            if base is not None:
+                return base.oid
+        return oid
+
+    def text_loader(self, oid: int) -> Load:
+        if self.mode == "text":
+            return _text
+        oid = self._effective_oid(oid)
+        if builtin_types.get(oid) is None:
+            return _text  # enums, composites of unknown shape, extension types
+        loader: Load = self._transformer.get_loader(oid, Format.TEXT).load
+        return loader
+
+    def binary_loader(self, oid: int) -> Load:
+        oid = self._effective_oid(oid)
+        if self.mode == "text" or builtin_types.get(oid) is None:
+            return _raw  # no text form exists on the wire; keep the bytes
+        loader: Load = self._transformer.get_loader(oid, Format.BINARY).load
+        return loader
+
+
+def _log_problem(problem: ValueProblem) -> None:
+    log.warning(
+        "cannot convert %s.%s (type oid %d) value %r: %s; keeping its text",
+        problem.relation,
+        problem.column,
+        problem.type_oid,
+        problem.text[:200],
+        problem.error,
+    )
