@@ -86,7 +86,7 @@ class TransactionAssembler:
         spill_bytes: int = DEFAULT_SPILL_BYTES,
         surface_prepares: bool = False,
     ) -> None:
-        self.relations = relations or RelationCache()
+        self.relations = relations if relations is not None else RelationCache()
         self.spill_bytes = spill_bytes
         self.surface_prepares = surface_prepares
         self._decoder = PgOutputDecoder()

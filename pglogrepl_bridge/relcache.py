@@ -90,7 +90,7 @@ class RelationCache:
     """relid → RelationInfo. A re-sent Relation (after a schema change) replaces the entry."""
 
     def __init__(self, loaders: ValueLoaders | None = None) -> None:
-        self.loaders = loaders or ValueLoaders()
+        self.loaders = loaders if loaders is not None else ValueLoaders()
         self._relations: dict[int, RelationInfo] = {}
 
     def add_relation(self, msg: Relation) -> RelationInfo:
