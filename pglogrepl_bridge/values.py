@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from psycopg import adapters
 from psycopg.adapt import Transformer
 from psycopg.postgres import types as builtin_types
 from psycopg.pq import Format
@@ -62,14 +63,22 @@ class ValueLoaders:
         self.on_problem = on_problem or _log_problem
 
     def note_type(self, oid: int, namespace: str, name: str) -> None:
-        """Record a Type message: custom OIDs are only known by name from the stream."""
-        self._custom[oid] = f"{namespace}.{name}" if namespace else name
+        """Record a Type message: custom OIDs are only known by name from the stream.
+
+        For a domain, pgoutput names the *base* type (an empty namespace means pg_catalog),
+        so a domain over a built-in type loads through that type with no configuration.
+        """
+        if not namespace and builtin_types.get(name) is not None:
+            self._type_map.setdefault(f"pg_catalog.{name}#{oid}", name)
+            self._custom[oid] = f"pg_catalog.{name}#{oid}"
+        else:
+            self._custom[oid] = f"{namespace}.{name}"
 
     def type_name(self, oid: int) -> str:
         info = builtin_types.get(oid)
         if info is not None:
             return info.name
-        return self._custom.get(oid, str(oid))
+        return self._custom.get(oid, str(oid)).split("#")[0]
 
     def _effective_oid(self, oid: int) -> int:
         qualified = self._custom.get(oid)
@@ -80,18 +89,17 @@ class ValueLoaders:
         return oid
 
     def text_loader(self, oid: int) -> Load:
-        if self.mode == "text":
-            return _text
         oid = self._effective_oid(oid)
-        if builtin_types.get(oid) is None:
-            return _text  # enums, composites of unknown shape, extension types
+        if self.mode == "text" or adapters.get_loader(oid, Format.TEXT) is None:
+            return _text  # lossless mode; or enums, composites, types psycopg doesn't know
         loader: Load = self._transformer.get_loader(oid, Format.TEXT).load
         return loader
 
     def binary_loader(self, oid: int) -> Load:
+        """Binary values of a type psycopg has no binary loader for stay bytes."""
         oid = self._effective_oid(oid)
-        if self.mode == "text" or builtin_types.get(oid) is None:
-            return _raw  # no text form exists on the wire; keep the bytes
+        if self.mode == "text" or adapters.get_loader(oid, Format.BINARY) is None:
+            return _raw
         loader: Load = self._transformer.get_loader(oid, Format.BINARY).load
         return loader
 
