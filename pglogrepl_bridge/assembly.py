@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import logging
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
-from .decoder import PgOutputDecoder
+from .decoder import PgOutputDecoder, parse_tuple
 from .errors import DecodeError
 from .lsn import Lsn
 from .messages import (
@@ -27,8 +29,6 @@ from .messages import (
     BeginPrepare,
     Commit,
     CommitPrepared,
-    Delete,
-    Insert,
     Message,
     Origin,
     PgOutputMessage,
@@ -42,7 +42,6 @@ from .messages import (
     StreamStop,
     Truncate,
     Type,
-    Update,
 )
 from .relcache import RelationCache
 from .streambuffer import DEFAULT_SPILL_BYTES, StreamBuffer
@@ -61,6 +60,8 @@ log = logging.getLogger(__name__)
 _u32 = struct.Struct("!I").unpack_from
 # Messages that carry the subtransaction xid at bytes 1..4 inside a streamed block.
 _STREAMED_KINDS = frozenset(b"RYIUDTM")
+_ROW_TAGS = frozenset(b"IUD")
+_OLD: dict[int, Literal["K", "O"]] = {0x4B: "K", 0x4F: "O"}
 
 
 @dataclass(slots=True)
@@ -96,6 +97,24 @@ class TransactionAssembler:
         self._held: dict[str, _Held] = {}
         # lsn of the first message of each unfinished transaction: feedback must stay below
         self._pending_since: dict[object, int] = {}
+        self._handlers: dict[type, Callable[[Any, int], Event | None]] = {
+            Begin: self._on_begin,
+            BeginPrepare: self._on_begin,
+            Commit: self._commit,
+            Origin: self._on_origin,
+            Relation: self._on_other,
+            Type: self._on_other,
+            Truncate: self._on_other,
+            Message: self._on_other,
+            StreamStart: self._on_stream_start,
+            StreamStop: self._on_stream_stop,
+            StreamCommit: self._on_stream_commit,
+            StreamAbort: self._stream_abort,
+            Prepare: self._on_prepare,
+            StreamPrepare: self._on_stream_prepare,
+            CommitPrepared: self._commit_prepared,
+            RollbackPrepared: self._rollback_prepared,
+        }
 
     @property
     def in_transaction(self) -> bool:
@@ -119,60 +138,85 @@ class TransactionAssembler:
 
     def feed(self, payload: bytes, lsn: int = 0) -> Event | None:
         """Take one pgoutput message (an XLogData payload and its dataStart)."""
+        if not payload:
+            raise DecodeError("empty message", msg_type="(empty)", lsn=lsn)
+        tag = payload[0]
         if (
             self._stream_xid is not None
-            and payload
-            and payload[0] in _STREAMED_KINDS
+            and tag in _STREAMED_KINDS
             # a non-transactional Message is delivered at once, even inside a stream
-            and (payload[0] != 0x4D or len(payload) < 6 or payload[5] & 1)
+            and (tag != 0x4D or len(payload) < 6 or payload[5] & 1)
         ):
             if len(payload) < 5:
                 raise DecodeError("truncated xid", msg_type="streamed", offset=1, lsn=lsn)
             self._streams[self._stream_xid].append(_u32(payload, 1)[0], lsn, payload)
             return None
-        return self._handle(self._decoder.decode(payload, lsn), lsn)
+        if tag in _ROW_TAGS:  # the hot path: no message object, values stay bytes
+            txn = self._open
+            if txn is None:
+                raise DecodeError("row change outside a transaction", msg_type="DML", lsn=lsn)
+            txn.changes.append(self._row(payload, 1, lsn, self._decoder))
+            return None
+        msg = self._decoder.decode(payload, lsn)
+        return self._handlers[type(msg)](msg, lsn)
 
-    def _handle(self, msg: PgOutputMessage, lsn: int) -> Event | None:
-        if isinstance(msg, Insert | Update | Delete | Truncate | Relation | Type | Message):
-            return self._change(msg, self._open, lsn)
-        if isinstance(msg, Begin):
-            self._begin(msg.xid, lsn)
-        elif isinstance(msg, Commit):
-            return self._commit(msg, lsn)
-        elif isinstance(msg, Origin):
-            if self._open is not None:
-                self._open.origin = msg.name
-        elif isinstance(msg, StreamStart):
-            self._stream_xid = msg.xid
-            if msg.xid not in self._streams:
-                self._streams[msg.xid] = StreamBuffer(self.spill_bytes)
-                self._pending_since[("stream", msg.xid)] = lsn
-        elif isinstance(msg, StreamStop):
-            self._stream_xid = None
-        elif isinstance(msg, StreamCommit):
-            changes = self._replay(msg.xid, lsn)
-            return Transaction(
-                msg.xid,
-                Lsn(msg.commit_lsn),
-                Lsn(msg.end_lsn),
-                msg.commit_timestamp,
-                None,
-                changes,
-            )
-        elif isinstance(msg, StreamAbort):
-            self._stream_abort(msg)
-        elif isinstance(msg, BeginPrepare):
-            self._begin(msg.xid, lsn)
-        elif isinstance(msg, Prepare):
-            txn = self._take_open("Prepare", lsn)
-            return self._prepared(msg, txn.xid, txn.origin, tuple(txn.changes))
-        elif isinstance(msg, StreamPrepare):
-            return self._prepared(msg, msg.xid, None, self._replay(msg.xid, lsn))
-        elif isinstance(msg, CommitPrepared):
-            return self._commit_prepared(msg)
-        elif isinstance(msg, RollbackPrepared):
-            return self._rollback_prepared(msg)
-        return None
+    def _row(self, payload: bytes, pos: int, lsn: int, decoder: PgOutputDecoder) -> RowChange:
+        """Insert, Update or Delete as a RowChange over the message bytes."""
+        tag = payload[0]
+        try:
+            rel = self.relations.get(_u32(payload, pos)[0])
+            marker = payload[pos + 4]
+            at = pos + 5
+            if tag == 0x49 and marker == 0x4E:  # Insert 'N'
+                return RowChange("insert", rel, payload, at, -1, None)
+            if tag == 0x55:  # Update
+                if marker == 0x4E:
+                    return RowChange("update", rel, payload, at, -1, None)
+                if marker == 0x4B or marker == 0x4F:
+                    _, new_at = parse_tuple(payload, at)
+                    if payload[new_at] == 0x4E:
+                        return RowChange("update", rel, payload, new_at + 1, at, _OLD[marker])
+            elif tag == 0x44 and (marker == 0x4B or marker == 0x4F):  # Delete
+                return RowChange("delete", rel, payload, -1, at, _OLD[marker])
+        except DecodeError:
+            raise
+        except Exception:
+            pass
+        # Malformed: let the full decoder say exactly where.
+        decoder.decode(payload, lsn)
+        raise DecodeError("malformed row change", msg_type=chr(tag), lsn=lsn)
+
+    def _on_other(self, msg: PgOutputMessage, lsn: int) -> Event | None:
+        return self._change(msg, self._open, lsn)
+
+    def _on_begin(self, msg: Begin | BeginPrepare, lsn: int) -> None:
+        self._begin(msg.xid, lsn)
+
+    def _on_origin(self, msg: Origin, lsn: int) -> None:
+        if self._open is not None:
+            self._open.origin = msg.name
+
+    def _on_stream_start(self, msg: StreamStart, lsn: int) -> None:
+        self._stream_xid = msg.xid
+        if msg.xid not in self._streams:
+            self._streams[msg.xid] = StreamBuffer(self.spill_bytes)
+            self._pending_since[("stream", msg.xid)] = lsn
+
+    def _on_stream_stop(self, msg: StreamStop, lsn: int) -> None:
+        self._stream_xid = None
+
+    def _on_stream_commit(self, msg: StreamCommit, lsn: int) -> Transaction:
+        changes = self._replay(msg.xid, lsn)
+        return Transaction(
+            msg.xid, Lsn(msg.commit_lsn), Lsn(msg.end_lsn), msg.commit_timestamp, None, changes
+        )
+
+    def _on_prepare(self, msg: Prepare, lsn: int) -> PreparedTransaction | None:
+        txn = self._take_open("Prepare", lsn)
+        return self._prepared(msg, txn.xid, txn.origin, tuple(txn.changes))
+
+    def _on_stream_prepare(self, msg: StreamPrepare, lsn: int) -> PreparedTransaction | None:
+        return self._prepared(msg, msg.xid, None, self._replay(msg.xid, lsn))
 
     def _begin(self, xid: int, lsn: int) -> None:
         if self._open is not None:
@@ -205,13 +249,8 @@ class TransactionAssembler:
 
     def _change(self, msg: PgOutputMessage, txn: _Open | None, lsn: int) -> Event | None:
         rels = self.relations
-        if isinstance(msg, Insert):
-            change: Change = RowChange("insert", rels.get(msg.relid), msg.new, None, None)
-        elif isinstance(msg, Update):
-            change = RowChange("update", rels.get(msg.relid), msg.new, msg.old, msg.old_kind)
-        elif isinstance(msg, Delete):
-            change = RowChange("delete", rels.get(msg.relid), None, msg.old, msg.old_kind)
-        elif isinstance(msg, Relation):
+        change: Change
+        if isinstance(msg, Relation):
             rels.add_relation(msg)
             return None
         elif isinstance(msg, Type):
@@ -225,7 +264,7 @@ class TransactionAssembler:
             if not msg.transactional:
                 return msg
             change = msg
-        else:  # pragma: no cover - _handle only passes the kinds above
+        else:  # pragma: no cover - Insert/Update/Delete never get here (see _row)
             raise AssertionError(msg)
         if txn is None:
             raise DecodeError(
@@ -250,12 +289,15 @@ class TransactionAssembler:
         txn = _Open(xid)
         try:
             for msg_lsn, payload in buf:
-                self._change(decoder.decode(payload, msg_lsn), txn, msg_lsn)
+                if payload[0] in _ROW_TAGS:
+                    txn.changes.append(self._row(payload, 5, msg_lsn, decoder))
+                else:
+                    self._change(decoder.decode(payload, msg_lsn), txn, msg_lsn)
         finally:
             buf.close()
         return tuple(txn.changes)
 
-    def _stream_abort(self, msg: StreamAbort) -> None:
+    def _stream_abort(self, msg: StreamAbort, lsn: int) -> None:
         buf = self._streams.get(msg.xid)
         if buf is None:
             return
@@ -287,7 +329,7 @@ class TransactionAssembler:
         self._pending_since[("prepared", msg.gid)] = msg.prepare_lsn
         return None
 
-    def _commit_prepared(self, msg: CommitPrepared) -> Event:
+    def _commit_prepared(self, msg: CommitPrepared, lsn: int) -> Event:
         if self.surface_prepares:
             return PreparedOutcome(msg.gid, msg.xid, True, Lsn(msg.end_lsn), msg.commit_timestamp)
         held = self._held.pop(msg.gid, None)
@@ -310,7 +352,7 @@ class TransactionAssembler:
             gid=msg.gid,
         )
 
-    def _rollback_prepared(self, msg: RollbackPrepared) -> PreparedOutcome | None:
+    def _rollback_prepared(self, msg: RollbackPrepared, lsn: int) -> PreparedOutcome | None:
         self._held.pop(msg.gid, None)
         self._pending_since.pop(("prepared", msg.gid), None)
         if self.surface_prepares:

@@ -128,6 +128,14 @@ def parse_tuple(buf: bytes, pos: int) -> tuple[TupleData, int]:
     return TupleData(bytes(kinds), tuple(values)), pos
 
 
+def read_tuple(buf: bytes, pos: int, what: str = "TupleData") -> tuple[TupleData, int]:
+    """``parse_tuple`` for callers outside this module: errors are DecodeError."""
+    try:
+        return parse_tuple(buf, pos)
+    except _Bad as bad:
+        raise DecodeError(bad.reason, msg_type=what, offset=bad.offset) from None
+
+
 class PgOutputDecoder:
     """Decode pgoutput messages one at a time; tracks only the streamed-block state."""
 

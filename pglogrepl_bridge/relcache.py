@@ -7,12 +7,16 @@ one zip over tuples.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import Any
 
+from .decoder import read_tuple
 from .errors import DecodeError
 from .messages import KIND_BINARY, KIND_NULL, KIND_TEXT, Column, Relation, TupleData, Type
 from .values import Load, ValueLoaders, ValueProblem
+
+_u32 = struct.Struct("!I").unpack_from
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -27,39 +31,61 @@ class RelationInfo:
     text_loads: tuple[Load, ...]
     binary_loads: tuple[Load, ...]
     loaders: ValueLoaders
+    ncols: int
+    fused: tuple[tuple[str, Load, Load], ...]  # (name, text loader, binary loader) per column
 
     @property
     def qualified_name(self) -> str:
         # pgoutput sends an empty namespace for pg_catalog
         return f"{self.namespace or 'pg_catalog'}.{self.name}"
 
-    def row(self, tup: TupleData, *, key_only: bool = False) -> dict[str, Any]:
-        """The row as {column: value}; unchanged-TOAST columns are left out."""
+    def row_at(self, buf: bytes, pos: int, *, key_only: bool = False) -> dict[str, Any]:
+        """The TupleData at ``buf[pos:]`` as {column: value}, parsed and converted in one pass.
+
+        Unchanged-TOAST columns are left out. The hot path of the whole package: any
+        irregularity (a bad value, malformed bytes) drops to the careful path.
+        """
+        start, end = pos, len(buf)
+        out: dict[str, Any] = {}
+        try:
+            if (buf[pos] << 8) | buf[pos + 1] != self.ncols:
+                raise ValueError
+            pos += 2
+            for name, tload, bload in self.fused:
+                kind = buf[pos]
+                if kind == 0x74:  # 't'
+                    stop = pos + 5 + _u32(buf, pos + 1)[0]
+                    out[name] = tload(buf[pos + 5 : stop])
+                    pos = stop
+                elif kind == 0x6E:  # 'n'
+                    out[name] = None
+                    pos += 1
+                elif kind == 0x75:  # 'u'
+                    pos += 1
+                elif kind == 0x62:  # 'b'
+                    stop = pos + 5 + _u32(buf, pos + 1)[0]
+                    out[name] = bload(buf[pos + 5 : stop])
+                    pos = stop
+                else:
+                    raise ValueError
+            # Lengths are unsigned: a bogus one overshoots, and the next column's kind byte
+            # (IndexError) or this check sends us to the careful path.
+            if pos > end:
+                raise ValueError
+        except Exception:
+            out = self.row(read_tuple(buf, start)[0])
+        if key_only:
+            return {k: out[k] for k in self.key_names if k in out}
+        return out
+
+    def row(self, tup: TupleData) -> dict[str, Any]:
+        """A parsed tuple as {column: value}; a bad value keeps its text and is reported."""
         if len(tup.kinds) != len(self.names):
             raise DecodeError(
                 f"tuple has {len(tup.kinds)} columns, relation {self.qualified_name} has "
                 f"{len(self.names)}",
                 msg_type="TupleData",
             )
-        out: dict[str, Any] = {}
-        try:
-            for name, kind, value, tload, bload in zip(
-                self.names, tup.kinds, tup.values, self.text_loads, self.binary_loads, strict=True
-            ):
-                if kind == KIND_TEXT:
-                    out[name] = tload(value)  # type: ignore[arg-type]
-                elif kind == KIND_NULL:
-                    out[name] = None
-                elif kind == KIND_BINARY:
-                    out[name] = bload(value)  # type: ignore[arg-type]
-        except Exception:
-            out = self._row_slow(tup)
-        if key_only:
-            return {k: out[k] for k in self.key_names if k in out}
-        return out
-
-    def _row_slow(self, tup: TupleData) -> dict[str, Any]:
-        """Per-column error handling: a bad value keeps its text and is reported."""
         out: dict[str, Any] = {}
         for col, kind, value, tload, bload in zip(
             self.columns, tup.kinds, tup.values, self.text_loads, self.binary_loads, strict=True
@@ -95,6 +121,8 @@ class RelationCache:
 
     def add_relation(self, msg: Relation) -> RelationInfo:
         cols = msg.columns
+        text_loads = tuple(self.loaders.text_loader(c.type_oid) for c in cols)
+        binary_loads = tuple(self.loaders.binary_loader(c.type_oid) for c in cols)
         info = RelationInfo(
             relid=msg.relid,
             namespace=msg.namespace,
@@ -103,9 +131,11 @@ class RelationCache:
             columns=cols,
             names=tuple(c.name for c in cols),
             key_names=tuple(c.name for c in cols if c.is_key),
-            text_loads=tuple(self.loaders.text_loader(c.type_oid) for c in cols),
-            binary_loads=tuple(self.loaders.binary_loader(c.type_oid) for c in cols),
+            text_loads=text_loads,
+            binary_loads=binary_loads,
             loaders=self.loaders,
+            ncols=len(cols),
+            fused=tuple(zip((c.name for c in cols), text_loads, binary_loads, strict=True)),
         )
         self._relations[msg.relid] = info
         return info

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
+from .decoder import read_tuple
 from .lsn import Lsn
 from .messages import Message, TupleData
 from .relcache import RelationInfo
@@ -14,9 +16,14 @@ from .walsender import pg_time_to_datetime, pg_time_to_unix_us
 Op = Literal["insert", "update", "delete"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class RowChange:
-    """One row's insert, update or delete. Values convert on access, so filters stay cheap.
+    """One row's insert, update or delete, kept as the message's bytes until read.
+
+    Values are parsed and converted on access (``new``, ``old``), in one pass, so a consumer
+    that filters, counts or forwards changes pays nothing for values; a malformed tuple
+    raises DecodeError when first read. ``new_at``/``old_at`` are the offsets of the
+    TupleData inside ``raw`` (-1: absent).
 
     ``old`` is the replica-identity key (``old_kind`` 'K') or the whole old row ('O', under
     REPLICA IDENTITY FULL); PostgreSQL sends it for deletes, and for updates only when the key
@@ -25,9 +32,28 @@ class RowChange:
 
     op: Op
     relation: RelationInfo
-    new_tuple: TupleData | None
-    old_tuple: TupleData | None
+    raw: bytes
+    new_at: int
+    old_at: int
     old_kind: Literal["K", "O"] | None
+
+    def __init__(
+        self,
+        op: Op,
+        relation: RelationInfo,
+        raw: bytes,
+        new_at: int,
+        old_at: int,
+        old_kind: Literal["K", "O"] | None,
+    ) -> None:
+        # One RowChange per row: the frozen dataclass __init__ (object.__setattr__ per field)
+        # cost a third of the decoding time; slot setters keep it frozen at a third the cost.
+        _set_op(self, op)
+        _set_relation(self, relation)
+        _set_raw(self, raw)
+        _set_new_at(self, new_at)
+        _set_old_at(self, old_at)
+        _set_old_kind(self, old_kind)
 
     @property
     def schema(self) -> str:
@@ -40,28 +66,43 @@ class RowChange:
     @property
     def new(self) -> dict[str, Any] | None:
         """New row values, without unchanged-TOAST columns (see ``unchanged_toast``)."""
-        tup = self.new_tuple
-        return None if tup is None else self.relation.row(tup)
+        at = self.new_at
+        return None if at < 0 else self.relation.row_at(self.raw, at)
 
     @property
     def old(self) -> dict[str, Any] | None:
-        tup = self.old_tuple
-        if tup is None:
+        at = self.old_at
+        if at < 0:
             return None
-        return self.relation.row(tup, key_only=self.old_kind == "K")
+        return self.relation.row_at(self.raw, at, key_only=self.old_kind == "K")
+
+    @property
+    def new_tuple(self) -> TupleData | None:
+        return None if self.new_at < 0 else read_tuple(self.raw, self.new_at)[0]
+
+    @property
+    def old_tuple(self) -> TupleData | None:
+        return None if self.old_at < 0 else read_tuple(self.raw, self.old_at)[0]
 
     @property
     def unchanged_toast(self) -> tuple[str, ...]:
-        tup = self.new_tuple
-        return () if tup is None else self.relation.unchanged_toast(tup)
+        if self.new_at < 0 or b"u" not in self.raw:  # cheap and common: nothing unchanged
+            return ()
+        tup = read_tuple(self.raw, self.new_at)[0]
+        return self.relation.unchanged_toast(tup)
 
     @property
     def key(self) -> dict[str, Any]:
         """The replica-identity key of the row as it was before (or is, for inserts)."""
-        if self.old_tuple is not None:
-            return self.relation.row(self.old_tuple, key_only=True)
-        assert self.new_tuple is not None
-        return self.relation.row(self.new_tuple, key_only=True)
+        at = self.old_at if self.old_at >= 0 else self.new_at
+        return self.relation.row_at(self.raw, at, key_only=True)
+
+
+_Setter = Callable[[RowChange, Any], None]
+_set_op, _set_relation, _set_raw, _set_new_at, _set_old_at, _set_old_kind = (
+    cast(_Setter, vars(RowChange)[name].__set__)
+    for name in ("op", "relation", "raw", "new_at", "old_at", "old_kind")
+)
 
 
 @dataclass(frozen=True, slots=True)

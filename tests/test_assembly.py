@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pglogrepl_bridge.assembly import TransactionAssembler
 from pglogrepl_bridge.errors import DecodeError
@@ -185,3 +187,22 @@ def test_domain_loads_through_its_base_type() -> None:
     change = txn.changes[0]  # type: ignore[union-attr]
     assert isinstance(change, RowChange)
     assert change.new == {"a": 42, "b": "happy"}
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=40), st.sampled_from(b"IUD"))
+def test_fuzzed_row_changes_only_raise_decode_error(body: bytes, tag: int) -> None:
+    """Row values are parsed lazily: reading them must fail just as cleanly as feeding them."""
+    asm = TransactionAssembler()
+    feed(asm, [Begin(5, 0, 7), REL])
+    payload = bytes([tag]) + b"\0\0\0\x0a" + body  # relid 10: known relation, random rest
+    try:
+        asm.feed(payload, 9)
+        (txn,) = feed(asm, [Commit(0, 5, 6, 0)])
+        for change in txn.changes:  # type: ignore[union-attr]
+            assert isinstance(change, RowChange)
+            for value in (change.new, change.old):
+                assert value is None or set(value) <= {"id", "v"}
+            _ = change.unchanged_toast
+    except DecodeError:
+        pass
