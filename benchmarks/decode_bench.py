@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import io
 import sys
-import importlib.util
 import time
 from collections.abc import Callable
 from pathlib import Path

@@ -64,11 +64,15 @@ class PostgresServer:
 
         return redact_dsn(self.dsn)
 
-    def restart(self) -> None:
-        """Restart the server (fast shutdown), to test reconnects. Local clusters only."""
+    def restart(self, mode: Literal["smart", "fast", "immediate"] = "fast") -> None:
+        """Restart the server, to test reconnects. Local clusters only.
+
+        A fast shutdown waits (up to wal_sender_timeout) for logical walsenders whose client
+        has not confirmed everything sent; "immediate" is a crash and recovery instead.
+        """
         if self._cluster is None:
             raise ServerUnavailableError(f"cannot restart a {self.kind} server from the tests")
-        self._cluster.restart()
+        self._cluster.restart(mode)
 
 
 def find_bindirs() -> dict[int, Path]:
@@ -224,8 +228,20 @@ class _LocalCluster:
                 f"pg_ctl start failed: {res.stderr.strip()} {res.stdout.strip()}\n{log[-2000:]}"
             )
 
-    def restart(self) -> None:
-        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", "fast", "-w", "stop")
+    def restart(self, mode: str) -> None:
+        res = self._run(
+            str(self.bindir / "pg_ctl"),
+            "-D",
+            str(self.datadir),
+            "-m",
+            mode,
+            "-w",
+            "-t",
+            "120",
+            "stop",
+        )
+        if res.returncode != 0:
+            raise ServerUnavailableError(f"pg_ctl stop failed: {res.stderr.strip()}")
         self._pg_ctl_start()
 
     def _make_binaries_reachable(self) -> None:

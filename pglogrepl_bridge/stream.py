@@ -1,0 +1,427 @@
+"""The replication stream: START_REPLICATION over psycopg 3, a thin IO shell around the core.
+
+    with ReplicationStream(dsn, StreamOptions(slot="s", publications=("p",))) as stream:
+        for txn in stream:
+            sink.apply(txn)
+            stream.ack(txn.end_lsn)
+
+Reads are non-blocking ``get_copy_data`` calls that drain everything buffered before waiting
+on the socket. Status updates report what ``FeedbackTracker`` allows: never more than the
+consumer acknowledged. The connection is re-established with backoff when it drops, and
+resumes where the consumer's acknowledgements left off, without delivering a transaction twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import select
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import psycopg
+from psycopg import sql
+from psycopg.pq import ExecStatus
+
+from . import admin
+from .assembly import TransactionAssembler
+from .connection import Conn, SystemInfo, connect, identify_system, server_error
+from .errors import BridgeError, ConfigError, ReplicationError, ServerUnavailableError
+from .feedback import FeedbackTracker
+from .lsn import Lsn, format_lsn
+from .relcache import RelationCache
+from .streambuffer import DEFAULT_SPILL_BYTES
+from .transaction import Event, Transaction
+from .values import ValueLoaders, ValueMode, ValueProblem
+from .walsender import unix_us_to_pg_time
+
+log = logging.getLogger(__name__)
+
+_XLOG_HEAD = struct.Struct("!QQq")
+_KEEPALIVE = struct.Struct("!Qq?")
+
+#: Highest pgoutput protocol version per server major version.
+_PROTO_BY_MAJOR = {14: 2, 15: 3, 16: 4}
+
+
+def max_proto_version(major: int) -> int:
+    if major >= 16:
+        return 4
+    return _PROTO_BY_MAJOR.get(major, 1)
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """What to stream and how. ``start_lsn`` is the consumer's durable position, if it has one
+    (e.g. a sink's checkpoint); transactions ending at or before it are not delivered."""
+
+    slot: str
+    publications: tuple[str, ...]
+    proto_version: int | None = None  # None: the highest the server supports
+    binary: bool = False
+    messages: bool = False
+    streaming: bool | Literal["parallel"] = False
+    two_phase: bool = False
+    origin: Literal["any", "none"] | None = None
+    start_lsn: int | None = None
+    create_slot: bool = False
+    temporary: bool = False
+    no_ack: bool = False
+    values: ValueMode = "typed"
+    type_map: dict[str, str] = field(default_factory=dict)
+    spill_bytes: int = DEFAULT_SPILL_BYTES
+    surface_prepares: bool = False
+    status_interval: float = 10.0
+    reconnect: bool = True
+    max_backoff: float = 30.0
+    #: extra GUCs for the walsender session, e.g. {"logical_decoding_work_mem": "64kB"}
+    session_settings: dict[str, str] = field(default_factory=dict)
+
+
+class ReplicationStream:
+    def __init__(
+        self,
+        dsn: str,
+        options: StreamOptions,
+        *,
+        on_problem: Callable[[ValueProblem], None] | None = None,
+    ) -> None:
+        if not options.publications:
+            raise ConfigError("no publication given: name at least one with --publication")
+        self.dsn = dsn
+        self.options = options
+        self._on_problem = on_problem
+        self._conn: Conn | None = None
+        self.system: SystemInfo | None = None
+        self.proto_version = 0
+        self.assembler = self._new_assembler()
+        self.feedback = FeedbackTracker(options.start_lsn or 0, no_ack=options.no_ack)
+        self._skip_upto = options.start_lsn or 0
+        self._stopping = False
+        self._lock = threading.Lock()  # guards self.feedback against ack() from other threads
+        self._last_status = 0.0
+        self._status_due = False
+        self.reconnects = 0
+        self.transactions = 0
+        self.changes = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def __enter__(self) -> ReplicationStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def stop(self) -> None:
+        """Ask the loop to finish (safe from a signal handler); a final status is sent."""
+        self._stopping = True
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        with contextlib.suppress(psycopg.Error, OSError):
+            self._send_status(conn)
+        conn.close()
+
+    def ack(self, end_lsn: int, *, cumulative: bool = False) -> None:
+        """The transaction ending at ``end_lsn`` is durable downstream; it may be confirmed.
+
+        Safe to call from another thread than the one iterating (e.g. a sink's writer).
+        """
+        with self._lock:
+            if self.feedback.ack(end_lsn, cumulative=cumulative):
+                self._status_due = True
+
+    @property
+    def confirmed_lsn(self) -> Lsn:
+        return Lsn(self.feedback.flushed)
+
+    # -- starting ----------------------------------------------------------------------------
+
+    def _new_assembler(self) -> TransactionAssembler:
+        loaders = ValueLoaders(
+            self.options.values, type_map=self.options.type_map, on_problem=self._on_problem
+        )
+        return TransactionAssembler(
+            RelationCache(loaders),
+            spill_bytes=self.options.spill_bytes,
+            surface_prepares=self.options.surface_prepares,
+        )
+
+    def start(self) -> None:
+        """Connect, check everything that can be checked, and issue START_REPLICATION."""
+        opts = self.options
+        conn = connect(self.dsn, replication=True, settings=opts.session_settings)
+        try:
+            self.system = identify_system(conn)
+            self._check_server(conn)
+            if opts.create_slot and (opts.temporary or admin.get_slot(conn, opts.slot) is None):
+                admin.create_slot(
+                    conn, opts.slot, temporary=opts.temporary, two_phase=opts.two_phase
+                )
+            self._check_slot(conn)
+            start = max(self.feedback.flushed, 0)
+            query = self._start_query(start)
+            log.info(
+                "START_REPLICATION slot %s from %s, proto %d",
+                opts.slot,
+                format_lsn(start),
+                self.proto_version,
+            )
+            cur = conn.execute(query)
+            if cur.pgresult is None or cur.pgresult.status != ExecStatus.COPY_BOTH:
+                raise ReplicationError("START_REPLICATION did not enter COPY_BOTH mode")
+        except psycopg.Error as exc:
+            conn.close()
+            raise server_error(exc, slot=opts.slot, publications=opts.publications) from None
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        self._last_status = time.monotonic()
+
+    def _check_server(self, conn: Conn) -> None:
+        opts = self.options
+        assert self.system is not None
+        major = self.system.major
+        row = conn.execute("SHOW wal_level").fetchone()
+        if row is None or row[0] != "logical":
+            raise ConfigError(
+                f"wal_level is {row[0] if row else 'unknown'!r}, logical decoding needs "
+                "'logical': ALTER SYSTEM SET wal_level = logical, then restart the server"
+            )
+        best = max_proto_version(major)
+        proto = opts.proto_version or best
+        if proto > best:
+            raise ConfigError(
+                f"proto_version {proto} needs a newer server: PostgreSQL {major} supports up "
+                f"to {best} (2 needs 14+, 3 needs 15+, 4 needs 16+)"
+            )
+        needs = [
+            (opts.binary and major < 14, "binary needs PostgreSQL 14+"),
+            (opts.messages and major < 14, "messages needs PostgreSQL 14+"),
+            (bool(opts.streaming) and proto < 2, "streaming needs proto_version 2+ (PG 14+)"),
+            (
+                opts.streaming == "parallel" and proto < 4,
+                "streaming=parallel needs proto_version 4 (PG 16+)",
+            ),
+            (opts.two_phase and proto < 3, "two_phase needs proto_version 3+ (PG 15+)"),
+            (opts.origin is not None and major < 16, "origin needs PostgreSQL 16+"),
+        ]
+        for failed, why in needs:
+            if failed:
+                raise ConfigError(f"option not supported by PostgreSQL {major}: {why}")
+        missing = admin.missing_publications(conn, opts.publications)
+        if missing:
+            raise ConfigError(
+                f"publication(s) {', '.join(missing)} do not exist in database "
+                f"{self.system.dbname!r}: create with 'pglogrepl-bridge publication create' "
+                "or CREATE PUBLICATION"
+            )
+        self.proto_version = proto
+
+    def _check_slot(self, conn: Conn) -> None:
+        slot = admin.get_slot(conn, self.options.slot)
+        name = self.options.slot
+        if slot is None:
+            raise ConfigError(
+                f"replication slot {name!r} does not exist: create it with --create-slot or "
+                f"'pglogrepl-bridge slot create {name}'"
+            )
+        if slot.slot_type != "logical" or slot.plugin != "pgoutput":
+            raise ConfigError(f"slot {name!r} is not a pgoutput logical slot ({slot.plugin})")
+        if slot.wal_status == "lost":
+            raise ReplicationError(
+                f"replication slot {name!r} is invalidated (wal_status lost): drop and "
+                "re-create it, then resynchronise the consumer"
+            )
+        if slot.active and slot.active_pid is not None and slot.active_pid != conn.info.backend_pid:
+            raise ReplicationError(
+                f"replication slot {name!r} is in use by another process "
+                f"(PID {slot.active_pid}): stop that consumer, or use another slot"
+            )
+
+    def _start_query(self, start: int) -> sql.Composed:
+        opts = self.options
+        params: list[tuple[str, str]] = [
+            ("proto_version", str(self.proto_version)),
+            ("publication_names", ",".join(_quote_name(p) for p in opts.publications)),
+        ]
+        if opts.binary:
+            params.append(("binary", "true"))
+        if opts.messages:
+            params.append(("messages", "true"))
+        if opts.streaming:
+            params.append(("streaming", "parallel" if opts.streaming == "parallel" else "on"))
+        if opts.two_phase:
+            params.append(("two_phase", "on"))
+        if opts.origin is not None:
+            params.append(("origin", opts.origin))
+        return sql.SQL("START_REPLICATION SLOT {} LOGICAL {} ({})").format(
+            sql.Identifier(opts.slot),
+            sql.SQL(format_lsn(start)),
+            sql.SQL(", ").join(
+                sql.SQL("{} {}").format(sql.Identifier(k), sql.Literal(v)) for k, v in params
+            ),
+        )
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[Transaction]:
+        for event in self.events():
+            if isinstance(event, Transaction):
+                yield event
+
+    def events(self) -> Iterator[Event]:
+        """Every event: transactions, non-transactional messages and, if asked, prepares."""
+        backoff = 0.1
+        while not self._stopping:
+            try:
+                if self._conn is None:
+                    self.start()
+                yield from self._run()
+                return
+            except (psycopg.OperationalError, ServerUnavailableError, _Disconnected) as exc:
+                if not self.options.reconnect or self._stopping:
+                    raise _as_bridge_error(exc, self.options) from None
+                self._drop_connection()
+                self.reconnects += 1
+                log.warning(
+                    "replication connection lost (%s); reconnecting in %.1fs", _short(exc), backoff
+                )
+                time.sleep(backoff)
+                backoff = min(backoff * 2, self.options.max_backoff)
+            except ReplicationError as exc:
+                # a slot still held by our own dying walsender frees itself in a moment
+                if "in use by another process" not in str(exc) or not self.reconnects:
+                    raise
+                self._drop_connection()
+                time.sleep(backoff)
+                backoff = min(backoff * 2, self.options.max_backoff)
+        self.close()
+
+    def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                conn.close()
+        # partial transactions will be sent again from the confirmed position
+        self.assembler.reset()
+        # delivered-but-unacknowledged transactions stay in flight: the consumer still holds
+        # them and will acknowledge them; re-sent copies are skipped, not delivered twice
+        self._skip_upto = max(self._skip_upto, self.feedback.last_delivered)
+
+    def _run(self) -> Iterator[Event]:
+        assert self._conn is not None
+        conn = self._conn
+        pgconn = conn.pgconn
+        feed = self.assembler.feed
+        tracker = self.feedback
+        interval = self.options.status_interval
+        sock = pgconn.socket
+        drained = 0
+        while not self._stopping:
+            nbytes, data = pgconn.get_copy_data(1)
+            if nbytes > 0:
+                drained += 1
+                tag = data[0]
+                if tag == 0x77:  # 'w' XLogData
+                    start = _XLOG_HEAD.unpack_from(data, 1)[0]
+                    if start > tracker.received:
+                        tracker.received = start
+                    event = feed(bytes(data[25:]), start)
+                    if event is not None:
+                        yield from self._deliver(event)
+                elif tag == 0x6B:  # 'k' keepalive
+                    wal_end, _sent, reply = _KEEPALIVE.unpack_from(data, 1)
+                    with self._lock:
+                        tracker.keepalive(wal_end, self.assembler.oldest_pending_lsn)
+                    if reply:
+                        self._send_status(conn)
+                if drained & 1023 == 0 and time.monotonic() - self._last_status > interval:
+                    self._send_status(conn)
+                continue
+            if nbytes < 0:
+                self._end_of_copy(conn)
+            now = time.monotonic()
+            if now - self._last_status >= interval or (
+                self._status_due and now - self._last_status >= 0.2
+            ):
+                self._send_status(conn)
+            timeout = max(0.0, min(interval - (now - self._last_status), 0.25))
+            if drained:
+                # data arrived in a burst: let more of it queue up, to read it in one go
+                time.sleep(0.001)
+            else:
+                select.select([sock], [], [], timeout)
+            drained = 0
+            pgconn.consume_input()
+        self.close()
+
+    def _deliver(self, event: Event) -> Iterator[Event]:
+        if isinstance(event, Transaction):
+            if event.end_lsn <= self._skip_upto:
+                return  # the consumer has it already (checkpoint, or delivered before a drop)
+            with self._lock:
+                self.feedback.deliver(event.end_lsn)
+            self.transactions += 1
+            self.changes += len(event.changes)
+        yield event
+
+    def _end_of_copy(self, conn: Conn) -> None:
+        res = conn.pgconn.get_result()
+        if res is not None and res.status == ExecStatus.FATAL_ERROR:
+            message = (res.error_message or b"").decode(errors="replace").strip()
+            sqlstate = res.error_field(psycopg.pq.DiagnosticField.SQLSTATE)
+            code = sqlstate.decode() if sqlstate else ""
+            if code.startswith(("57", "08")):  # admin shutdown, connection exceptions
+                raise _Disconnected(message)
+            raise server_error(
+                psycopg.Error(message),
+                slot=self.options.slot,
+                publications=self.options.publications,
+            )
+        raise _Disconnected(f"server ended the replication stream: {message_or(res)}")
+
+    def _send_status(self, conn: Conn) -> None:
+        clock = unix_us_to_pg_time(time.time_ns() // 1000)
+        with self._lock:
+            update = self.feedback.status(clock)
+        pgconn = conn.pgconn
+        pgconn.put_copy_data(update.to_bytes())
+        pgconn.flush()
+        self._last_status = time.monotonic()
+        self._status_due = False
+
+
+class _Disconnected(Exception):
+    """The server ended the stream in a way a reconnect can cure."""
+
+
+def message_or(res: psycopg.pq.abc.PGresult | None) -> str:
+    if res is None:
+        return "connection closed"
+    return (res.error_message or b"").decode(errors="replace").strip() or str(res.status)
+
+
+def _quote_name(name: str) -> str:
+    # publication_names is a comma-separated list of (optionally quoted) identifiers
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _as_bridge_error(exc: BaseException, options: StreamOptions) -> BridgeError:
+    if isinstance(exc, BridgeError):
+        return exc
+    if isinstance(exc, psycopg.Error):
+        return server_error(exc, slot=options.slot, publications=options.publications)
+    return ReplicationError(f"replication connection lost: {_short(exc)}")

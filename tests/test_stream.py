@@ -1,0 +1,313 @@
+"""The replication stream against real servers: the feedback contract, resume, reconnects."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psycopg
+import pytest
+
+from pglogrepl_bridge.connection import connect
+from pglogrepl_bridge.embedded import PostgresServer
+from pglogrepl_bridge.errors import ConfigError, ReplicationError
+from pglogrepl_bridge.stream import ReplicationStream, max_proto_version
+
+from .streamkit import Conn, Consumer, ids_of, make_source, wait_for
+
+
+def test_streams_transactions_with_typed_values(pg: PostgresServer, pg_conn: Conn) -> None:
+    src = make_source(pg_conn)
+    consumer = Consumer(ReplicationStream(pg.dsn, src.options())).start()
+    try:
+        src.insert(1, 2)
+        src.insert(3)
+        txns = consumer.take(2)
+    finally:
+        consumer.stop()
+    assert ids_of(txns) == [1, 2, 3]
+    assert txns[0].end_lsn < txns[1].end_lsn
+    change = txns[0].changes[0]
+    assert change.new == {"id": 1, "v": "v1"}  # type: ignore[union-attr]
+    assert consumer.stream.proto_version == max_proto_version(pg.version)
+
+
+def test_never_confirms_on_receipt_and_only_contiguous_acks(
+    pg: PostgresServer, pg_conn: Conn
+) -> None:
+    src = make_source(pg_conn)
+    start = src.confirmed()
+    consumer = Consumer(ReplicationStream(pg.dsn, src.options())).start()
+    try:
+        for i in range(1, 4):
+            src.insert(i)
+        t1, t2, t3 = consumer.take(3)
+        # received, not acknowledged: several status updates later, nothing is confirmed
+        time.sleep(1.0)
+        assert src.confirmed() == start
+        assert consumer.stream.feedback.received >= t3.commit_lsn  # write position moves
+        consumer.stream.ack(t1.end_lsn)
+        wait_for(lambda: src.confirmed() == t1.end_lsn, what="t1 confirmed")
+        # a later ack does not confirm the earlier, unacknowledged t2
+        consumer.stream.ack(t3.end_lsn)
+        time.sleep(1.0)
+        assert src.confirmed() == t1.end_lsn
+        consumer.stream.ack(t2.end_lsn)
+        wait_for(lambda: src.confirmed() == t3.end_lsn, what="t3 confirmed")
+    finally:
+        consumer.stop()
+
+
+def test_idle_slot_advances_past_unpublished_traffic(pg: PostgresServer, pg_conn: Conn) -> None:
+    src = make_source(pg_conn)
+    pg_conn.execute(f"CREATE TABLE {src.table}_other (id int)")
+    consumer = Consumer(ReplicationStream(pg.dsn, src.options())).start()
+    try:
+        src.insert(1)
+        (t1,) = consumer.take(1)
+        consumer.stream.ack(t1.end_lsn)
+        wait_for(lambda: src.confirmed() == t1.end_lsn, what="t1 confirmed")
+        for i in range(20):
+            pg_conn.execute(f"INSERT INTO {src.table}_other VALUES ({i})")
+        target = src.wal_lsn()
+        # the walsender's keepalives report progress past target; everything is acknowledged
+        wait_for(lambda: (src.confirmed() or 0) >= target, what="idle advance")
+    finally:
+        consumer.stop()
+
+
+def test_no_ack_confirms_nothing(pg: PostgresServer, pg_conn: Conn) -> None:
+    src = make_source(pg_conn)
+    start = src.confirmed()
+    consumer = Consumer(ReplicationStream(pg.dsn, src.options(no_ack=True))).start()
+    try:
+        src.insert(1)
+        (t1,) = consumer.take(1)
+        consumer.stream.ack(t1.end_lsn)
+        pg_conn.execute(f"CREATE TABLE {src.table}_x (id int)")
+        time.sleep(1.5)
+        assert src.confirmed() == start
+    finally:
+        consumer.stop()
+    assert src.confirmed() == start
+
+
+def test_resume_from_consumer_position_skips_what_it_holds(
+    pg: PostgresServer, pg_conn: Conn
+) -> None:
+    src = make_source(pg_conn)
+    for i in range(1, 4):
+        src.insert(i)
+    # a peek stream sees all three; pretend the consumer durably holds the first two
+    peek = Consumer(ReplicationStream(pg.dsn, src.options(no_ack=True))).start()
+    t1, t2, _t3 = peek.take(3)
+    peek.stop()
+    consumer = Consumer(ReplicationStream(pg.dsn, src.options(start_lsn=t2.end_lsn))).start()
+    try:
+        src.insert(4)
+        txns = consumer.take(2)
+        assert ids_of(txns) == [3, 4]
+        # the position the consumer supplied is durable: it is what gets confirmed first
+        wait_for(lambda: src.confirmed() == t2.end_lsn, what="start position confirmed")
+    finally:
+        consumer.stop()
+    assert t1.end_lsn < t2.end_lsn
+
+
+def test_without_position_resumes_from_the_slot(pg: PostgresServer, pg_conn: Conn) -> None:
+    src = make_source(pg_conn)
+    first = Consumer(ReplicationStream(pg.dsn, src.options())).start()
+    src.insert(1)
+    src.insert(2)
+    t1, _t2 = first.take(2)
+    first.stream.ack(t1.end_lsn)
+    wait_for(lambda: src.confirmed() == t1.end_lsn, what="t1 confirmed")
+    first.stop()
+    again = Consumer(ReplicationStream(pg.dsn, src.options())).start()
+    try:
+        assert ids_of(again.take(1)) == [2]  # unacknowledged: sent again; acknowledged: not
+    finally:
+        again.stop()
+
+
+@pytest.mark.parametrize("how", ["terminate", "restart"])
+def test_reconnects_without_loss_or_duplicates(pg: PostgresServer, pg_conn: Conn, how: str) -> None:
+    if how == "restart" and pg.kind != "local":
+        pytest.skip("restarting needs a local cluster")
+    src = make_source(pg_conn)
+    stream = ReplicationStream(pg.dsn, src.options())
+    consumer = Consumer(stream).start()
+    got = []
+    conn = pg_conn
+    try:
+        for i in range(1, 6):
+            src.insert(i)
+        got += consumer.take(5)
+        for t in got[:3]:
+            stream.ack(t.end_lsn)  # 4 and 5 are delivered but not yet acknowledged
+        wait_for(lambda: src.confirmed() == got[2].end_lsn, what="ack of 3")
+        if how == "terminate":
+            pid = src.walsender_pid()
+            assert pid is not None
+            pg_conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        else:
+            # a crash: a fast shutdown would wait for us to confirm 4 and 5, which we must not
+            pg.restart("immediate")
+            conn = psycopg.connect(pg.dsn, autocommit=True)
+            src.conn = conn
+        for i in range(6, 9):
+            src.insert(i)
+        got += consumer.take(3, timeout=40)
+        for t in got[3:]:
+            stream.ack(t.end_lsn)
+        wait_for(lambda: src.confirmed() == got[-1].end_lsn, what="all confirmed")
+        assert stream.reconnects >= 1
+        time.sleep(0.5)
+        assert consumer.received.empty()  # nothing delivered twice
+    finally:
+        consumer.stop()
+        if conn is not pg_conn:
+            conn.close()
+    assert ids_of(got) == list(range(1, 9))
+
+
+def test_missing_slot(pg: PostgresServer, pg_conn: Conn) -> None:
+    src = make_source(pg_conn, slot=False)
+    stream = ReplicationStream(pg.dsn, src.options())
+    with pytest.raises(ConfigError, match=f"slot '{src.slot}' does not exist.*--create-slot"):
+        stream.start()
+
+
+def test_create_temporary_slot(pg: PostgresServer, pg_conn: Conn) -> None:
+    src = make_source(pg_conn, slot=False)
+    stream = ReplicationStream(pg.dsn, src.options(create_slot=True, temporary=True))
+    consumer = Consumer(stream).start()
+    try:
+        wait_for(lambda: src.walsender_pid() is not None, what="temporary slot")
+        src.insert(1)
+        assert ids_of(consumer.take(1)) == [1]
+    finally:
+        consumer.stop()
+    wait_for(lambda: src.confirmed() is None and src.walsender_pid() is None, what="slot gone")
+
+
+def test_missing_publication(pg: PostgresServer, pg_conn: Conn) -> None:
+    src = make_source(pg_conn)
+    opts = src.options()
+    stream = ReplicationStream(pg.dsn, type(opts)(slot=src.slot, publications=("nope",)))
+    with pytest.raises(ConfigError, match="nope do not exist"):
+        stream.start()
+
+
+def test_slot_in_use(pg: PostgresServer, pg_conn: Conn) -> None:
+    src = make_source(pg_conn)
+    consumer = Consumer(ReplicationStream(pg.dsn, src.options())).start()
+    try:
+        wait_for(lambda: src.walsender_pid() is not None, what="active slot")
+        pid = src.walsender_pid()
+        with pytest.raises(ReplicationError, match=f"in use by another process \\(PID {pid}\\)"):
+            ReplicationStream(pg.dsn, src.options(reconnect=False)).start()
+    finally:
+        consumer.stop()
+
+
+def test_unsupported_option_is_refused_before_streaming(pg: PostgresServer, pg_conn: Conn) -> None:
+    src = make_source(pg_conn)
+    best = max_proto_version(pg.version)
+    with pytest.raises(ConfigError, match="proto_version 5 needs a newer server"):
+        ReplicationStream(pg.dsn, src.options(proto_version=5)).start()
+    with pytest.raises(ConfigError, match="streaming needs proto_version 2"):
+        ReplicationStream(pg.dsn, src.options(proto_version=1, streaming=True)).start()
+    if pg.version < 16:
+        with pytest.raises(ConfigError, match="origin needs PostgreSQL 16"):
+            ReplicationStream(pg.dsn, src.options(origin="none")).start()
+    assert best >= 3
+
+
+def test_role_without_replication_privilege(pg: PostgresServer, pg_conn: Conn) -> None:
+    pg_conn.execute("DROP ROLE IF EXISTS norepl")
+    pg_conn.execute("CREATE ROLE norepl LOGIN PASSWORD 'sekrit-pw'")
+    dsn = psycopg.conninfo.make_conninfo(pg.dsn, user="norepl", password="sekrit-pw")
+    with pytest.raises(ConfigError, match="lacks the REPLICATION privilege") as info:
+        connect(dsn, replication=True)
+    assert "sekrit-pw" not in str(info.value)
+
+
+def test_wrong_password_never_printed(pg: PostgresServer) -> None:
+    dsn = psycopg.conninfo.make_conninfo(pg.dsn, password="wrong-pw-123")
+    with pytest.raises(ConfigError, match="authentication failed") as info:
+        connect(dsn, replication=True)
+    assert "wrong-pw-123" not in str(info.value)
+
+
+def test_connection_refused() -> None:
+    with pytest.raises(Exception, match="cannot connect") as info:
+        connect(
+            "host=127.0.0.1 port=1 user=x password=topsecret connect_timeout=3", replication=True
+        )
+    assert "topsecret" not in str(info.value)
+
+
+def test_invalidated_slot_is_refused(pg: PostgresServer, pg_conn: Conn) -> None:
+    src = make_source(pg_conn)
+    src.insert(1)
+    pg_conn.execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
+    pg_conn.execute("SELECT pg_reload_conf()")
+    try:
+        for i in range(4):  # push the slot's restart_lsn more than a segment behind
+            src.insert(100 + i)
+            pg_conn.execute("SELECT pg_switch_wal()")
+        pg_conn.execute("CHECKPOINT")
+        wait_for(
+            lambda: (
+                pg_conn.execute(
+                    "SELECT wal_status FROM pg_replication_slots WHERE slot_name = %s", (src.slot,)
+                ).fetchone()
+                == ("lost",)
+            ),
+            what="slot invalidated",
+        )
+    finally:
+        pg_conn.execute("ALTER SYSTEM RESET max_slot_wal_keep_size")
+        pg_conn.execute("SELECT pg_reload_conf()")
+    with pytest.raises(ReplicationError, match="invalidated.*drop and re-create"):
+        ReplicationStream(pg.dsn, src.options()).start()
+
+
+def test_sigterm_sends_final_status(pg: PostgresServer, pg_conn: Conn, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    src = make_source(pg_conn)
+    script = tmp_path / "consume.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import signal, sys
+        from pglogrepl_bridge.stream import ReplicationStream, StreamOptions
+        stream = ReplicationStream({pg.dsn!r}, StreamOptions(slot={src.slot!r},
+            publications=({src.publication!r},), status_interval=3600))
+        seen = []
+        def on_term(*_):
+            # acknowledged only now: just the final status update can confirm it
+            stream.ack(seen[-1])
+            stream.stop()
+        signal.signal(signal.SIGTERM, on_term)
+        for txn in stream:
+            seen.append(txn.end_lsn)
+            print(int(txn.end_lsn), flush=True)
+        print("stopped", flush=True)
+    """)
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        src.insert(1)
+        assert proc.stdout is not None
+        end = int(proc.stdout.readline())
+        time.sleep(0.5)
+        assert src.confirmed() != end  # not acknowledged yet
+        proc.send_signal(signal.SIGTERM)
+        assert proc.stdout.readline().strip() == "stopped"
+        assert proc.wait(timeout=10) == 0
+    finally:
+        proc.kill()
+    assert src.confirmed() == end  # the final status update, sent before exiting
