@@ -38,7 +38,8 @@ def capture(version: int, changes: int) -> list[bytes]:
             base = t * 60
             with conn.transaction():
                 conn.execute(
-                    "INSERT INTO narrow SELECT g, 'value ' || g, g FROM generate_series(%s::int, %s::int) g",
+                    "INSERT INTO narrow SELECT g, 'value ' || g, g "
+                    "FROM generate_series(%s::int, %s::int) g",
                     (base, base + 59),
                 )
                 conn.execute("UPDATE narrow SET n = n + 1 WHERE id >= %s AND id < %s",

@@ -88,7 +88,7 @@ def connection_error(exc: psycopg.Error, dsn: str) -> BridgeError:
         )
     if (
         "replication role" in low
-        or "permission denied to start walsender" in low
+        or "permission denied to start wal" in low
         or ("must be superuser or replication role" in low)
     ):
         return ConfigError(

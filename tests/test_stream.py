@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -273,11 +274,11 @@ def test_invalidated_slot_is_refused(pg: PostgresServer, pg_conn: Conn) -> None:
     finally:
         pg_conn.execute("ALTER SYSTEM RESET max_slot_wal_keep_size")
         pg_conn.execute("SELECT pg_reload_conf()")
-    with pytest.raises(ReplicationError, match="invalidated.*drop and re-create"):
+    with pytest.raises(ReplicationError, match=r"invalidated.*drop and re-create"):
         ReplicationStream(pg.dsn, src.options()).start()
 
 
-def test_sigterm_sends_final_status(pg: PostgresServer, pg_conn: Conn, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_sigterm_sends_final_status(pg: PostgresServer, pg_conn: Conn, tmp_path: Path) -> None:
     src = make_source(pg_conn)
     script = tmp_path / "consume.py"
     script.write_text(
