@@ -2,7 +2,7 @@
 
 Never from the catalog: the catalog shows the schema of *now*, the stream the schema of the
 change. Each entry precomputes its column names and loaders, so turning a row into a dict is
-one zip over tuples.
+one pass over the bytes.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from .messages import KIND_BINARY, KIND_NULL, KIND_TEXT, Column, Relation, Tuple
 from .values import Load, ValueLoaders, ValueProblem
 
 _u32 = struct.Struct("!I").unpack_from
+Fused = tuple[tuple[str, Load, Load], ...]
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -28,30 +29,33 @@ class RelationInfo:
     columns: tuple[Column, ...]
     names: tuple[str, ...]
     key_names: tuple[str, ...]
-    text_loads: tuple[Load, ...]
-    binary_loads: tuple[Load, ...]
     loaders: ValueLoaders
     ncols: int
-    fused: tuple[tuple[str, Load, Load], ...]  # (name, text loader, binary loader) per column
+    fused: Fused  # (name, text loader, binary loader) per column
 
     @property
     def qualified_name(self) -> str:
         # pgoutput sends an empty namespace for pg_catalog
         return f"{self.namespace or 'pg_catalog'}.{self.name}"
 
-    def row_at(self, buf: bytes, pos: int, *, key_only: bool = False) -> dict[str, Any]:
+    def row_at(
+        self, buf: bytes, pos: int, *, key_only: bool = False, fused: Fused | None = None
+    ) -> dict[str, Any]:
         """The TupleData at ``buf[pos:]`` as {column: value}, parsed and converted in one pass.
 
-        Unchanged-TOAST columns are left out. The hot path of the whole package: any
-        irregularity (a bad value, malformed bytes) drops to the careful path.
+        Unchanged-TOAST columns are left out. ``fused`` replaces the per-column loaders (the
+        JSON renderer passes loaders that produce JSON text). The hot path of the whole
+        package: any irregularity (a bad value, malformed bytes) drops to the careful path.
         """
+        if fused is None:
+            fused = self.fused
         start, end = pos, len(buf)
         out: dict[str, Any] = {}
         try:
             if (buf[pos] << 8) | buf[pos + 1] != self.ncols:
                 raise ValueError
             pos += 2
-            for name, tload, bload in self.fused:
+            for name, tload, bload in fused:
                 kind = buf[pos]
                 if kind == 0x74:  # 't'
                     stop = pos + 5 + _u32(buf, pos + 1)[0]
@@ -73,12 +77,12 @@ class RelationInfo:
             if pos > end:
                 raise ValueError
         except Exception:
-            out = self.row(read_tuple(buf, start)[0])
+            out = self.row(read_tuple(buf, start)[0], fused)
         if key_only:
             return {k: out[k] for k in self.key_names if k in out}
         return out
 
-    def row(self, tup: TupleData) -> dict[str, Any]:
+    def row(self, tup: TupleData, fused: Fused | None = None) -> dict[str, Any]:
         """A parsed tuple as {column: value}; a bad value keeps its text and is reported."""
         if len(tup.kinds) != len(self.names):
             raise DecodeError(
@@ -87,8 +91,8 @@ class RelationInfo:
                 msg_type="TupleData",
             )
         out: dict[str, Any] = {}
-        for col, kind, value, tload, bload in zip(
-            self.columns, tup.kinds, tup.values, self.text_loads, self.binary_loads, strict=True
+        for col, kind, value, (_, tload, bload) in zip(
+            self.columns, tup.kinds, tup.values, fused or self.fused, strict=True
         ):
             if kind == KIND_NULL:
                 out[col.name] = None
@@ -121,8 +125,7 @@ class RelationCache:
 
     def add_relation(self, msg: Relation) -> RelationInfo:
         cols = msg.columns
-        text_loads = tuple(self.loaders.text_loader(c.type_oid) for c in cols)
-        binary_loads = tuple(self.loaders.binary_loader(c.type_oid) for c in cols)
+        loaders = self.loaders
         info = RelationInfo(
             relid=msg.relid,
             namespace=msg.namespace,
@@ -131,11 +134,12 @@ class RelationCache:
             columns=cols,
             names=tuple(c.name for c in cols),
             key_names=tuple(c.name for c in cols if c.is_key),
-            text_loads=text_loads,
-            binary_loads=binary_loads,
-            loaders=self.loaders,
+            loaders=loaders,
             ncols=len(cols),
-            fused=tuple(zip((c.name for c in cols), text_loads, binary_loads, strict=True)),
+            fused=tuple(
+                (c.name, loaders.text_loader(c.type_oid), loaders.binary_loader(c.type_oid))
+                for c in cols
+            ),
         )
         self._relations[msg.relid] = info
         return info

@@ -7,6 +7,7 @@ server output through the SQL decoding functions.
 
 from __future__ import annotations
 
+import json
 import math
 from decimal import Decimal
 from typing import Any
@@ -15,6 +16,7 @@ import psycopg
 import pytest
 
 from pglogrepl_bridge.assembly import TransactionAssembler
+from pglogrepl_bridge.jsonl import JsonRenderer
 from pglogrepl_bridge.relcache import RelationCache
 from pglogrepl_bridge.transaction import (
     Event,
@@ -254,3 +256,34 @@ def test_two_phase_prepare_on_a_two_phase_slot(pg_conn: Conn, surface: bool) -> 
         assert isinstance(txn, Transaction) and txn.gid == "tp_one"
         assert [c.new for c in txn.changes if isinstance(c, RowChange)] == [{"id": 1}, {"id": 2}]
     assert not asm.in_transaction
+
+
+@pytest.mark.parametrize(
+    ("mode", "binary"), [("typed", False), ("typed", True), ("text", False)]
+)  # text values need the text format: there is no PostgreSQL text in binary-format values
+def test_every_type_renders_as_json(typed_rows: tuple[Conn, str], mode: str, binary: bool) -> None:
+    conn, slot = typed_rows
+    renderer = JsonRenderer(mode)  # type: ignore[arg-type]
+    opts = f"'proto_version', '1', 'publication_names', 'types_pub', 'binary', '{binary}'"
+    data = conn.execute(
+        f"SELECT data FROM pg_logical_slot_peek_binary_changes('{slot}', NULL, NULL, {opts})"
+    ).fetchall()
+    asm = TransactionAssembler()
+    txns = [e for (d,) in data if isinstance(e := asm.feed(bytes(d), 0), Transaction)]
+    rows = [json.loads(renderer.transaction(t))["changes"][0]["new"] for t in txns]
+    assert len(rows) == 2
+    first, second = rows
+    if mode == "text":
+        assert first["c_numeric"] == "NaN" and first["c_int_arr"] == "{1,NULL,3}"
+        return
+    assert first["c_int4"] == 2147483647 and first["c_bool"] is True
+    assert first["c_numeric"] == "NaN" and second["c_numeric"].startswith("1234567890")
+    assert first["c_float4"] == "Infinity" or first["c_float4"] == "inf"
+    assert first["c_bytea"] == "\\x00ff10"
+    assert first["c_json"] == {"a": [1, 2.5, None]} and first["c_jsonb"] == {"b": {"c": True}}
+    assert first["c_int_arr"] == [1, None, 3]
+    assert first["c_text_arr"] == ["a,b", None, "NULL", 'q"x']
+    assert first["c_tstz"] == "2024-06-01T08:00:00+00:00"
+    assert first["c_date"] == "2024-02-29"
+    assert first["c_uuid"] == "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"
+    assert isinstance(first["c_interval"], str)
