@@ -165,7 +165,7 @@ class JsonRenderer:
             return _float
         if oid == _BOOL:
             return _bool
-        if oid == _JSONB or oid == _JSON:
+        if oid in (_JSONB, _JSON):
             return _kept_as_text(_json_text)
         if oid in _ISO_TIMES or oid in _ARRAYS_OF_JSON_VALUES:
             return _loaded(self._transformer.get_loader(oid, Format.TEXT).load)
