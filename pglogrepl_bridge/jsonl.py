@@ -187,11 +187,12 @@ class JsonRenderer:
         if isinstance(change, RowChange):
             rel = change.relation
             toast = change.unchanged_toast
+            old = self.row(rel, change.raw, change.old_at, key_only=change.old_kind == "K")
             return (
                 f'{{"op":"{change.op}","schema":{_quote(change.schema)},'
                 f'"table":{_quote(rel.name)},'
                 f'"new":{self.row(rel, change.raw, change.new_at)},'
-                f'"old":{self.row(rel, change.raw, change.old_at, key_only=change.old_kind == "K")},'
+                f'"old":{old},'
                 f'"unchanged_toast":[{",".join(map(_quote, toast))}]}}'
             )
         if isinstance(change, TruncateChange):
