@@ -64,7 +64,7 @@ class StreamOptions:
     proto_version: int | None = None  # None: the highest the server supports
     binary: bool = False
     messages: bool = False
-    streaming: bool | Literal["parallel"] = False
+    streaming: bool | Literal["parallel"] | None = None  # None: on when the protocol allows
     two_phase: bool = False
     origin: Literal["any", "none"] | None = None
     start_lsn: int | None = None
@@ -89,15 +89,20 @@ class ReplicationStream:
         options: StreamOptions,
         *,
         on_problem: Callable[[ValueProblem], None] | None = None,
+        on_idle: Callable[[], None] | None = None,
     ) -> None:
+        """``on_idle`` runs whenever everything received has been handed out and the loop is
+        about to wait: the moment for a batching consumer to flush and acknowledge."""
         if not options.publications:
             raise ConfigError("no publication given: name at least one with --publication")
         self.dsn = dsn
         self.options = options
         self._on_problem = on_problem
+        self._on_idle = on_idle
         self._conn: Conn | None = None
         self.system: SystemInfo | None = None
         self.proto_version = 0
+        self.streaming: bool | Literal["parallel"] = False
         self.assembler = self._new_assembler()
         self.feedback = FeedbackTracker(options.start_lsn or 0, no_ack=options.no_ack)
         self._skip_upto = options.start_lsn or 0
@@ -217,6 +222,7 @@ class ReplicationStream:
         for failed, why in needs:
             if failed:
                 raise ConfigError(f"option not supported by PostgreSQL {major}: {why}")
+        self.streaming = proto >= 2 if opts.streaming is None else opts.streaming
         missing = admin.missing_publications(conn, opts.publications)
         if missing:
             raise ConfigError(
@@ -257,8 +263,8 @@ class ReplicationStream:
             params.append(("binary", "true"))
         if opts.messages:
             params.append(("messages", "true"))
-        if opts.streaming:
-            params.append(("streaming", "parallel" if opts.streaming == "parallel" else "on"))
+        if self.streaming:
+            params.append(("streaming", "parallel" if self.streaming == "parallel" else "on"))
         if opts.two_phase:
             params.append(("two_phase", "on"))
         if opts.origin is not None:
@@ -349,6 +355,8 @@ class ReplicationStream:
                 continue
             if nbytes < 0:
                 self._end_of_copy(conn)
+            if self._on_idle is not None:
+                self._on_idle()
             now = time.monotonic()
             if now - self._last_status >= interval or (
                 self._status_due and now - self._last_status >= 0.2

@@ -1,0 +1,5 @@
+"""``python -m pglogrepl_bridge``."""
+
+from .cli import main
+
+main()

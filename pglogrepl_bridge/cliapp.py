@@ -1,0 +1,191 @@
+"""The typer app, shared options and error handling of ``pglogrepl-bridge``.
+
+Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error. No traceback
+unless --verbose, and never a password.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import FrameType
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+
+from . import __version__
+from .errors import BridgeError, ConfigError
+from .lsn import Lsn
+from .stream import StreamOptions
+
+app = typer.Typer(
+    name="pglogrepl-bridge",
+    help="Consume PostgreSQL logical replication (pgoutput) and bridge it downstream.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+err = Console(stderr=True)
+log = logging.getLogger("pglogrepl_bridge")
+_state = {"verbose": False}
+
+
+# -- common options --------------------------------------------------------------------------
+
+Dsn = Annotated[
+    str,
+    typer.Option(
+        "--dsn",
+        envvar="PGLOGREPL_DSN",
+        show_envvar=True,
+        show_default=False,
+        help="libpq connection string or URI; empty means the PG* environment variables.",
+    ),
+]
+Slot = Annotated[str, typer.Option("--slot", help="Logical replication slot (pgoutput).")]
+Publications = Annotated[
+    list[str], typer.Option("--publication", "-p", help="Publication to stream (repeatable).")
+]
+CreateSlot = Annotated[
+    bool, typer.Option("--create-slot", help="Create the slot first if it does not exist.")
+]
+Temporary = Annotated[
+    bool, typer.Option("--temporary", help="With --create-slot: a slot dropped on exit.")
+]
+StartLsn = Annotated[
+    str | None,
+    typer.Option("--start-lsn", help="Resume from this durable position (X/Y), not the slot's."),
+]
+UntilLsn = Annotated[
+    str | None,
+    typer.Option(
+        "--until-lsn",
+        help="Stop after the first transaction whose commit end LSN is >= this (X/Y), "
+        "once it is acknowledged, and exit 0.",
+    ),
+]
+ProtoVersion = Annotated[
+    int | None,
+    typer.Option("--proto-version", min=1, max=4, help="pgoutput protocol; default: the highest."),
+]
+Binary = Annotated[bool, typer.Option("--binary/--no-binary", help="Binary value format (PG 14+).")]
+Streaming = Annotated[
+    bool | None,
+    typer.Option(
+        "--streaming/--no-streaming",
+        show_default="on with proto_version 2+",
+        help="Receive large transactions while in progress (bounded memory; spills to disk).",
+    ),
+]
+Verbose = Annotated[
+    bool, typer.Option("--verbose", "-v", help="Log progress and show tracebacks on errors.")
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"pglogrepl-bridge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Show the version."),
+    ] = False,
+) -> None:
+    """Consume PostgreSQL logical replication (pgoutput) and bridge it downstream."""
+
+
+def setup_logging(verbose: bool) -> None:
+    _state["verbose"] = verbose
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s",
+    )
+
+
+def fail(exc: BaseException) -> NoReturn:
+    """One or two lines on stderr; exit 2 for configuration errors, 1 for the rest."""
+    if _state["verbose"]:
+        err.print_exception()
+    message = str(exc).strip() or type(exc).__name__
+    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    raise typer.Exit(2 if isinstance(exc, ConfigError) else 1)
+
+
+@contextmanager
+def handled() -> Iterator[None]:
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except BridgeError as exc:
+        fail(exc)
+    except Exception as exc:
+        fail(exc)
+
+
+def parse_lsn(text: str | None, option: str) -> Lsn | None:
+    if text is None:
+        return None
+    try:
+        return Lsn.parse(text)
+    except ConfigError as exc:
+        raise ConfigError(f"{option}: {exc}") from None
+
+
+@contextmanager
+def stop_on_signals(stop: Callable[[], None]) -> Iterator[None]:
+    """SIGINT/SIGTERM end the stream cleanly (a final status update is sent)."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        stop()
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def stream_options(
+    slot: str,
+    publications: list[str],
+    *,
+    create_slot: bool,
+    temporary: bool,
+    start_lsn: str | None,
+    proto_version: int | None,
+    binary: bool,
+    streaming: bool | None,
+    **extra: Any,
+) -> StreamOptions:
+    if temporary and not create_slot:
+        raise ConfigError("--temporary only makes sense with --create-slot")
+    if not publications:
+        raise ConfigError("no publication given: add --publication NAME (repeatable)")
+    start = parse_lsn(start_lsn, "--start-lsn")
+    return StreamOptions(
+        slot=slot,
+        publications=tuple(publications),
+        create_slot=create_slot,
+        temporary=temporary,
+        start_lsn=start,
+        proto_version=proto_version,
+        binary=binary,
+        streaming=streaming,
+        **extra,
+    )
+
+
+def report_problem(problem: object) -> None:
+    log.warning("value kept as text: %s", problem)

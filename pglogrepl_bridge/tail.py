@@ -1,0 +1,170 @@
+"""``tail``: print a publication's changes as they commit (pretty, JSON Lines, or nothing)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from enum import StrEnum
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from .cliapp import (
+    Binary,
+    CreateSlot,
+    Dsn,
+    ProtoVersion,
+    Publications,
+    Slot,
+    StartLsn,
+    Streaming,
+    Temporary,
+    UntilLsn,
+    Verbose,
+    app,
+    handled,
+    parse_lsn,
+    report_problem,
+    setup_logging,
+    stop_on_signals,
+    stream_options,
+)
+from .errors import ConfigError
+from .jsonl import JsonRenderer
+from .lsn import Lsn
+from .pretty import print_transaction
+from .stream import ReplicationStream, StreamOptions
+from .transaction import Change, RowChange, Transaction, TruncateChange
+
+
+class Format(StrEnum):
+    pretty = "pretty"
+    jsonl = "jsonl"
+    null = "null"
+
+
+class Values(StrEnum):
+    typed = "typed"
+    text = "text"
+
+
+class Op(StrEnum):
+    insert = "insert"
+    update = "update"
+    delete = "delete"
+    truncate = "truncate"
+    message = "message"
+
+
+def change_filter(tables: list[str], ops: list[Op]) -> Callable[[Change], bool] | None:
+    if not tables and not ops:
+        return None
+    wanted_tables = {t if "." in t else f"public.{t}" for t in tables}
+    wanted_ops = {o.value for o in ops}
+
+    def keep(change: Change) -> bool:
+        op: str
+        names: set[str]
+        if isinstance(change, RowChange):
+            op, names = change.op, {change.relation.qualified_name}
+        elif isinstance(change, TruncateChange):
+            op, names = "truncate", {r.qualified_name for r in change.relations}
+        else:
+            op, names = "message", set()
+        if wanted_ops and op not in wanted_ops:
+            return False
+        return not wanted_tables or op == "message" or bool(names & wanted_tables)
+
+    return keep
+
+
+@app.command()
+def tail(
+    slot: Slot,
+    publication: Publications,
+    dsn: Dsn = "",
+    create_slot: CreateSlot = False,
+    temporary: Temporary = False,
+    start_lsn: StartLsn = None,
+    until_lsn: UntilLsn = None,
+    proto_version: ProtoVersion = None,
+    binary: Binary = False,
+    streaming: Streaming = None,
+    fmt: Annotated[
+        Format | None,
+        typer.Option(
+            "--format",
+            help="pretty (default on a terminal), jsonl (default otherwise) "
+            "or null (decode and discard).",
+        ),
+    ] = None,
+    values: Annotated[
+        Values, typer.Option("--values", help="typed: JSON types; text: PostgreSQL's text.")
+    ] = Values.typed,
+    no_ack: Annotated[
+        bool, typer.Option("--no-ack", help="Peek: confirm nothing to the slot.")
+    ] = False,
+    table: Annotated[
+        list[str], typer.Option("--table", help="Only changes to schema.name (repeatable).")
+    ] = [],  # noqa: B006 - typer reads the default, never mutates it
+    op: Annotated[list[Op], typer.Option("--op", help="Only these operations (repeatable).")] = [],  # noqa: B006
+    messages: Annotated[
+        bool, typer.Option("--messages/--no-messages", help="Include logical decoding messages.")
+    ] = True,
+    verbose: Verbose = False,
+) -> None:
+    """Print the changes of a publication as they commit."""
+    setup_logging(verbose)
+    with handled():
+        if values is Values.text and binary:
+            raise ConfigError("--values text needs the text format: drop --binary")
+        until = parse_lsn(until_lsn, "--until-lsn")
+        options = stream_options(
+            slot,
+            publication,
+            create_slot=create_slot,
+            temporary=temporary,
+            start_lsn=start_lsn,
+            proto_version=proto_version,
+            binary=binary,
+            streaming=streaming,
+            no_ack=no_ack,
+            values=values.value,
+            messages=messages,
+        )
+        out_format = fmt or (Format.pretty if sys.stdout.isatty() else Format.jsonl)
+        run_tail(dsn, options, out_format, values.value, change_filter(table, op), until)
+
+
+def run_tail(
+    dsn: str,
+    options: StreamOptions,
+    out_format: Format,
+    values: str,
+    keep: Callable[[Change], bool] | None,
+    until: Lsn | None,
+) -> int:
+    """The tail loop; returns how many transactions were printed."""
+    console = Console(highlight=False, soft_wrap=True)
+    renderer = JsonRenderer(values)  # type: ignore[arg-type]
+    write = sys.stdout.write
+    flush = sys.stdout.flush
+    printed = 0
+    stream = ReplicationStream(dsn, options, on_problem=report_problem)
+    with stream, stop_on_signals(stream.stop):
+        txn: Transaction
+        for txn in stream:
+            changes = list(txn.changes) if keep is None else [c for c in txn.changes if keep(c)]
+            if changes or keep is None:
+                if out_format is Format.jsonl:
+                    write(renderer.transaction(txn, [renderer.change(c) for c in changes]))
+                    write("\n")
+                    flush()
+                elif out_format is Format.pretty:
+                    print_transaction(console, txn, changes)
+                printed += 1
+            stream.ack(txn.end_lsn)
+            if until is not None and txn.end_lsn >= until:
+                break
+    return printed
