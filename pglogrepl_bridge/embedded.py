@@ -31,8 +31,8 @@ ENV_DSN = "PGLOGREPL_TEST_DSN"
 #: Settings every provided server gets; tests and the demo rely on them.
 LOGICAL_SETTINGS: Mapping[str, str] = {
     "wal_level": "logical",
-    "max_wal_senders": "20",
-    "max_replication_slots": "20",
+    "max_wal_senders": "40",
+    "max_replication_slots": "80",
     "max_prepared_transactions": "10",
     "wal_sender_timeout": "60s",
 }

@@ -57,6 +57,8 @@ def run_replicate(
         node_id=zlib.crc32(system_id.encode()) & 0x7FFFFFFF if node_id is None else node_id,
     )
     stats = ReplicateStats(resumed_from=sink.checkpoint())
+    if until is not None:
+        options = replace(options, until_lsn=until)
     if stats.resumed_from is not None:
         # the target holds everything up to its checkpoint: start after it
         options = replace(options, start_lsn=stats.resumed_from)
@@ -84,8 +86,6 @@ def run_replicate(
             stats.changes += len(txn.changes)
             if size >= batch_changes:
                 flush()
-            if until is not None and txn.end_lsn >= until:
-                break
         flush()  # on a clean stop: what was received is applied, then confirmed on close
     return stats
 

@@ -18,7 +18,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from .errors import BridgeError, ConfigError
 from .lsn import Lsn
-from .messages import Message
+from .messages import Column, Message
 from .relcache import Fused, RelationInfo
 from .sqltypes import column_type, loaders
 from .transaction import RowChange, Transaction, TruncateChange
@@ -88,7 +88,7 @@ class SqlSink:
             sa.Column(NODE_COL, sa.BigInteger, nullable=False),
         )
         self._targets: dict[RelationInfo, _Target] = {}
-        self._tables: dict[str, sa.Table] = {}
+        self._source_columns: dict[str, dict[str, Column]] = {}
         try:
             self.meta.create_all(self.engine, tables=[self.checkpoints, self.tombstones])
         except SQLAlchemyError as exc:
@@ -135,7 +135,7 @@ class SqlSink:
             with self.engine.begin() as conn:
                 for txn in txns:
                     self._apply_txn(conn, txn, grouped=True)
-                self._write_checkpoint(conn, txns[-1].end_lsn)
+                self._write_checkpoint(conn, int(txns[-1].end_lsn))  # a plain int for drivers
         except SinkError:
             raise
         except SQLAlchemyError as exc:
@@ -314,46 +314,71 @@ class SqlSink:
         return target
 
     def _prepare(self, conn: sa.Connection, rel: RelationInfo) -> _Target:
-        """Create the table on first sight, or use the existing one; follow schema changes."""
+        """Create the table on first sight, or use the existing one; follow schema changes.
+
+        Binding uses the types this module maps, never reflected ones (reflection turns a
+        Uuid into CHAR(32), a JSON into LONGTEXT): only the column names are read back.
+        """
         name = target_name(rel)
         keys = rel.key_names or tuple(c.name for c in rel.columns)
-        table = self._tables.get(name)
-        if table is None:
-            inspector = sa.inspect(conn)
-            if inspector.has_table(name):
-                table = sa.Table(name, sa.MetaData(), autoload_with=conn)
-            else:
-                table = self._create(conn, rel, name, keys)
-        existing = set(table.c.keys())
+        inspector = sa.inspect(conn)
+        if inspector.has_table(name):
+            present = {c["name"] for c in inspector.get_columns(name)}
+        else:
+            self._create(conn, rel, name, keys)
+            present = {c.name for c in rel.columns} | (
+                {TS_COL, NODE_COL} if self.conflict == "lww" else set()
+            )
         for col in rel.columns:
-            if col.name not in existing:
-                table = self._add_column(conn, table, rel, col)
-        for col in rel.columns:
-            have = table.c[col.name].type
-            want = column_type(col, self.dialect, is_key=col.name in keys)
-            if type(have).__name__ != type(want).__name__ and not isinstance(have, type(want)):
-                log.warning(
-                    "column %s.%s is %s in the target, the source now sends %s; "
-                    "values are written as they are",
-                    name,
-                    col.name,
-                    have,
-                    want,
+            if col.name not in present:
+                self._add_column(
+                    conn, name, sa.Column(col.name, column_type(col, self.dialect, is_key=False))
                 )
         if self.conflict == "lww":
             for extra in (TS_COL, NODE_COL):
-                if extra not in table.c:
-                    table = self._add_column(conn, table, rel, None, extra)
-        dropped = existing - {c.name for c in rel.columns} - {TS_COL, NODE_COL}
+                if extra not in present:
+                    self._add_column(conn, name, sa.Column(extra, sa.BigInteger))
+        self._note_schema(name, rel, present)
+        cols = [
+            sa.Column(
+                c.name,
+                column_type(c, self.dialect, is_key=c.name in keys),
+                primary_key=c.name in keys,
+            )
+            for c in rel.columns
+        ]
+        if self.conflict == "lww":
+            cols += [sa.Column(TS_COL, sa.BigInteger), sa.Column(NODE_COL, sa.BigInteger)]
+        table = sa.Table(name, sa.MetaData(), *cols)
+        fused = tuple((c.name, *loaders(c, self.dialect)) for c in rel.columns)
+        return _Target(table, fused, keys, frozenset(c.name for c in rel.columns))
+
+    def _note_schema(self, name: str, rel: RelationInfo, present: set[str]) -> None:
+        """Report type changes and dropped columns seen in a re-sent Relation."""
+        before = self._source_columns.get(name)
+        now = {c.name: c for c in rel.columns}
+        self._source_columns[name] = now
+        dropped = (set(before) if before else present) - set(now) - {TS_COL, NODE_COL}
         if dropped:
             log.info(
-                "columns %s of %s are no longer sent by the source; kept as they are",
+                "columns %s of %s are no longer sent by the source; kept, not written",
                 sorted(dropped),
                 name,
             )
-        self._tables[name] = table
-        fused = tuple((c.name, *loaders(c, self.dialect)) for c in rel.columns)
-        return _Target(table, fused, keys, frozenset(c.name for c in rel.columns))
+        for col_name, col in now.items():
+            old = (before or {}).get(col_name)
+            if old is not None and (old.type_oid, old.type_modifier) != (
+                col.type_oid,
+                col.type_modifier,
+            ):
+                log.warning(
+                    "type of %s.%s changed in the source (oid %d → %d); the target column "
+                    "keeps its type, values are written as they come",
+                    name,
+                    col_name,
+                    old.type_oid,
+                    col.type_oid,
+                )
 
     def _create(
         self, conn: sa.Connection, rel: RelationInfo, name: str, keys: tuple[str, ...]
@@ -374,24 +399,12 @@ class SqlSink:
         log.info("created target table %s", name)
         return table
 
-    def _add_column(
-        self,
-        conn: sa.Connection,
-        table: sa.Table,
-        rel: RelationInfo,
-        col: Any,
-        extra: str | None = None,
-    ) -> sa.Table:
+    def _add_column(self, conn: sa.Connection, table: str, column: sa.Column[Any]) -> None:
         from alembic.migration import MigrationContext
         from alembic.operations import Operations
 
-        if col is not None:
-            new = sa.Column(col.name, column_type(col, self.dialect, is_key=False))
-        else:
-            new = sa.Column(extra, sa.BigInteger)
-        Operations(MigrationContext.configure(conn)).add_column(table.name, new)
-        log.info("added column %s to target table %s", new.name, table.name)
-        return sa.Table(table.name, sa.MetaData(), autoload_with=conn)
+        Operations(MigrationContext.configure(conn)).add_column(table, column)
+        log.info("added column %s to target table %s", column.name, table)
 
 
 class _Rollback(Exception):

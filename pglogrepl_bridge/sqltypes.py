@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from psycopg.adapt import Transformer
 from psycopg.postgres import types as pgtypes
 from psycopg.pq import Format
-from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects import mysql, postgresql
 
 from .messages import Column
 
@@ -53,7 +53,25 @@ def describe(oid: int) -> tuple[str | None, str | None]:
     return None, info.name
 
 
+_MYSQL = ("mysql", "mariadb")
+
+
 def column_type(col: Column, dialect: str, *, is_key: bool) -> sa.types.TypeEngine[Any]:
+    made = _column_type(col, dialect, is_key=is_key)
+    if dialect in _MYSQL:
+        # MariaDB's defaults lose data: DATETIME/TIME drop microseconds, TEXT/BLOB stop at 64 KiB
+        if isinstance(made, sa.DateTime):
+            return mysql.DATETIME(fsp=6)
+        if isinstance(made, sa.Time):
+            return mysql.TIME(fsp=6)
+        if type(made) is sa.Text:
+            return mysql.LONGTEXT()
+        if isinstance(made, sa.LargeBinary):
+            return mysql.LONGBLOB()
+    return made
+
+
+def _column_type(col: Column, dialect: str, *, is_key: bool) -> sa.types.TypeEngine[Any]:
     name, elem = describe(col.type_oid)
     if elem is not None and elem in MAPPED:
         if dialect == "postgresql":
@@ -66,10 +84,10 @@ def column_type(col: Column, dialect: str, *, is_key: bool) -> sa.types.TypeEngi
         if col.type_modifier >= 4:
             mod = col.type_modifier - 4
             return sa.Numeric((mod >> 16) & 0xFFFF, mod & 0xFFFF)
-        return sa.Numeric(65, 30) if dialect in ("mysql", "mariadb") else sa.Numeric()
+        return sa.Numeric(65, 30) if dialect in _MYSQL else sa.Numeric()
     if name in ("varchar", "bpchar"):
         length = col.type_modifier - 4 if col.type_modifier >= 4 else None
-        if length is None and dialect in ("mysql", "mariadb") and is_key:
+        if length is None and dialect in _MYSQL and is_key:
             length = 255
         return sa.String(length) if length is not None else sa.Text()
     if name in ("json", "jsonb"):
@@ -77,10 +95,10 @@ def column_type(col: Column, dialect: str, *, is_key: bool) -> sa.types.TypeEngi
     factory = _SIMPLE.get(name or "")
     if factory is not None:
         made = factory()
-        if isinstance(made, sa.Text) and is_key and dialect in ("mysql", "mariadb"):
+        if isinstance(made, sa.Text) and is_key and dialect in _MYSQL:
             return sa.String(255)  # MariaDB cannot index a TEXT key without a prefix length
         return made
-    if is_key and dialect in ("mysql", "mariadb"):
+    if is_key and dialect in _MYSQL:
         return sa.String(255)
     return sa.Text()  # anything unknown: PostgreSQL's text output
 

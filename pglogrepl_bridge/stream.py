@@ -68,6 +68,8 @@ class StreamOptions:
     two_phase: bool = False
     origin: Literal["any", "none"] | None = None
     start_lsn: int | None = None
+    #: stop once everything up to here is acknowledged (the slot's position already counts)
+    until_lsn: int | None = None
     create_slot: bool = False
     temporary: bool = False
     no_ack: bool = False
@@ -170,8 +172,10 @@ class ReplicationStream:
                 admin.create_slot(
                     conn, opts.slot, temporary=opts.temporary, two_phase=opts.two_phase
                 )
-            self._check_slot(conn)
-            start = max(self.feedback.flushed, 0)
+            confirmed = self._check_slot(conn)
+            if confirmed is not None and confirmed > self.feedback.flushed:
+                self.feedback.flushed = confirmed  # the server holds it confirmed already
+            start = self.feedback.flushed
             query = self._start_query(start)
             log.info(
                 "START_REPLICATION slot %s from %s, proto %d",
@@ -232,7 +236,8 @@ class ReplicationStream:
             )
         self.proto_version = proto
 
-    def _check_slot(self, conn: Conn) -> None:
+    def _check_slot(self, conn: Conn) -> Lsn | None:
+        """Refuse a missing, foreign, invalidated or busy slot; return its confirmed LSN."""
         slot = admin.get_slot(conn, self.options.slot)
         name = self.options.slot
         if slot is None:
@@ -252,6 +257,7 @@ class ReplicationStream:
                 f"replication slot {name!r} is in use by another process "
                 f"(PID {slot.active_pid}): stop that consumer, or use another slot"
             )
+        return slot.confirmed_flush_lsn
 
     def _start_query(self, start: int) -> sql.Composed:
         opts = self.options
@@ -331,6 +337,7 @@ class ReplicationStream:
         tracker = self.feedback
         interval = self.options.status_interval
         sock = pgconn.socket
+        until = self.options.until_lsn
         drained = 0
         while not self._stopping:
             nbytes, data = pgconn.get_copy_data(1)
@@ -344,6 +351,8 @@ class ReplicationStream:
                     event = feed(bytes(data[25:]), start)
                     if event is not None:
                         yield from self._deliver(event)
+                        if until is not None and tracker.flushed >= until:
+                            break
                 elif tag == 0x6B:  # 'k' keepalive
                     wal_end, _sent, reply = _KEEPALIVE.unpack_from(data, 1)
                     with self._lock:
@@ -357,6 +366,8 @@ class ReplicationStream:
                 self._end_of_copy(conn)
             if self._on_idle is not None:
                 self._on_idle()
+            if until is not None and tracker.flushed >= until and not tracker.inflight:
+                break  # everything up to until_lsn is acknowledged: done
             now = time.monotonic()
             if now - self._last_status >= interval or (
                 self._status_due and now - self._last_status >= 0.2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from enum import StrEnum
 from typing import Annotated
 
@@ -151,6 +152,8 @@ def run_tail(
     write = sys.stdout.write
     flush = sys.stdout.flush
     printed = 0
+    if until is not None:
+        options = replace(options, until_lsn=until)
     stream = ReplicationStream(dsn, options, on_problem=report_problem)
     with stream, stop_on_signals(stream.stop):
         txn: Transaction
@@ -165,6 +168,4 @@ def run_tail(
                     print_transaction(console, txn, changes)
                 printed += 1
             stream.ack(txn.end_lsn)
-            if until is not None and txn.end_lsn >= until:
-                break
     return printed

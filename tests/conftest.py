@@ -71,6 +71,12 @@ def pg(request: pytest.FixtureRequest) -> Iterator[PostgresServer]:
 def pg_conn(pg: PostgresServer) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
     with psycopg.connect(pg.dsn, autocommit=True) as conn:
         yield conn
+    # a test's slots pin WAL and count against max_replication_slots: drop what it left
+    with psycopg.connect(pg.dsn, autocommit=True) as conn:
+        conn.execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+            "WHERE NOT active"
+        )
 
 
 @pytest.hookimpl(wrapper=True)

@@ -164,7 +164,7 @@ def test_reconnects_without_loss_or_duplicates(pg: PostgresServer, pg_conn: Conn
         got += consumer.take(3, timeout=40)
         for t in got[3:]:
             stream.ack(t.end_lsn)
-        wait_for(lambda: src.confirmed() == got[-1].end_lsn, what="all confirmed")
+        wait_for(lambda: (src.confirmed() or 0) >= got[-1].end_lsn, what="all confirmed")
         assert stream.reconnects >= 1
         time.sleep(0.5)
         assert consumer.received.empty()  # nothing delivered twice

@@ -1,0 +1,370 @@
+"""`replicate` into SQLite, PostgreSQL and MariaDB: equality, exactly once, LWW, bad input."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+
+from pglogrepl_bridge.embedded import PostgresServer
+from pglogrepl_bridge.lsn import Lsn
+from pglogrepl_bridge.replicate import run_replicate
+from pglogrepl_bridge.sqlsink import CHECKPOINT_TABLE, SinkError
+from pglogrepl_bridge.stream import StreamOptions
+
+from .mariadb_server import mariadb_server
+from .streamkit import Conn
+
+_n = itertools.count()
+
+SCHEMA = """
+CREATE TABLE {items} (
+    id int PRIMARY KEY, name text, qty int, price numeric(10, 2), ratio double precision,
+    flag boolean, tags text[], created timestamptz, day date, payload jsonb, blob bytea,
+    uid uuid, big text
+);
+ALTER TABLE {items} ALTER COLUMN big SET STORAGE EXTERNAL;
+CREATE TABLE {notes} (k text PRIMARY KEY, body varchar(200));
+CREATE PUBLICATION {pub} FOR TABLE {items}, {notes};
+"""
+
+
+def pg_url(dsn: str, dbname: str | None = None) -> sa.URL:
+    p = psycopg.conninfo.conninfo_to_dict(dsn)
+    return sa.URL.create(
+        "postgresql+psycopg",
+        username=str(p["user"]),
+        password=str(p.get("password") or ""),
+        host=str(p["host"]),
+        port=int(str(p["port"])),
+        database=dbname or str(p["dbname"]),
+    )
+
+
+@pytest.fixture(scope="session")
+def mariadb_url() -> Iterator[str]:
+    with mariadb_server() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
+def target(
+    request: pytest.FixtureRequest, pg: PostgresServer, pg_conn: Conn, tmp_path: Path
+) -> Iterator[str]:
+    kind = request.param
+    if kind == "sqlite":
+        yield f"sqlite:///{tmp_path / 'target.db'}"
+    elif kind == "postgresql":
+        name = f"target_{next(_n)}"
+        pg_conn.execute(f"CREATE DATABASE {name}")
+        yield pg_url(pg.dsn, name).render_as_string(hide_password=False)
+    else:
+        url: str = request.getfixturevalue("mariadb_url")
+        engine = sa.create_engine(url)
+        with engine.begin() as conn:
+            for (table,) in conn.execute(sa.text("SHOW TABLES")).all():
+                conn.execute(sa.text(f"DROP TABLE `{table}`"))
+        engine.dispose()
+        yield url
+
+
+class Source:
+    def __init__(self, conn: Conn) -> None:
+        n = next(_n)
+        self.conn = conn
+        self.items, self.notes = f"items_{n}", f"notes_{n}"
+        self.pub, self.slot = f"rpub_{n}", f"rslot_{n}"
+        conn.execute(SCHEMA.format(items=self.items, notes=self.notes, pub=self.pub))
+        conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (self.slot,))
+
+    def options(self, **kw: Any) -> StreamOptions:
+        return StreamOptions(slot=self.slot, publications=(self.pub,), status_interval=0.5, **kw)
+
+    def insert(self, i: int) -> None:
+        self.conn.execute(
+            f"INSERT INTO {self.items} VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, "
+            "gen_random_uuid(), %s)",
+            (
+                i,
+                f"item {i}",
+                i * 10,
+                Decimal(i) / 3,
+                i / 7,
+                i % 2 == 0,
+                [f"t{i}", None],
+                datetime(2024, 1, 1, 12, 0, i % 60, i * 1000, tzinfo=UTC),
+                "2024-02-29",
+                psycopg.types.json.Jsonb({"i": i, "nested": [1, {"x": "y"}]}),
+                bytes([i % 256, 0, 255]),
+                "x" * 3000 if i % 5 == 0 else None,
+            ),
+        )
+
+    def mixed_workload(self, start: int = 0, n: int = 40) -> None:
+        c = self.conn
+        for i in range(start, start + n):
+            with c.transaction():
+                self.insert(i)
+                if i % 4 == 0:
+                    c.execute(f"INSERT INTO {self.notes} VALUES (%s, %s)", (f"k{i}", f"note {i}"))
+        with c.transaction():
+            c.execute(
+                f"UPDATE {self.items} SET qty = qty + 1, name = name || '!' "
+                "WHERE id %% 3 = 0 AND id >= %s",
+                (start,),
+            )  # big stays unchanged TOAST
+        with c.transaction():
+            c.execute(f"UPDATE {self.items} SET id = id + 10000 WHERE id = %s", (start + 1,))
+            c.execute(f"DELETE FROM {self.items} WHERE id = %s", (start + 2,))
+            c.execute(f"UPDATE {self.notes} SET body = NULL WHERE k = %s", (f"k{start}",))
+        with c.transaction():
+            c.execute(f"DELETE FROM {self.notes} WHERE k = %s", (f"k{start + 4}",))
+
+    def end(self) -> Lsn:
+        """The end LSN of the last published transaction so far (peeked, not consumed)."""
+        row = self.conn.execute(
+            "SELECT max(lsn)::text FROM pg_logical_slot_peek_binary_changes(%s, NULL, NULL, "
+            "'proto_version', '1', 'publication_names', %s) WHERE substr(data, 1, 1) = 'C'",
+            (self.slot, self.pub),
+        ).fetchone()
+        assert row is not None and row[0] is not None
+        return Lsn.parse(row[0])
+
+
+def _like(value: Any, model: Any) -> Any:
+    """Read back from a target, in the form the source gives."""
+    if isinstance(model, datetime) and isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    if isinstance(model, Decimal) and value is not None:
+        try:
+            return Decimal(str(value))
+        except InvalidOperation:
+            return value
+    if isinstance(model, list | dict) and isinstance(value, str):
+        return json.loads(value)
+    if isinstance(model, float) and isinstance(value, Decimal):
+        return float(value)  # MariaDB's reflected DOUBLE reads back as Decimal
+    if isinstance(model, bool) and isinstance(value, int):
+        return bool(value)
+    if isinstance(model, bytes) and isinstance(value, memoryview):
+        return bytes(value)
+    if isinstance(model, uuid.UUID) and isinstance(value, str):
+        return uuid.UUID(value)
+    if isinstance(model, str) and not isinstance(value, str) and value is not None:
+        return str(value)
+    return value
+
+
+def assert_same(source_dsn: str, target_url: str, table: str, key: str) -> int:
+    src = sa.create_engine(pg_url(source_dsn))
+    dst = sa.create_engine(target_url)
+    try:
+        s_tbl = sa.Table(table, sa.MetaData(), autoload_with=src)
+        d_tbl = sa.Table(table, sa.MetaData(), autoload_with=dst)
+        with src.connect() as c:
+            s_rows = [dict(r._mapping) for r in c.execute(sa.select(s_tbl).order_by(s_tbl.c[key]))]
+        with dst.connect() as c:
+            d_rows = [dict(r._mapping) for r in c.execute(sa.select(d_tbl).order_by(d_tbl.c[key]))]
+    finally:
+        src.dispose()
+        dst.dispose()
+    assert [r[key] for r in d_rows] == [r[key] for r in s_rows], table
+    for s_row, d_row in zip(s_rows, d_rows, strict=True):
+        for col, model in s_row.items():
+            got = _like(d_row[col], model)
+            if isinstance(model, float):
+                assert got == pytest.approx(model), (table, s_row[key], col)
+            else:
+                assert got == model, (table, s_row[key], col, got, model)
+    return len(s_rows)
+
+
+def test_mixed_workload_row_by_row(pg: PostgresServer, pg_conn: Conn, target: str) -> None:
+    src = Source(pg_conn)
+    src.mixed_workload()
+    stats = run_replicate(pg.dsn, target, src.options(), until=src.end(), batch_changes=25)
+    assert stats.batches >= 2
+    assert assert_same(pg.dsn, target, src.items, "id") == 39
+    assert assert_same(pg.dsn, target, src.notes, "k") == 9
+    # a second run resumes from the checkpoint: nothing new, nothing applied twice
+    src.conn.execute(f"TRUNCATE {src.notes}")
+    src.conn.execute(f"INSERT INTO {src.notes} VALUES ('after', 'truncate')")
+    again = run_replicate(pg.dsn, target, src.options(), until=src.end())
+    assert again.resumed_from == stats.last_lsn
+    assert again.transactions == 2
+    assert assert_same(pg.dsn, target, src.notes, "k") == 1
+    assert assert_same(pg.dsn, target, src.items, "id") == 39
+
+
+def test_schema_changes(pg: PostgresServer, pg_conn: Conn, tmp_path: Path) -> None:
+    src = Source(pg_conn)
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    src.insert(1)
+    run_replicate(pg.dsn, url, src.options(), until=src.end())
+    pg_conn.execute(f"ALTER TABLE {src.notes} ADD COLUMN extra int")
+    pg_conn.execute(f"INSERT INTO {src.notes} VALUES ('a', 'b', 7)")
+    pg_conn.execute(f"ALTER TABLE {src.notes} DROP COLUMN body")
+    pg_conn.execute(f"INSERT INTO {src.notes} VALUES ('c', 8)")
+    run_replicate(pg.dsn, url, src.options(), until=src.end())
+    engine = sa.create_engine(url)
+    with engine.connect() as c:
+        rows = c.execute(sa.text(f"SELECT k, body, extra FROM {src.notes} ORDER BY k")).all()
+    engine.dispose()
+    # the added column is added; the dropped one is kept, no longer written
+    assert rows == [("a", "b", 7), ("c", None, 8)]
+
+
+def test_kill_9_at_any_moment(pg: PostgresServer, pg_conn: Conn, tmp_path: Path) -> None:
+    src = Source(pg_conn)
+    url = f"sqlite:///{tmp_path / 'killed.db'}"
+    cmd = [
+        sys.executable,
+        "-m",
+        "pglogrepl_bridge",
+        "replicate",
+        "--dsn",
+        pg.dsn,
+        "--slot",
+        src.slot,
+        "--publication",
+        src.pub,
+        "--target",
+        url,
+        "--batch",
+        "7",
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    kills = 0
+    for round_no, delay in enumerate([0.4, 0.9, 1.3, 0.6]):
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        src.mixed_workload(start=round_no * 100, n=30)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+    final_end = src.end()
+    final = subprocess.run(
+        [*cmd, "--until-lsn", str(final_end)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert final.returncode == 0, final.stderr
+    assert kills == 4
+    assert assert_same(pg.dsn, url, src.items, "id") == 4 * 29
+    assert assert_same(pg.dsn, url, src.notes, "k") == 4 * 7
+    engine = sa.create_engine(url)
+    with engine.connect() as c:
+        checkpoint = c.execute(sa.text(f"SELECT end_lsn FROM {CHECKPOINT_TABLE}")).scalar()
+    engine.dispose()
+    assert checkpoint is not None and checkpoint >= final_end
+    confirmed = _confirmed(pg_conn, src.slot)
+    assert confirmed is not None and Lsn.parse(confirmed) >= final_end
+
+
+class _LwwSource:
+    """A source database of its own, with table public.lww, a publication and a slot."""
+
+    def __init__(self, pg: PostgresServer, admin_conn: Conn) -> None:
+        n = next(_n)
+        self.db = f"lww_src_{n}"
+        admin_conn.execute(f"CREATE DATABASE {self.db}")
+        self.dsn = psycopg.conninfo.make_conninfo(pg.dsn, dbname=self.db)
+        self.conn: Conn = psycopg.connect(self.dsn, autocommit=True)
+        self.pub, self.slot = f"lpub_{n}", f"lslot_{n}"
+        self.conn.execute("CREATE TABLE lww (k text PRIMARY KEY, body text)")
+        self.conn.execute(f"CREATE PUBLICATION {self.pub} FOR TABLE lww")
+        self.conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (self.slot,))
+
+    def run(self, sql: str) -> None:
+        self.conn.execute(sql)
+        time.sleep(0.002)  # distinct commit timestamps across the two sources
+
+    def options(self) -> StreamOptions:
+        return StreamOptions(slot=self.slot, publications=(self.pub,), status_interval=0.5)
+
+    end = Source.end
+
+
+def test_last_writer_wins_converges(pg: PostgresServer, pg_conn: Conn, tmp_path: Path) -> None:
+    """Two source databases update the same keys; in either arrival order the newest wins."""
+    outcomes = {}
+    for order in ("a_then_b", "b_then_a"):
+        a, b = _LwwSource(pg, pg_conn), _LwwSource(pg, pg_conn)
+        a.run("INSERT INTO lww VALUES ('k1', 'a-old'), ('k2', 'a-k2')")
+        b.run("INSERT INTO lww VALUES ('k1', 'b-newer'), ('k2', 'b-k2')")
+        a.run("UPDATE lww SET body = 'a-newest' WHERE k = 'k2'")
+        b.run("DELETE FROM lww WHERE k = 'k2'")  # the newest word on k2: gone
+        a.run("INSERT INTO lww VALUES ('k3', 'a3')")
+        url = f"sqlite:///{tmp_path / f'{order}.db'}"
+        runs = [(a, 1), (b, 2)] if order == "a_then_b" else [(b, 2), (a, 1)]
+        for src, node in runs:
+            run_replicate(
+                src.dsn, url, src.options(), conflict="lww", node_id=node, until=src.end()
+            )
+        engine = sa.create_engine(url)
+        with engine.connect() as c:
+            outcomes[order] = c.execute(sa.text("SELECT k, body FROM lww ORDER BY k")).all()
+        engine.dispose()
+        a.conn.close()
+        b.conn.close()
+    assert outcomes["a_then_b"] == [("k1", "b-newer"), ("k3", "a3")]
+    assert outcomes["b_then_a"] == outcomes["a_then_b"]
+
+
+def test_constraint_violation_names_table_and_key_and_is_retried(
+    pg: PostgresServer, pg_conn: Conn, tmp_path: Path
+) -> None:
+    src = Source(pg_conn)
+    url = f"sqlite:///{tmp_path / 'strict.db'}"
+    engine = sa.create_engine(url)
+    with engine.begin() as c:  # an existing target table is used as it is: with its constraint
+        c.execute(
+            sa.text(
+                f"CREATE TABLE {src.notes} (k TEXT PRIMARY KEY, "
+                "body VARCHAR(200) CHECK (body <> 'bad'))"
+            )
+        )
+    pg_conn.execute(f"INSERT INTO {src.notes} VALUES ('ok', 'fine')")
+    pg_conn.execute(f"INSERT INTO {src.notes} VALUES ('k-bad', 'bad')")
+    slot_before = _confirmed(pg_conn, src.slot)
+    with pytest.raises(SinkError, match=rf"table {src.notes} key {{'k': 'k-bad'}}"):
+        run_replicate(pg.dsn, url, src.options(), until=src.end(), batch_changes=1)
+    with engine.connect() as c:
+        rows = c.execute(sa.text(f"SELECT k FROM {src.notes}")).all()
+    assert rows == [("ok",)]  # the good transaction before it was applied and confirmed
+    # fix the target; the failed transaction was not acknowledged, so a restart applies it
+    with engine.begin() as c:
+        c.execute(sa.text(f"DROP TABLE {src.notes}"))
+        c.execute(sa.text(f"CREATE TABLE {src.notes} (k TEXT PRIMARY KEY, body VARCHAR(200))"))
+        c.execute(sa.text(f"INSERT INTO {src.notes} VALUES ('ok', 'fine')"))
+    run_replicate(pg.dsn, url, src.options(), until=src.end())
+    with engine.connect() as c:
+        rows = c.execute(sa.text(f"SELECT k, body FROM {src.notes} ORDER BY k")).all()
+    engine.dispose()
+    assert rows == [("k-bad", "bad"), ("ok", "fine")]
+    assert slot_before is not None
+
+
+def test_unreachable_target(pg: PostgresServer, pg_conn: Conn) -> None:
+    src = Source(pg_conn)
+    with pytest.raises(SinkError, match="cannot reach or write the target"):
+        run_replicate(pg.dsn, "postgresql+psycopg://u:secret@127.0.0.1:1/x", src.options())
+
+
+def _confirmed(conn: Conn, slot: str) -> str | None:
+    row = conn.execute(
+        "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s", (slot,)
+    ).fetchone()
+    return None if row is None else row[0]
