@@ -152,6 +152,6 @@ def status(
 
 
 def main() -> None:
-    from . import demo, replicate, tail  # noqa: F401 - commands register on import
+    from . import bridge, demo, replicate, tail  # noqa: F401 - commands register on import
 
     app()

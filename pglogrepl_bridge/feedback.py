@@ -70,6 +70,11 @@ class FeedbackTracker:
             self.flushed = max(self.flushed, lsn)
         return self.flushed != before
 
+    def rewind(self, lsn: int) -> None:
+        """Transactions after ``lsn`` will be delivered again: forget them as in flight."""
+        while self._inflight and self._inflight[-1] > lsn:
+            self._acked.discard(self._inflight.pop())
+
     def keepalive(self, wal_end: int, pending_lsn: int | None) -> bool:
         """The server says it has sent everything up to ``wal_end``.
 

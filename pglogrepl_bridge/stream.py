@@ -109,6 +109,7 @@ class ReplicationStream:
         self.feedback = FeedbackTracker(options.start_lsn or 0, no_ack=options.no_ack)
         self._skip_upto = options.start_lsn or 0
         self._stopping = False
+        self._rewind_to: int | None = None
         self._lock = threading.Lock()  # guards self.feedback against ack() from other threads
         self._last_status = 0.0
         self._status_due = False
@@ -127,6 +128,22 @@ class ReplicationStream:
     def stop(self) -> None:
         """Ask the loop to finish (safe from a signal handler); a final status is sent."""
         self._stopping = True
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def request_rewind(self, lsn: int) -> None:
+        """Deliver every transaction ending after ``lsn`` again (from another thread too).
+
+        Only possible down to the confirmed position: the slot keeps nothing older.
+        """
+        if lsn < self.feedback.flushed:
+            raise ReplicationError(
+                f"cannot replay from {format_lsn(lsn)}: the slot is confirmed up to "
+                f"{format_lsn(self.feedback.flushed)} and no longer keeps older changes"
+            )
+        self._rewind_to = lsn
 
     def close(self) -> None:
         conn, self._conn = self._conn, None
@@ -299,6 +316,14 @@ class ReplicationStream:
                     self.start()
                 yield from self._run()
                 return
+            except _Rewind:
+                self._drop_connection()
+                lsn, self._rewind_to = self._rewind_to, None
+                assert lsn is not None
+                with self._lock:
+                    self.feedback.rewind(lsn)
+                self._skip_upto = lsn
+                log.info("rewinding the stream to %s", format_lsn(lsn))
             except (psycopg.OperationalError, ServerUnavailableError, _Disconnected) as exc:
                 if not self.options.reconnect or self._stopping:
                     raise _as_bridge_error(exc, self.options) from None
@@ -359,8 +384,11 @@ class ReplicationStream:
                         tracker.keepalive(wal_end, self.assembler.oldest_pending_lsn)
                     if reply:
                         self._send_status(conn)
-                if drained & 1023 == 0 and time.monotonic() - self._last_status > interval:
-                    self._send_status(conn)
+                if drained & 1023 == 0:
+                    if self._rewind_to is not None:
+                        raise _Rewind
+                    if time.monotonic() - self._last_status > interval:
+                        self._send_status(conn)
                 continue
             if nbytes < 0:
                 self._end_of_copy(conn)
@@ -368,6 +396,8 @@ class ReplicationStream:
                 self._on_idle()
             if until is not None and tracker.flushed >= until and not tracker.inflight:
                 break  # everything up to until_lsn is acknowledged: done
+            if self._rewind_to is not None:
+                raise _Rewind
             now = time.monotonic()
             if now - self._last_status >= interval or (
                 self._status_due and now - self._last_status >= 0.2
@@ -417,6 +447,10 @@ class ReplicationStream:
         pgconn.flush()
         self._last_status = time.monotonic()
         self._status_due = False
+
+
+class _Rewind(Exception):
+    """Internal: restart the stream at the requested position."""
 
 
 class _Disconnected(Exception):

@@ -74,8 +74,7 @@ def pg_conn(pg: PostgresServer) -> Iterator[psycopg.Connection[tuple[object, ...
     # a test's slots pin WAL and count against max_replication_slots: drop what it left
     with psycopg.connect(pg.dsn, autocommit=True) as conn:
         conn.execute(
-            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-            "WHERE NOT active"
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE NOT active"
         )
 
 

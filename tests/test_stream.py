@@ -312,3 +312,21 @@ def test_sigterm_sends_final_status(pg: PostgresServer, pg_conn: Conn, tmp_path:
     finally:
         proc.kill()
     assert src.confirmed() == end  # the final status update, sent before exiting
+
+
+def test_rewind_delivers_again_from_postgresql(pg: PostgresServer, pg_conn: Conn) -> None:
+    src = make_source(pg_conn)
+    stream = ReplicationStream(pg.dsn, src.options())
+    consumer = Consumer(stream).start()
+    try:
+        for i in range(1, 4):
+            src.insert(i)
+        t1, _t2, _t3 = consumer.take(3)
+        stream.ack(t1.end_lsn)
+        wait_for(lambda: src.confirmed() == t1.end_lsn, what="t1 confirmed")
+        with pytest.raises(ReplicationError, match="no longer keeps older changes"):
+            stream.request_rewind(t1.end_lsn - 1)
+        stream.request_rewind(t1.end_lsn)  # "send everything after t1 again"
+        assert ids_of(consumer.take(2)) == [2, 3]
+    finally:
+        consumer.stop()

@@ -1,0 +1,202 @@
+"""End to end: PostgreSQL → bridge → two TCP replicas, and the slot only as far as a quorum."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from pglogrepl_bridge.bridge import BridgeConfig, BridgeStats, Network, run_bridge
+from pglogrepl_bridge.embedded import PostgresServer
+from pglogrepl_bridge.protocol import Promotion, RequestFrom, VoteRequest
+from pglogrepl_bridge.replica import ReplicaNode, TcpReplica
+
+from .streamkit import Conn, Source, make_source, wait_for
+
+
+@dataclass
+class Running:
+    thread: threading.Thread
+    network: Network
+    result: list[BridgeStats | BaseException]
+
+    def stop(self) -> BridgeStats:
+        self.network.stream.stop()
+        self.thread.join(timeout=20)
+        assert not self.thread.is_alive()
+        (outcome,) = self.result
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+
+def start_bridge(pg: PostgresServer, src: Source, config: BridgeConfig) -> Running:
+    ready = threading.Event()
+    holder: list[Network] = []
+    result: list[BridgeStats | BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(
+                run_bridge(
+                    pg.dsn, src.options(), config, ready=lambda n: (holder.append(n), ready.set())
+                )
+            )
+        except BaseException as exc:
+            result.append(exc)
+            ready.set()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert ready.wait(20), "bridge did not start"
+    if result:
+        raise result[0]  # type: ignore[misc]
+    return Running(thread, holder[0], result)
+
+
+@pytest.fixture
+def replicas() -> Iterator[list[TcpReplica]]:
+    reps = [TcpReplica(ReplicaNode(node_id=100 + i)) for i in range(2)]
+    yield reps
+    for r in reps:
+        r.close()
+
+
+def test_every_transaction_reaches_each_replica_once_in_order(
+    pg: PostgresServer, pg_conn: Conn, replicas: list[TcpReplica]
+) -> None:
+    src = make_source(pg_conn)
+    addrs = [r.listen() for r in replicas]
+    bridge = start_bridge(pg, src, BridgeConfig(node_id=1, replicas=addrs, payload="bincode"))
+    try:
+        for i in range(20):
+            src.insert(i)
+        wait_for(lambda: all(len(r.node.applied) == 20 for r in replicas), what="all applied")
+        end = replicas[0].node.applied[-1].lsn
+        wait_for(lambda: (src.confirmed() or 0) >= end, what="quorum confirmed")
+        # a transaction with nothing published: no WalEntry, but the slot moves past it
+        pg_conn.execute(f"CREATE TABLE {src.table}_unpublished (id int)")
+        after = src.wal_lsn()
+        wait_for(lambda: (src.confirmed() or 0) >= after, what="slot advanced")
+        # heartbeats flow (default every 50 ms)
+        wait_for(lambda: all(r.node.heartbeats > 2 for r in replicas), what="heartbeats")
+    finally:
+        stats = bridge.stop()
+    for r in replicas:
+        lsns = [e.lsn for e in r.node.applied]
+        assert lsns == sorted(set(lsns)) and r.node.duplicates == 0
+    assert [e.data for e in replicas[0].node.applied] == [e.data for e in replicas[1].node.applied]
+    assert stats.entries == 20 and all(len(r.node.applied) == 20 for r in replicas)
+    assert replicas[0].node.applied[0].node_id == 1
+    assert replicas[0].node.applied[0].timestamp > 1_700_000_000_000_000  # µs since 1970
+
+
+def test_confirmed_never_passes_what_a_quorum_acknowledged(
+    pg: PostgresServer, pg_conn: Conn, replicas: list[TcpReplica]
+) -> None:
+    src = make_source(pg_conn)
+    start = src.confirmed()
+    replicas[1].node.ack = False  # a replica that applies but never acknowledges
+    addrs = [r.listen() for r in replicas]
+    bridge = start_bridge(pg, src, BridgeConfig(replicas=addrs, ack_quorum=2))
+    try:
+        for i in range(5):
+            src.insert(i)
+        wait_for(lambda: len(replicas[1].node.applied) == 5, what="applied")
+        time.sleep(1.0)  # plenty of status updates
+        assert src.confirmed() == start  # one acknowledgement of two: nothing confirmed
+        replicas[1].node.ack = True
+        src.insert(99)  # its Acknowledge (cumulative) covers everything before
+        wait_for(
+            lambda: (src.confirmed() or 0) >= replicas[1].node.applied[-1].lsn,
+            what="confirmed once both acknowledged",
+        )
+    finally:
+        bridge.stop()
+
+
+def test_request_from_replays(
+    pg: PostgresServer, pg_conn: Conn, replicas: list[TcpReplica]
+) -> None:
+    src = make_source(pg_conn)
+    addrs = [r.listen() for r in replicas]
+    bridge = start_bridge(pg, src, BridgeConfig(replicas=addrs, ack_quorum=1))
+    try:
+        for i in range(6):
+            src.insert(i)
+        wait_for(lambda: len(replicas[0].node.applied) == 6, what="applied")
+        rep = replicas[0]
+        third = rep.node.applied[2].lsn
+        with rep.lock:  # the replica lost entries after the third, and asks for them again
+            rep.node.last_lsn = third
+            rep.node.applied = rep.node.applied[:3]
+        rep.send(RequestFrom(rep.node.node_id, third))
+        wait_for(lambda: len(rep.node.applied) == 6, what="replayed")
+        assert [json.loads(e.data)["changes"][0]["new"]["id"] for e in rep.node.applied] == list(
+            range(6)
+        )
+    finally:
+        bridge.stop()
+
+
+def test_votes_refused_and_promotion_stops_streaming(
+    pg: PostgresServer, pg_conn: Conn, replicas: list[TcpReplica]
+) -> None:
+    src = make_source(pg_conn)
+    responses: list[object] = []
+    rep = replicas[0]
+    original = rep.node.handle
+
+    def handle(msg):  # type: ignore[no-untyped-def]
+        responses.append(msg)
+        return original(msg)
+
+    rep.node.handle = handle  # type: ignore[method-assign]
+    bridge = start_bridge(pg, src, BridgeConfig(node_id=1, replicas=[rep.listen()], term=3))
+    wait_for(lambda: rep.node.heartbeats > 0, what="connected")
+    rep.send(VoteRequest(7, 4, 10**12))
+    wait_for(lambda: any(type(m).__name__ == "VoteResponse" for m in responses), what="vote")
+    vote = next(m for m in responses if type(m).__name__ == "VoteResponse")
+    assert vote.granted is False and vote.voter_id == 1 and vote.term == 4  # type: ignore[attr-defined]
+    rep.send(Promotion(7, 4))
+    bridge.thread.join(timeout=20)
+    stats = bridge.result[0]
+    assert isinstance(stats, BridgeStats) and stats.stepped_down is not None
+    assert stats.stepped_down.node_id == 7
+
+
+def test_replica_dials_in_and_bridge_restart_resends_only_the_unconfirmed(
+    pg: PostgresServer, pg_conn: Conn
+) -> None:
+    src = make_source(pg_conn)
+    node = ReplicaNode(node_id=5)
+    config = BridgeConfig(listen=("127.0.0.1", 0))
+    bridge = start_bridge(pg, src, config)
+    assert bridge.network.listen_address is not None
+    rep = TcpReplica(node)
+    rep.dial(*bridge.network.listen_address)
+    try:
+        src.insert(1)
+        src.insert(2)
+        wait_for(lambda: len(node.applied) == 2, what="applied")
+        wait_for(lambda: (src.confirmed() or 0) >= node.applied[-1].lsn, what="confirmed")
+        bridge.stop()
+        rep.close()
+        src.insert(3)
+        bridge = start_bridge(pg, src, BridgeConfig(listen=("127.0.0.1", 0)))
+        assert bridge.network.listen_address is not None
+        rep = TcpReplica(node)  # the same replica state, reconnecting
+        rep.dial(*bridge.network.listen_address)
+        wait_for(lambda: len(node.applied) == 3, what="the new transaction")
+        time.sleep(0.3)
+        # 1 and 2 were confirmed: PostgreSQL does not send them again, neither does the bridge
+        second = node.applied[1].lsn
+        assert all(lsn > second for lsn in node.duplicates)
+        assert [e.lsn for e in node.applied] == sorted({e.lsn for e in node.applied})
+    finally:
+        bridge.stop()
+        rep.close()

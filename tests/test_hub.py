@@ -1,0 +1,124 @@
+"""The bridge's sans-IO bookkeeping: windows, quorum, replays, votes, promotions."""
+
+from __future__ import annotations
+
+from pglogrepl_bridge.hub import Hub, Rewind, StepDown
+from pglogrepl_bridge.protocol import (
+    Acknowledge,
+    FrameReader,
+    Promotion,
+    RequestFrom,
+    VoteRequest,
+    VoteResponse,
+    WalEntry,
+    frame,
+)
+
+
+def entry(lsn: int) -> bytes:
+    return frame(WalEntry(1, lsn, lsn * 10, b"x"))
+
+
+def lsns(frames: list[bytes]) -> list[int]:
+    out = []
+    for msg in FrameReader().feed(b"".join(frames)):
+        assert isinstance(msg, WalEntry)
+        out.append(msg.lsn)
+    return out
+
+
+def test_entries_in_order_within_the_window() -> None:
+    hub = Hub(node_id=1, quorum=1, window=2)
+    hub.connect("a")
+    for lsn in (10, 20, 30):
+        hub.publish(lsn, entry(lsn))
+    assert lsns(hub.pending("a")) == [10, 20]
+    assert hub.pending("a") == []  # window full
+    hub.receive("a", Acknowledge(7, 10))
+    assert lsns(hub.pending("a")) == [30]
+
+
+def test_quorum_lsn_needs_distinct_replicas() -> None:
+    hub = Hub(node_id=1, quorum=2)
+    for c in ("a", "b", "c"):
+        hub.connect(c)
+    for lsn in (10, 20, 30):
+        hub.publish(lsn, entry(lsn))
+    hub.receive("a", Acknowledge(7, 30))
+    assert hub.quorum_lsn == 0
+    hub.receive("b", Acknowledge(7, 30))  # the same node again, on another connection
+    assert hub.quorum_lsn == 0
+    hub.receive("c", Acknowledge(8, 20))
+    assert hub.quorum_lsn == 20
+
+
+def test_request_from_replays_out_of_the_buffer() -> None:
+    hub = Hub(node_id=1, quorum=1)
+    hub.connect("a")
+    hub.connect("b")
+    for lsn in (10, 20, 30):
+        hub.publish(lsn, entry(lsn))
+    hub.pending("a")
+    hub.receive("a", Acknowledge(7, 30))
+    hub.receive("a", RequestFrom(7, 10))  # "I have 10, send what follows"
+    assert lsns(hub.pending("a")) == [20, 30]
+
+
+def test_request_from_older_than_the_buffer_rewinds() -> None:
+    hub = Hub(node_id=1, quorum=1, max_entries=1)
+    hub.connect("a")
+    for lsn in (10, 20, 30):
+        hub.publish(lsn, entry(lsn))
+    hub.receive("a", Acknowledge(7, 20))  # a quorum has 20: 10 and 20 may leave the buffer
+    assert hub.floor == 20 and hub.backlog == 1
+    assert hub.receive("a", RequestFrom(7, 5)) == [Rewind(5)]
+    hub.reset_to(5)
+    assert hub.backlog == 0 and hub.last_lsn == 20
+    hub.publish(30, entry(30))
+    assert lsns(hub.pending("a")) == [30]
+
+
+def test_buffer_keeps_recent_entries_and_drops_only_what_a_quorum_has() -> None:
+    hub = Hub(node_id=1, quorum=2, max_entries=2)
+    hub.connect("fast")
+    hub.connect("slow")
+    for lsn in range(1, 6):
+        hub.publish(lsn, entry(lsn))
+    hub.receive("fast", Acknowledge(1, 5))
+    assert hub.backlog == 5 and hub.unconfirmed == 5  # no quorum yet: nothing may go
+    hub.receive("slow", Acknowledge(2, 3))
+    assert hub.backlog == 2 and hub.floor == 3 and hub.unconfirmed == 2
+
+
+def test_votes_are_refused_while_streaming() -> None:
+    hub = Hub(node_id=1, quorum=1, term=3)
+    hub.connect("a")
+    hub.receive("a", VoteRequest(9, 4, 10**9))
+    (reply,) = FrameReader().feed(b"".join(hub.pending("a")))
+    assert reply == VoteResponse(9, 1, 4, False)
+
+
+def test_votes_when_not_streaming_follow_the_rules() -> None:
+    hub = Hub(node_id=1, quorum=1, term=3, healthy=False)
+    hub.connect("a")
+    hub.publish(50, entry(50))
+    hub.pending("a")
+    cases = [
+        (VoteRequest(9, 2, 100), False),  # older term
+        (VoteRequest(9, 4, 40), False),  # candidate behind us
+        (VoteRequest(9, 4, 60), True),
+        (VoteRequest(8, 4, 60), False),  # already voted for 9 in term 4
+        (VoteRequest(9, 4, 60), True),  # the same candidate may ask again
+    ]
+    for req, granted in cases:
+        hub.receive("a", req)
+        (reply,) = FrameReader().feed(b"".join(hub.pending("a")))
+        assert reply == VoteResponse(req.node_id, 1, req.term, granted), req
+
+
+def test_promotion_of_another_node_steps_down() -> None:
+    hub = Hub(node_id=1, quorum=1, term=3)
+    hub.connect("a")
+    assert hub.receive("a", Promotion(2, 2)) == []  # an older term: ignored
+    assert hub.receive("a", Promotion(1, 5)) == []  # ourselves
+    assert hub.receive("a", Promotion(2, 3)) == [StepDown(2, 3)]
