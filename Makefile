@@ -19,7 +19,7 @@ test: lint
 ## lint: ruff and mypy (strict on the package)
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check pglogrepl_bridge tests
+	$(BIN)/ruff format --check pglogrepl_bridge tests examples benchmarks
 	$(BIN)/mypy
 
 ## demo: start an embedded PostgreSQL, stream a workload, replicate into SQLite, clean up

@@ -42,10 +42,12 @@ def capture(version: int, changes: int) -> list[bytes]:
                     "FROM generate_series(%s::int, %s::int) g",
                     (base, base + 59),
                 )
-                conn.execute("UPDATE narrow SET n = n + 1 WHERE id >= %s AND id < %s",
-                             (base, base + 25))
-                conn.execute("DELETE FROM narrow WHERE id >= %s AND id < %s",
-                             (base + 45, base + 60))
+                conn.execute(
+                    "UPDATE narrow SET n = n + 1 WHERE id >= %s AND id < %s", (base, base + 25)
+                )
+                conn.execute(
+                    "DELETE FROM narrow WHERE id >= %s AND id < %s", (base + 45, base + 60)
+                )
         rows = conn.execute(
             "SELECT data FROM pg_logical_slot_get_binary_changes('bench', NULL, NULL, "
             "'proto_version', '1', 'publication_names', 'bench_pub')"
@@ -79,8 +81,15 @@ def pypgoutput_decoders(payloads: list[bytes]) -> int:
     d = importlib.util.module_from_spec(mod_spec)
     mod_spec.loader.exec_module(d)
 
-    classes = {b"B": d.Begin, b"C": d.Commit, b"R": d.Relation, b"I": d.Insert,
-               b"U": d.Update, b"D": d.Delete, b"T": d.Truncate}
+    classes = {
+        b"B": d.Begin,
+        b"C": d.Commit,
+        b"R": d.Relation,
+        b"I": d.Insert,
+        b"U": d.Update,
+        b"D": d.Delete,
+        b"T": d.Truncate,
+    }
     n = 0
     for p in payloads:
         msg = classes[p[:1]](p)
@@ -119,8 +128,14 @@ def pypgoutput_reader(payloads: list[bytes]) -> int:
     rdr.pg_types, rdr.table_models, rdr.key_only_table_models, rdr.table_schemas = {}, {}, {}, {}
     now = datetime.now(UTC)
     messages = (
-        r.ReplicationMessage(message_id=uuid.uuid4(), data_start=0, payload=p, send_time=now,
-                             data_size=len(p), wal_end=0)
+        r.ReplicationMessage(
+            message_id=uuid.uuid4(),
+            data_start=0,
+            payload=p,
+            send_time=now,
+            data_size=len(p),
+            wal_end=0,
+        )
         for p in payloads
     )
     with contextlib.redirect_stdout(io.StringIO()):  # it prints every key schema
@@ -150,18 +165,24 @@ def main() -> None:
     print(f"captured {len(payloads)} pgoutput messages from PostgreSQL {args.version}")
     t_ours, n_ours = best(ours, payloads, args.rounds)
     assert n_ours == args.changes // ROWS_PER_TXN * ROWS_PER_TXN, n_ours
-    print(f"{'pglogrepl_bridge (typed)':24}: {n_ours} changes in {t_ours:.3f}s = "
-          f"{n_ours / t_ours:,.0f} changes/s")
-    for label, fn in (("pypgoutput decoders only", pypgoutput_decoders),
-                      ("pypgoutput reader (typed)", pypgoutput_reader)):
+    print(
+        f"{'pglogrepl_bridge (typed)':24}: {n_ours} changes in {t_ours:.3f}s = "
+        f"{n_ours / t_ours:,.0f} changes/s"
+    )
+    for label, fn in (
+        ("pypgoutput decoders only", pypgoutput_decoders),
+        ("pypgoutput reader (typed)", pypgoutput_reader),
+    ):
         try:
             t_ref, n_ref = best(fn, payloads, args.rounds)
         except ImportError as exc:
             print(f"{label}: skipped ({exc}); pip install pypgoutput psycopg2-binary pydantic")
             continue
         assert n_ref == n_ours
-        print(f"{label:24}: {n_ref} changes in {t_ref:.3f}s = {n_ref / t_ref:,.0f} changes/s"
-              f" -> ours is {t_ref / t_ours:.1f}x faster")
+        print(
+            f"{label:24}: {n_ref} changes in {t_ref:.3f}s = {n_ref / t_ref:,.0f} changes/s"
+            f" -> ours is {t_ref / t_ours:.1f}x faster"
+        )
 
 
 if __name__ == "__main__":

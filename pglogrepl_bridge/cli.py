@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from . import admin
+from . import admin, bridge, demo, replicate, tail  # noqa: F401 - commands register on import
 from .cliapp import Dsn, Verbose, app, handled, setup_logging, stop_on_signals
 from .connection import connect
 
@@ -152,6 +152,4 @@ def status(
 
 
 def main() -> None:
-    from . import bridge, demo, replicate, tail  # noqa: F401 - commands register on import
-
     app()

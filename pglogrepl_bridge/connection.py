@@ -95,6 +95,12 @@ def connection_error(exc: psycopg.Error, dsn: str) -> BridgeError:
             f"the role lacks the REPLICATION privilege on {where}: "
             "run ALTER ROLE <user> REPLICATION as a superuser"
         )
+    if (
+        "for connection option" in low
+        or "invalid connection option" in low
+        or ("invalid uri" in low or 'missing "="' in low)
+    ):
+        return ConfigError(f"invalid connection string ({where}): {text.split(': ')[-1]}")
     if "pg_hba.conf" in low:
         return ConfigError(f"the server refuses this client ({text}): add a pg_hba.conf entry")
     if "does not exist" in low and "database" in low:

@@ -1,0 +1,274 @@
+"""The CLI: every command, its help, and each user mistake's message and exit code."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from typer.main import get_command
+from typer.testing import CliRunner
+
+from pglogrepl_bridge import __version__
+from pglogrepl_bridge.cli import app
+from pglogrepl_bridge.embedded import PostgresServer, postgres_server
+
+from .streamkit import Conn, make_source
+
+runner = CliRunner()
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pglogrepl_bridge", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def _commands() -> list[list[str]]:
+    root = get_command(app)
+    out = []
+    for name, cmd in root.commands.items():  # type: ignore[attr-defined]
+        subs = getattr(cmd, "commands", None)
+        if subs:
+            out += [[name, sub] for sub in subs]
+        else:
+            out.append([name])
+    return out
+
+
+COMMANDS = _commands()
+
+
+def test_all_commands_exist() -> None:
+    names = {" ".join(c) for c in COMMANDS}
+    assert {
+        "tail",
+        "replicate",
+        "bridge",
+        "demo",
+        "status",
+        "slot create",
+        "slot drop",
+        "slot list",
+        "publication create",
+        "publication drop",
+        "publication list",
+    } <= names
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=[" ".join(c) for c in COMMANDS])
+def test_help_lists_every_option(command: list[str]) -> None:
+    result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    click_cmd = get_command(app)
+    for part in command:
+        click_cmd = click_cmd.commands[part]  # type: ignore[attr-defined]
+    for param in click_cmd.params:
+        for opt in getattr(param, "opts", []):
+            if opt.startswith("--"):
+                assert opt in result.output, (command, opt)
+
+
+def test_version() -> None:
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and __version__ in result.output
+
+
+def test_python_dash_m_works() -> None:
+    result = cli("--version")
+    assert result.returncode == 0 and __version__ in result.stdout
+
+
+def test_unknown_option_is_a_usage_error() -> None:
+    result = cli("tail", "--slot", "s", "--publication", "p", "--frobnicate")
+    assert result.returncode == 2
+    assert "No such option" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def source(pg: PostgresServer, pg_conn: Conn) -> Iterator[tuple[PostgresServer, object]]:
+    yield pg, make_source(pg_conn)
+
+
+def _tail(pg: PostgresServer, src: object, *extra: str) -> subprocess.CompletedProcess[str]:
+    return cli(
+        "tail",
+        "--dsn",
+        pg.dsn,
+        "--slot",
+        src.slot,  # type: ignore[attr-defined]
+        "--publication",
+        src.publication,
+        *extra,
+    )  # type: ignore[attr-defined]
+
+
+def _end(pg_conn: Conn, src: object) -> str:
+    row = pg_conn.execute(
+        "SELECT max(lsn)::text FROM pg_logical_slot_peek_binary_changes(%s, NULL, NULL, "
+        "'proto_version', '1', 'publication_names', %s) WHERE substr(data, 1, 1) = 'C'",
+        (src.slot, src.publication),  # type: ignore[attr-defined]
+    ).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def test_tail_jsonl_until_lsn(source: tuple[PostgresServer, object], pg_conn: Conn) -> None:
+    pg, src = source
+    src.insert(1, 2)  # type: ignore[attr-defined]
+    pg_conn.execute(f"UPDATE {src.table} SET v = 'new' WHERE id = 1")  # type: ignore[attr-defined]
+    result = _tail(pg, src, "--until-lsn", _end(pg_conn, src))
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [c["op"] for t in lines for c in t["changes"]] == ["insert", "insert", "update"]
+    assert lines[1]["changes"][0]["new"] == {"id": 1, "v": "new"}
+    # acknowledged: the slot moved, a second run starts after it
+    again = _tail(pg, src, "--until-lsn", "0/1")
+    assert again.returncode == 0 and again.stdout == ""
+
+
+def test_tail_filters_and_text_values(source: tuple[PostgresServer, object], pg_conn: Conn) -> None:
+    pg, src = source
+    src.insert(1)  # type: ignore[attr-defined]
+    pg_conn.execute(f"DELETE FROM {src.table}")  # type: ignore[attr-defined]
+    end = _end(pg_conn, src)
+    result = _tail(pg, src, "--until-lsn", end, "--op", "delete", "--values", "text", "--no-ack")
+    assert result.returncode == 0, result.stderr
+    (line,) = result.stdout.splitlines()
+    assert json.loads(line)["changes"] == [
+        {
+            "op": "delete",
+            "schema": "public",
+            "table": src.table,  # type: ignore[attr-defined]
+            "new": None,
+            "old": {"id": "1"},
+            "unchanged_toast": [],
+        }
+    ]
+    other = _tail(pg, src, "--until-lsn", end, "--table", "public.nope", "--format", "null")
+    assert other.returncode == 0 and other.stdout == ""
+
+
+def test_tail_pretty(source: tuple[PostgresServer, object], pg_conn: Conn) -> None:
+    pg, src = source
+    src.insert(7)  # type: ignore[attr-defined]
+    result = _tail(pg, src, "--until-lsn", _end(pg_conn, src), "--format", "pretty")
+    assert result.returncode == 0, result.stderr
+    assert "INSERT" in result.stdout and "id=7" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--dsn", "host=127.0.0.1 port=notaport"], "invalid"),
+        (["--start-lsn", "12345"], "invalid LSN"),
+        (["--until-lsn", "x/y"], "invalid LSN"),
+        (["--values", "text", "--binary"], "drop --binary"),
+        (["--temporary"], "--create-slot"),
+    ],
+)
+def test_usage_errors(source: tuple[PostgresServer, object], args: list[str], message: str) -> None:
+    pg, src = source
+    result = (
+        _tail(pg, src, *args)
+        if args[0] != "--dsn"
+        else cli("tail", *args, "--slot", "s", "--publication", "p")
+    )
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 3
+
+
+def test_unknown_slot_and_publication(source: tuple[PostgresServer, object]) -> None:
+    pg, src = source
+    result = cli(
+        "tail", "--dsn", pg.dsn, "--slot", "no_such_slot", "--publication", src.publication
+    )  # type: ignore[attr-defined]
+    assert result.returncode == 2
+    assert "replication slot 'no_such_slot' does not exist" in result.stderr
+    assert "--create-slot" in result.stderr
+    result = cli(
+        "tail",
+        "--dsn",
+        pg.dsn,
+        "--slot",
+        src.slot,  # type: ignore[attr-defined]
+        "--publication",
+        "no_such_pub",
+    )
+    assert result.returncode == 2 and "no_such_pub do not exist" in result.stderr
+
+
+def test_wrong_password_is_not_printed(pg: PostgresServer) -> None:
+    dsn = psycopg.conninfo.make_conninfo(pg.dsn, password="hunter2-wrong")
+    result = cli("tail", "--dsn", dsn, "--slot", "s", "--publication", "p")
+    assert result.returncode == 2
+    assert "authentication failed" in result.stderr
+    assert "hunter2-wrong" not in result.stderr + result.stdout
+    verbose = cli("tail", "--dsn", dsn, "--slot", "s", "--publication", "p", "-v")
+    assert "hunter2-wrong" not in verbose.stderr + verbose.stdout
+
+
+def test_dsn_from_environment(source: tuple[PostgresServer, object], pg_conn: Conn) -> None:
+    pg, src = source
+    src.insert(3)  # type: ignore[attr-defined]
+    env_run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pglogrepl_bridge",
+            "tail",
+            "--slot",
+            src.slot,  # type: ignore[attr-defined]
+            "--publication",
+            src.publication,
+            "--until-lsn",
+            _end(pg_conn, src),
+        ],  # type: ignore[attr-defined]
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**__import__("os").environ, "PGLOGREPL_DSN": pg.dsn},
+    )
+    assert env_run.returncode == 0, env_run.stderr
+    assert '"id":3' in env_run.stdout
+
+
+def test_wal_level_not_logical() -> None:
+    with postgres_server(16, settings={"wal_level": "replica"}) as server:
+        result = cli("tail", "--dsn", server.dsn, "--slot", "s", "--publication", "p")
+    assert result.returncode == 2
+    assert "wal_level" in result.stderr and "logical" in result.stderr
+
+
+def test_slot_and_publication_commands(pg: PostgresServer, pg_conn: Conn) -> None:
+    pg_conn.execute("CREATE TABLE IF NOT EXISTS cli_t (id int PRIMARY KEY)")
+    dsn = ["--dsn", pg.dsn]
+    assert cli("publication", "create", "cli_pub", "--table", "public.cli_t", *dsn).returncode == 0
+    listed = cli("publication", "list", *dsn)
+    assert "cli_pub" in listed.stdout and "public.cli_t" in listed.stdout
+    again = cli("publication", "create", "cli_pub", *dsn)
+    assert again.returncode == 2 and "already exists" in again.stderr
+    created = cli("slot", "create", "cli_slot", *dsn)
+    assert created.returncode == 0 and "created slot cli_slot" in created.stdout
+    status = cli("status", *dsn)
+    assert status.returncode == 0 and "cli_slot" in status.stdout
+    assert "cli_slot" in cli("slot", "list", *dsn).stdout
+    assert cli("slot", "drop", "cli_slot", *dsn).returncode == 0
+    missing = cli("slot", "drop", "cli_slot", *dsn)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    assert cli("publication", "drop", "cli_pub", *dsn).returncode == 0
+    assert "cli_pub" not in cli("publication", "list", *dsn).stdout
+
+
+def test_demo_runs_and_checks_the_copy() -> None:
+    result = cli("demo", "--accounts", "5")
+    assert result.returncode == 0, result.stderr
+    assert "copy equals the source" in result.stdout
