@@ -413,8 +413,11 @@ def bridge(
     streaming: cli.Streaming = None,
     verbose: cli.Verbose = False,
 ) -> None:
-    """Send committed transactions to replicas as WalEntry messages; confirm what a quorum
-    acknowledged. Answers votes with 'no' while it streams; steps down on a higher Promotion."""
+    """Send transactions to replicas as WalEntry frames; confirm what a quorum acknowledged.
+
+    While streaming it refuses every vote; a Promotion of another node at a term at least its
+    own stops it (see docs/replication-message.md).
+    """
     cli.setup_logging(verbose)
     with cli.handled():
         if payload not in ("json", "bincode"):
