@@ -67,6 +67,7 @@ _OLD: dict[int, Literal["K", "O"]] = {0x4B: "K", 0x4F: "O"}
 @dataclass(slots=True)
 class _Open:
     xid: int
+    begin_lsn: int = 0
     origin: str | None = None
     changes: list[Change] = field(default_factory=list)
 
@@ -76,7 +77,7 @@ class _Held:
     xid: int
     origin: str | None
     changes: tuple[Change, ...]
-    prepare_lsn: int
+    since: int  # where its first message arrived: confirming past it would lose it
 
 
 class TransactionAssembler:
@@ -119,6 +120,12 @@ class TransactionAssembler:
     @property
     def in_transaction(self) -> bool:
         return self._open is not None or bool(self._streams) or bool(self._held)
+
+    @property
+    def held_since(self) -> int | None:
+        """Where the oldest held prepared transaction began. PostgreSQL sends a PREPARE once:
+        the confirmed position must stay below it until COMMIT/ROLLBACK PREPARED."""
+        return min((h.since for h in self._held.values()), default=None)
 
     @property
     def oldest_pending_lsn(self) -> int | None:
@@ -213,10 +220,11 @@ class TransactionAssembler:
 
     def _on_prepare(self, msg: Prepare, lsn: int) -> PreparedTransaction | None:
         txn = self._take_open("Prepare", lsn)
-        return self._prepared(msg, txn.xid, txn.origin, tuple(txn.changes))
+        return self._prepared(msg, txn.xid, txn.origin, tuple(txn.changes), txn.begin_lsn)
 
     def _on_stream_prepare(self, msg: StreamPrepare, lsn: int) -> PreparedTransaction | None:
-        return self._prepared(msg, msg.xid, None, self._replay(msg.xid, lsn))
+        since = self._pending_since.get(("stream", msg.xid), lsn)
+        return self._prepared(msg, msg.xid, None, self._replay(msg.xid, lsn), since)
 
     def _begin(self, xid: int, lsn: int) -> None:
         if self._open is not None:
@@ -225,7 +233,7 @@ class TransactionAssembler:
                 msg_type="Begin",
                 lsn=lsn,
             )
-        self._open = _Open(xid)
+        self._open = _Open(xid, lsn)
         self._pending_since["open"] = lsn
 
     def _take_open(self, what: str, lsn: int) -> _Open:
@@ -314,6 +322,7 @@ class TransactionAssembler:
         xid: int,
         origin: str | None,
         changes: tuple[Change, ...],
+        since: int,
     ) -> PreparedTransaction | None:
         if self.surface_prepares:
             return PreparedTransaction(
@@ -325,8 +334,8 @@ class TransactionAssembler:
                 origin,
                 changes,
             )
-        self._held[msg.gid] = _Held(xid, origin, changes, msg.prepare_lsn)
-        self._pending_since[("prepared", msg.gid)] = msg.prepare_lsn
+        self._held[msg.gid] = _Held(xid, origin, changes, since)
+        self._pending_since[("prepared", msg.gid)] = since
         return None
 
     def _commit_prepared(self, msg: CommitPrepared, lsn: int) -> Event:

@@ -105,6 +105,17 @@ def connection_error(exc: psycopg.Error, dsn: str) -> BridgeError:
         return ConfigError(f"the server refuses this client ({text}): add a pg_hba.conf entry")
     if "does not exist" in low and "database" in low:
         return ConfigError(f"{text} on {where}: check dbname")
+    if any(
+        phrase in low
+        for phrase in (
+            "not yet accepting connections",
+            "is starting up",
+            "is shutting down",
+            "in recovery mode",
+            "too many clients",
+        )
+    ):
+        return ServerUnavailableError(f"{where}: {text} (temporary; retry)")
     if (
         "connection refused" in low
         or "could not connect" in low

@@ -91,10 +91,16 @@ class FeedbackTracker:
             return True
         return False
 
-    def status(self, clock: int, reply_requested: bool = False) -> StandbyStatusUpdate:
-        """The standby status update to send now; ``clock`` is µs since 2000-01-01."""
+    def status(
+        self, clock: int, reply_requested: bool = False, *, hold: int | None = None
+    ) -> StandbyStatusUpdate:
+        """The standby status update to send now; ``clock`` is µs since 2000-01-01.
+
+        ``hold`` caps the flush position below a transaction the server will not send again
+        (a held PREPARE: see ``TransactionAssembler.held_since``).
+        """
         if self.no_ack:
             # InvalidXLogRecPtr: the walsender confirms nothing, but hears we are alive
             return StandbyStatusUpdate(self.received, 0, 0, clock, reply_requested)
-        flushed = self.flushed
+        flushed = self.flushed if hold is None else min(self.flushed, hold)
         return StandbyStatusUpdate(self.received, flushed, flushed, clock, reply_requested)

@@ -189,10 +189,13 @@ class ReplicationStream:
                 admin.create_slot(
                     conn, opts.slot, temporary=opts.temporary, two_phase=opts.two_phase
                 )
-            confirmed = self._check_slot(conn)
-            if confirmed is not None and confirmed > self.feedback.flushed:
+            confirmed = self._check_slot(conn) or 0
+            if confirmed > self.feedback.flushed:
                 self.feedback.flushed = confirmed  # the server holds it confirmed already
-            start = self.feedback.flushed
+            # Ask from the slot's own position, never from the consumer's: a start above it
+            # makes the server skip a PREPARE it already sent (two-phase), whose transaction
+            # is still to come. What the consumer already holds is skipped here instead.
+            start = confirmed
             query = self._start_query(start)
             log.info(
                 "START_REPLICATION slot %s from %s, proto %d",
@@ -441,7 +444,7 @@ class ReplicationStream:
     def _send_status(self, conn: Conn) -> None:
         clock = unix_us_to_pg_time(time.time_ns() // 1000)
         with self._lock:
-            update = self.feedback.status(clock)
+            update = self.feedback.status(clock, hold=self.assembler.held_since)
         pgconn = conn.pgconn
         pgconn.put_copy_data(update.to_bytes())
         pgconn.flush()

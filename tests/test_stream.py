@@ -330,3 +330,40 @@ def test_rewind_delivers_again_from_postgresql(pg: PostgresServer, pg_conn: Conn
         assert ids_of(consumer.take(2)) == [2, 3]
     finally:
         consumer.stop()
+
+
+def test_two_phase_prepared_transaction_pins_the_slot_until_committed(
+    pg: PostgresServer, pg_conn: Conn
+) -> None:
+    src = make_source(pg_conn, slot=False)
+    pg_conn.execute(
+        "SELECT pg_create_logical_replication_slot(%s, 'pgoutput', false, true)", (src.slot,)
+    )
+    start = src.confirmed()
+    first = Consumer(ReplicationStream(pg.dsn, src.options(two_phase=True))).start()
+    try:
+        pg_conn.execute("BEGIN")
+        pg_conn.execute(f"INSERT INTO {src.table} VALUES (1, 'prepared')")
+        pg_conn.execute("PREPARE TRANSACTION 'pinned'")
+        src.insert(2)
+        (t2,) = first.take(1)  # the prepared one is held until its outcome is known
+        first.stream.ack(t2.end_lsn)
+        time.sleep(1.0)
+        confirmed = src.confirmed()
+        assert confirmed is not None and start is not None
+        assert confirmed < t2.end_lsn  # t2 is acknowledged, but the PREPARE before it pins
+    finally:
+        first.stop()
+    # a restart: the PREPARE is sent again, so COMMIT PREPARED still finds its changes. The
+    # consumer's durable position skips t2, which the pinned slot could not confirm.
+    again = Consumer(
+        ReplicationStream(pg.dsn, src.options(two_phase=True, start_lsn=t2.end_lsn))
+    ).start()
+    try:
+        pg_conn.execute("COMMIT PREPARED 'pinned'")
+        (txn,) = again.take(1)
+        assert txn.gid == "pinned" and ids_of([txn]) == [1]
+        again.stream.ack(txn.end_lsn)
+        wait_for(lambda: (src.confirmed() or 0) >= txn.end_lsn, what="released")
+    finally:
+        again.stop()
