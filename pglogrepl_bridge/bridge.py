@@ -25,6 +25,7 @@ from . import cliapp as cli
 from .errors import BridgeError, ConfigError, ProtocolError, ReplicationError
 from .hub import Hub, Rewind, StepDown
 from .payload import PayloadFormat, encoder
+from .progress import Progress
 from .protocol import DEFAULT_MAX_FRAME, FrameReader, WalEntry, frame
 from .stream import ReplicationStream, StreamOptions
 
@@ -297,6 +298,7 @@ def run_bridge(
     config: BridgeConfig,
     *,
     ready: Callable[[Network], None] | None = None,
+    metrics_port: int | None = None,
 ) -> BridgeStats:
     """Stream, publish, confirm what a quorum acknowledged; returns when stopped."""
     if not config.replicas and config.listen is None:
@@ -332,7 +334,7 @@ def run_bridge(
     node_id = config.node_id
     lock = network.lock
     try:
-        with stream:
+        with stream, cli.stop_on_signals(stream.stop), Progress(stream, metrics_port=metrics_port):
             for txn in stream:
                 stats.transactions += 1
                 if not txn.changes:
@@ -411,6 +413,7 @@ def bridge(
     proto_version: cli.ProtoVersion = None,
     binary: cli.Binary = False,
     streaming: cli.Streaming = None,
+    metrics_port: cli.MetricsPort = None,
     verbose: cli.Verbose = False,
 ) -> None:
     """Send transactions to replicas as WalEntry frames; confirm what a quorum acknowledged.
@@ -450,7 +453,7 @@ def bridge(
             streaming=streaming,
             until_lsn=cli.parse_lsn(until_lsn, "--until-lsn"),
         )
-        stats = run_bridge(dsn, options, config)
+        stats = run_bridge(dsn, options, config, metrics_port=metrics_port)
         if stats.stepped_down is not None:
             raise BridgeError(
                 f"stopped: node {stats.stepped_down.node_id} was promoted at term "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
@@ -82,6 +83,15 @@ Streaming = Annotated[
         help="Receive large transactions while in progress (bounded memory; spills to disk).",
     ),
 ]
+MetricsPort = Annotated[
+    int | None,
+    typer.Option(
+        "--metrics-port",
+        min=1,
+        max=65535,
+        help="Serve Prometheus metrics on 127.0.0.1:PORT/metrics.",
+    ),
+]
 Verbose = Annotated[
     bool, typer.Option("--verbose", "-v", help="Log progress and show tracebacks on errors.")
 ]
@@ -110,6 +120,8 @@ def setup_logging(verbose: bool) -> None:
         stream=sys.stderr,
         format="%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s",
     )
+    # long-running commands report progress as structured lines when not on a terminal
+    logging.getLogger("pglogrepl_bridge.progress").setLevel(logging.INFO)
 
 
 def fail(exc: BaseException) -> NoReturn:
@@ -149,6 +161,9 @@ def stop_on_signals(stop: Callable[[], None]) -> Iterator[None]:
     def handler(signum: int, frame: FrameType | None) -> None:
         stop()
 
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may handle signals; the caller stops us instead
+        return
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield

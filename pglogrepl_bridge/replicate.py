@@ -16,6 +16,7 @@ from . import cliapp as cli
 from .connection import connect, identify_system
 from .errors import ConfigError
 from .lsn import Lsn
+from .progress import Progress
 from .sqlsink import Conflict, SqlSink
 from .stream import ReplicationStream, StreamOptions
 from .transaction import Transaction
@@ -47,6 +48,7 @@ def run_replicate(
     node_id: int | None = None,
     batch_changes: int = 10_000,
     until: Lsn | None = None,
+    metrics_port: int | None = None,
 ) -> ReplicateStats:
     system_id = source_identity(dsn)
     sink = SqlSink(
@@ -78,7 +80,7 @@ def run_replicate(
         size = 0
 
     stream = ReplicationStream(dsn, options, on_idle=flush, on_problem=cli.report_problem)
-    with stream, cli.stop_on_signals(stream.stop):
+    with stream, cli.stop_on_signals(stream.stop), Progress(stream, metrics_port=metrics_port):
         for txn in stream:
             pending.append(txn)
             size += len(txn.changes) + 1
@@ -122,6 +124,7 @@ def replicate(
     batch: Annotated[
         int, typer.Option("--batch", min=1, help="Changes per target transaction at most.")
     ] = 10_000,
+    metrics_port: cli.MetricsPort = None,
     verbose: cli.Verbose = False,
 ) -> None:
     """Apply the publication's changes to a SQL database, exactly once.
@@ -148,6 +151,7 @@ def replicate(
             options,
             conflict=conflict,  # type: ignore[arg-type]
             node_id=node_id,
+            metrics_port=metrics_port,
             batch_changes=batch,
             until=cli.parse_lsn(until_lsn, "--until-lsn"),
         )

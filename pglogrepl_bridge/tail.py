@@ -15,6 +15,7 @@ from .cliapp import (
     Binary,
     CreateSlot,
     Dsn,
+    MetricsPort,
     ProtoVersion,
     Publications,
     Slot,
@@ -35,6 +36,7 @@ from .errors import ConfigError
 from .jsonl import JsonRenderer
 from .lsn import Lsn
 from .pretty import print_transaction
+from .progress import Progress
 from .stream import ReplicationStream, StreamOptions
 from .transaction import Change, RowChange, Transaction, TruncateChange
 
@@ -113,6 +115,7 @@ def tail(
     messages: Annotated[
         bool, typer.Option("--messages/--no-messages", help="Include logical decoding messages.")
     ] = True,
+    metrics_port: MetricsPort = None,
     verbose: Verbose = False,
 ) -> None:
     """Print the changes of a publication as they commit."""
@@ -135,7 +138,9 @@ def tail(
             messages=messages,
         )
         out_format = fmt or (Format.pretty if sys.stdout.isatty() else Format.jsonl)
-        run_tail(dsn, options, out_format, values.value, change_filter(table, op), until)
+        run_tail(
+            dsn, options, out_format, values.value, change_filter(table, op), until, metrics_port
+        )
 
 
 def run_tail(
@@ -145,6 +150,7 @@ def run_tail(
     values: str,
     keep: Callable[[Change], bool] | None,
     until: Lsn | None,
+    metrics_port: int | None = None,
 ) -> int:
     """The tail loop; returns how many transactions were printed."""
     console = Console(highlight=False, soft_wrap=True)
@@ -155,7 +161,12 @@ def run_tail(
     if until is not None:
         options = replace(options, until_lsn=until)
     stream = ReplicationStream(dsn, options, on_problem=report_problem)
-    with stream, stop_on_signals(stream.stop):
+    live = out_format is Format.null and sys.stderr.isatty()
+    with (
+        stream,
+        stop_on_signals(stream.stop),
+        Progress(stream, live=live, metrics_port=metrics_port),
+    ):
         txn: Transaction
         for txn in stream:
             changes = list(txn.changes) if keep is None else [c for c in txn.changes if keep(c)]

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -14,9 +17,9 @@ from typer.testing import CliRunner
 
 from pglogrepl_bridge import __version__
 from pglogrepl_bridge.cli import app
-from pglogrepl_bridge.embedded import PostgresServer, postgres_server
+from pglogrepl_bridge.embedded import PostgresServer, free_port, postgres_server
 
-from .streamkit import Conn, make_source
+from .streamkit import Conn, make_source, wait_for
 
 runner = CliRunner()
 
@@ -272,3 +275,55 @@ def test_demo_runs_and_checks_the_copy() -> None:
     result = cli("demo", "--accounts", "5")
     assert result.returncode == 0, result.stderr
     assert "copy equals the source" in result.stdout
+
+
+def test_metrics_and_clean_sigterm(source: tuple[PostgresServer, object], tmp_path: Path) -> None:
+    pg, src = source
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pglogrepl_bridge",
+            "replicate",
+            "--dsn",
+            pg.dsn,
+            "--slot",
+            src.slot,
+            "--publication",
+            src.publication,  # type: ignore[attr-defined]
+            "--target",
+            f"sqlite:///{tmp_path / 'm.db'}",
+            "--metrics-port",
+            str(port),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        src.insert(1, 2)  # type: ignore[attr-defined]
+        src.insert(3)  # type: ignore[attr-defined]
+
+        def scraped() -> bool:
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+            except OSError:
+                return False
+            text = body.read().decode()
+            return (
+                "pglogrepl_transactions_total 2.0" in text and "pglogrepl_changes_total 3.0" in text
+            )
+
+        wait_for(scraped, timeout=30, what="metrics")
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+        for name in (
+            "pglogrepl_received_lsn",
+            "pglogrepl_confirmed_lsn",
+            "pglogrepl_lag_bytes",
+            "pglogrepl_reconnects_total",
+        ):
+            assert name in text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        proc.kill()

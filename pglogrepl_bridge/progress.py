@@ -1,0 +1,142 @@
+"""Progress of a running stream: a live status line on a terminal, structured log lines
+elsewhere, and Prometheus metrics (``--metrics-port``) through ``prometheus_client``.
+
+Read-only: a thread samples the stream's counters once a second; the hot path pays nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from types import TracebackType
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from rich.console import Console
+from rich.live import Live
+from rich.text import Text
+
+from .lsn import format_lsn
+from .stream import ReplicationStream
+
+log = logging.getLogger("pglogrepl_bridge.progress")
+
+
+class _Metrics:
+    def __init__(self, port: int) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.received = Gauge(
+            "pglogrepl_received_lsn", "Furthest WAL position received", registry=r
+        )
+        self.confirmed = Gauge(
+            "pglogrepl_confirmed_lsn", "WAL position confirmed to the slot", registry=r
+        )
+        self.lag = Gauge(
+            "pglogrepl_lag_bytes", "Server WAL end minus the confirmed position", registry=r
+        )
+        self.transactions = Counter("pglogrepl_transactions", "Transactions delivered", registry=r)
+        self.changes = Counter("pglogrepl_changes", "Changes delivered", registry=r)
+        self.reconnects = Counter("pglogrepl_reconnects", "Reconnections to PostgreSQL", registry=r)
+        self.server, self.thread = start_http_server(port, addr="127.0.0.1", registry=r)
+
+
+class Progress:
+    """``with Progress(stream, live=..., metrics_port=...):`` around the consuming loop."""
+
+    def __init__(
+        self,
+        stream: ReplicationStream,
+        *,
+        live: bool | None = None,
+        metrics_port: int | None = None,
+        log_every: float = 10.0,
+    ) -> None:
+        self.stream = stream
+        self.live = sys.stderr.isatty() if live is None else live
+        self.metrics = _Metrics(metrics_port) if metrics_port is not None else None
+        self.log_every = log_every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="progress", daemon=True)
+        self._seen = (0, 0, 0)
+
+    def __enter__(self) -> Progress:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        if self.metrics is not None:
+            self.metrics.server.shutdown()
+
+    def snapshot(self) -> dict[str, int]:
+        s = self.stream
+        feedback = s.feedback
+        end = max(feedback.received, feedback.idle_end)
+        return {
+            "transactions": s.transactions,
+            "changes": s.changes,
+            "reconnects": s.reconnects,
+            "received_lsn": feedback.received,
+            "confirmed_lsn": feedback.flushed,
+            "lag_bytes": max(0, end - feedback.flushed),
+        }
+
+    def _run(self) -> None:
+        console = Console(stderr=True)
+        last_log = time.monotonic()
+        previous = self.snapshot()
+        previous_at = time.monotonic()
+        live = Live(Text(""), console=console, refresh_per_second=2, transient=True)
+        if self.live:
+            live.start()
+        try:
+            while not self._stop.wait(1.0):
+                now = time.monotonic()
+                snap = self.snapshot()
+                elapsed = max(now - previous_at, 1e-9)
+                rates = {k: (snap[k] - previous[k]) / elapsed for k in ("transactions", "changes")}
+                self._export(snap)
+                line = (
+                    f"{rates['transactions']:,.0f} txn/s  {rates['changes']:,.0f} changes/s  "
+                    f"lag {snap['lag_bytes']:,} bytes  last {format_lsn(snap['received_lsn'])}  "
+                    f"confirmed {format_lsn(snap['confirmed_lsn'])}"
+                )
+                if self.live:
+                    live.update(Text(line, style="dim"))
+                elif now - last_log >= self.log_every:
+                    log.info(
+                        "progress transactions=%d changes=%d txn_per_s=%.0f changes_per_s=%.0f "
+                        "lag_bytes=%d received_lsn=%s confirmed_lsn=%s reconnects=%d",
+                        snap["transactions"],
+                        snap["changes"],
+                        rates["transactions"],
+                        rates["changes"],
+                        snap["lag_bytes"],
+                        format_lsn(snap["received_lsn"]),
+                        format_lsn(snap["confirmed_lsn"]),
+                        snap["reconnects"],
+                    )
+                    last_log = now
+                previous, previous_at = snap, now
+            self._export(self.snapshot())
+        finally:
+            if self.live:
+                live.stop()
+
+    def _export(self, snap: dict[str, int]) -> None:
+        m = self.metrics
+        if m is None:
+            return
+        m.received.set(snap["received_lsn"])
+        m.confirmed.set(snap["confirmed_lsn"])
+        m.lag.set(snap["lag_bytes"])
+        seen_t, seen_c, seen_r = self._seen
+        m.transactions.inc(snap["transactions"] - seen_t)
+        m.changes.inc(snap["changes"] - seen_c)
+        m.reconnects.inc(snap["reconnects"] - seen_r)
+        self._seen = (snap["transactions"], snap["changes"], snap["reconnects"])
