@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import psycopg
-import sqlalchemy as sa
 import typer
 from rich.console import Console
 
@@ -25,6 +24,9 @@ from .lsn import Lsn
 from .replicate import run_replicate
 from .stream import StreamOptions
 from .tail import Format, run_tail
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
 
 SCHEMA = """
 CREATE TABLE accounts (
@@ -94,6 +96,8 @@ def _normal(value: Any) -> Any:
 
 
 def snapshot(engine: sa.Engine, table: str) -> list[tuple[Any, ...]]:
+    import sqlalchemy as sa
+
     meta = sa.MetaData()
     tbl = sa.Table(table, meta, autoload_with=engine)
     cols = [c for c in tbl.c if not c.name.startswith("_pglb_")]
@@ -103,6 +107,8 @@ def snapshot(engine: sa.Engine, table: str) -> list[tuple[Any, ...]]:
 
 
 def run_demo(accounts: int = 12, console: Console | None = None) -> DemoResult:
+    import sqlalchemy as sa
+
     console = console or Console(highlight=False)
     started = time.monotonic()
     with postgres_server() as pg, tempfile.TemporaryDirectory(prefix="pglb-demo-") as tmp:
@@ -162,6 +168,8 @@ def _last_commit(dsn: str, upto: Lsn) -> Lsn:
 
 
 def _sqlalchemy_url(dsn: str) -> sa.URL:
+    import sqlalchemy as sa
+
     params = psycopg.conninfo.conninfo_to_dict(dsn)
     return sa.URL.create(
         "postgresql+psycopg",

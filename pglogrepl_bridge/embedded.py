@@ -16,13 +16,15 @@ import os
 import pwd
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from .errors import ServerUnavailableError
 
@@ -153,27 +155,39 @@ def docker_available() -> bool:
 
 
 class _LocalCluster:
-    """initdb + pg_ctl in a temporary directory, run as an unprivileged user when root."""
+    """initdb + postgres in a temporary directory, run as an unprivileged user when root.
+
+    The postmaster is our child, started through ``setpriv --pdeathsig`` where available, so
+    it dies with us even when we are killed; a later run removes what such a death left.
+    """
 
     def __init__(self, bindir: Path, settings: Mapping[str, str]) -> None:
+        _sweep_orphans()
         self.bindir = bindir
         self.settings = {**LOGICAL_SETTINGS, **_LOCAL_ONLY_SETTINGS, **settings}
         self.password = secrets.token_urlsafe(18)
         self.port = free_port()
         self.user: pwd.struct_passwd | None = _unprivileged_user() if os.geteuid() == 0 else None
         self.root = Path(tempfile.mkdtemp(prefix="pglogrepl-bridge-pg-"))
+        (self.root / "owner.pid").write_text(str(os.getpid()))
         self.datadir = self.root / "data"
         self.logfile = self.root / "server.log"
-        self._started = False
+        self._proc: subprocess.Popen[bytes] | None = None
 
-    def _run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        kwargs: dict[str, object] = {}
+    def _as_user(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"cwd": self.root, "env": self._env()}
         if self.user is not None:
-            kwargs = {"user": self.user.pw_uid, "group": self.user.pw_gid, "extra_groups": []}
+            kwargs.update(user=self.user.pw_uid, group=self.user.pw_gid, extra_groups=[])
+        return kwargs
+
+    def _env(self) -> dict[str, str]:
         env = {**os.environ, "LC_ALL": "C", "HOME": str(self.root)}
         env.pop("PGDATA", None)
-        return subprocess.run(  # type: ignore[call-overload, no-any-return]
-            args, capture_output=True, text=True, timeout=120, env=env, cwd=self.root, **kwargs
+        return env
+
+    def _run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            args, capture_output=True, text=True, timeout=120, **self._as_user()
         )
 
     def start(self) -> None:
@@ -207,42 +221,56 @@ class _LocalCluster:
         conf += f"port = {self.port}\nunix_socket_directories = '{self.root}'\n"
         with open(self.datadir / "postgresql.conf", "a") as fh:
             fh.write(conf)
-        self._pg_ctl_start()
+        self._spawn()
 
-    def _pg_ctl_start(self) -> None:
-        res = self._run(
-            str(self.bindir / "pg_ctl"),
-            "-D",
-            str(self.datadir),
-            "-l",
-            str(self.logfile),
-            "-w",
-            "-t",
-            "60",
-            "start",
-        )
-        self._started = True
-        if res.returncode != 0:
-            log = self.logfile.read_text() if self.logfile.exists() else ""
-            raise ServerUnavailableError(
-                f"pg_ctl start failed: {res.stderr.strip()} {res.stdout.strip()}\n{log[-2000:]}"
+    def _spawn(self) -> None:
+        launcher = ["setpriv", "--pdeathsig", "SIGQUIT"] if shutil.which("setpriv") else []
+        with open(self.logfile, "ab") as log:
+            self._proc = subprocess.Popen(
+                [*launcher, str(self.bindir / "postgres"), "-D", str(self.datadir)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                **self._as_user(),
             )
+        deadline = time.monotonic() + 60
+        while not self._ready():
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                text = self.logfile.read_text() if self.logfile.exists() else ""
+                raise ServerUnavailableError(f"postgres did not start:\n{text[-2000:]}")
+            time.sleep(0.05)
+
+    def _ready(self) -> bool:
+        import psycopg
+
+        try:
+            with psycopg.connect(
+                host=str(self.root),
+                port=self.port,
+                user="postgres",
+                dbname="postgres",
+                connect_timeout=2,
+            ):
+                return True
+        except psycopg.OperationalError:
+            return False
+
+    def _shutdown(self, sig: signal.Signals, timeout: float) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
     def restart(self, mode: str) -> None:
-        res = self._run(
-            str(self.bindir / "pg_ctl"),
-            "-D",
-            str(self.datadir),
-            "-m",
-            mode,
-            "-w",
-            "-t",
-            "120",
-            "stop",
-        )
-        if res.returncode != 0:
-            raise ServerUnavailableError(f"pg_ctl stop failed: {res.stderr.strip()}")
-        self._pg_ctl_start()
+        """smart, fast or immediate, as pg_ctl names PostgreSQL's shutdown modes."""
+        sig = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}[mode]
+        self._shutdown(sig, timeout=120)
+        self._spawn()
 
     def _make_binaries_reachable(self) -> None:
         """If the unprivileged user cannot run our binaries (say, under /root), copy them."""
@@ -262,20 +290,7 @@ class _LocalCluster:
 
     def stop(self) -> None:
         try:
-            if self._started and (self.datadir / "postmaster.pid").exists():
-                res = self._run(
-                    str(self.bindir / "pg_ctl"),
-                    "-D",
-                    str(self.datadir),
-                    "-m",
-                    "immediate",
-                    "-w",
-                    "-t",
-                    "30",
-                    "stop",
-                )
-                if res.returncode != 0:
-                    _kill_postmaster(self.datadir)
+            self._shutdown(signal.SIGQUIT, timeout=30)
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
 
@@ -287,10 +302,25 @@ class _LocalCluster:
         )
 
 
+def _sweep_orphans() -> None:
+    """Remove clusters whose owning process died without cleaning up (kill -9, a crash)."""
+    for root in Path(tempfile.gettempdir()).glob("pglogrepl-bridge-pg-*"):
+        try:
+            owner = int((root / "owner.pid").read_text())
+            os.kill(owner, 0)
+            continue  # its owner is alive: not ours to touch
+        except ProcessLookupError:
+            pass
+        except (OSError, ValueError):
+            continue
+        _kill_postmaster(root / "data")
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def _kill_postmaster(datadir: Path) -> None:
     with contextlib.suppress(OSError, ValueError, IndexError):
         pid = int((datadir / "postmaster.pid").read_text().split()[0])
-        os.kill(pid, 9)
+        os.kill(pid, signal.SIGQUIT)
 
 
 def _unprivileged_user() -> pwd.struct_passwd:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, replace
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -17,9 +17,11 @@ from .connection import connect, identify_system
 from .errors import ConfigError
 from .lsn import Lsn
 from .progress import Progress
-from .sqlsink import Conflict, SqlSink
 from .stream import ReplicationStream, StreamOptions
 from .transaction import Transaction
+
+if TYPE_CHECKING:  # SQLAlchemy loads only when replicating: tail and bridge start faster
+    from .sqlsink import Conflict
 
 DEFAULT_TARGET = "sqlite:///pglogrepl_bridge.db"
 
@@ -50,6 +52,8 @@ def run_replicate(
     until: Lsn | None = None,
     metrics_port: int | None = None,
 ) -> ReplicateStats:
+    from .sqlsink import SqlSink
+
     system_id = source_identity(dsn)
     sink = SqlSink(
         target,

@@ -15,6 +15,12 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from hypothesis import settings
+
+# Shared 2-core machines stall now and then: no per-example deadlines (timing is the
+# benchmarks' job, not the tests').
+settings.register_profile("default", deadline=None)
+settings.load_profile("default")
 
 from pglogrepl_bridge.embedded import ENV_DSN, PostgresServer, find_bindirs, postgres_server
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import glob
 import os
 import subprocess
+import sys
+import time
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -87,3 +90,39 @@ def test_restart_keeps_settings(pg: PostgresServer) -> None:
     pg.restart()
     with psycopg.connect(pg.dsn) as conn:
         assert conn.execute("SHOW wal_level").fetchone() == ("logical",)
+
+
+@pytest.mark.skipif(bool(os.environ.get(ENV_DSN)), reason="an external server is not ours to stop")
+def test_killed_owner_leaves_nothing_behind(tmp_path: Path) -> None:
+    """kill -9 of the process that started a cluster: the server dies with it, and the next
+    cluster removes the directory it left."""
+    script = tmp_path / "owner.py"
+    script.write_text(
+        "import time\n"
+        "from pglogrepl_bridge.embedded import postgres_server\n"
+        "with postgres_server() as s:\n"
+        "    print(s._cluster.root, flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    root = Path(proc.stdout.readline().strip())
+    postmaster = int((root / "data" / "postmaster.pid").read_text().split()[0])
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 20
+    while _alive(postmaster) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(postmaster), "the server outlived its owner"
+    assert root.exists()  # nothing could clean up after kill -9 ...
+    with postgres_server():
+        assert not root.exists()  # ... until the next cluster sweeps it
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")

@@ -1,0 +1,357 @@
+"""End-to-end benchmark against pg_recvlogical, same rounds, same server, same WAL.
+
+    .venv/bin/python benchmarks/bench.py                  # 200k changes, PostgreSQL 15, 3 rounds
+    .venv/bin/python benchmarks/bench.py --smoke          # tiny, checks only (CI runs this)
+    .venv/bin/python benchmarks/bench.py --memory         # 1M-row transaction, peak RSS
+
+Builds the workload on the embedded PostgreSQL after creating one slot per (round, tool), finds
+the exact end LSN of the final commit, then times each tool round-robin, each on its own slot
+(all use pgoutput proto_version 1, text format, no streaming, to compare like with like). For
+each: the median wall time, the median same-round ratio to pg_recvlogical, walsender CPU
+seconds, client CPU seconds and peak RSS. Every run is checked: the slot is confirmed to the
+end and the counts match.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+
+from pglogrepl_bridge.embedded import PostgresServer, find_bindirs, postgres_server
+from pglogrepl_bridge.lsn import Lsn
+
+HERE = Path(__file__).resolve().parent
+PY = sys.executable
+WIDE_COLS = 20  # plus the key: a 21-column table
+
+
+@dataclass
+class Run:
+    wall: float
+    walsender_cpu: float
+    client_cpu: float
+    peak_rss_mb: float
+
+
+@dataclass
+class Tool:
+    name: str
+    command: Callable[[str, str, Lsn, Path], list[str]]
+    check: Callable[[subprocess.CompletedProcess[str], Path], None] = lambda r, d: None
+    runs: list[Run] = field(default_factory=list)
+    ratios: list[float] = field(default_factory=list)
+
+
+def workload(conn: psycopg.Connection[tuple[object, ...]], changes: int) -> tuple[int, int]:
+    """Inserts, updates and deletes in transactions of 100 changes, on a narrow and a wide
+    table; returns (transactions, changes)."""
+    wide_cols = ", ".join(f"c{i} text" for i in range(WIDE_COLS))
+    conn.execute("CREATE TABLE narrow (id int PRIMARY KEY, v text, n int)")
+    conn.execute(f"CREATE TABLE wide (id int PRIMARY KEY, {wide_cols})")
+    conn.execute("CREATE PUBLICATION bench_pub FOR TABLE narrow, wide")
+    txns = max(1, changes // 100)
+    values = ", ".join(f"'value {i} ' || g" for i in range(WIDE_COLS))
+    for t in range(txns):
+        table_is_wide = t % 2 == 1
+        base = t * 60
+        with conn.transaction():
+            if table_is_wide:
+                conn.execute(
+                    f"INSERT INTO wide SELECT g, {values} FROM generate_series(%s::int, %s::int) g",
+                    (base, base + 59),
+                )
+                conn.execute(
+                    "UPDATE wide SET c0 = c0 || '!' WHERE id >= %s AND id < %s", (base, base + 25)
+                )
+                conn.execute("DELETE FROM wide WHERE id >= %s AND id < %s", (base + 45, base + 60))
+            else:
+                conn.execute(
+                    "INSERT INTO narrow SELECT g, 'value ' || g, g "
+                    "FROM generate_series(%s::int, %s::int) g",
+                    (base, base + 59),
+                )
+                conn.execute(
+                    "UPDATE narrow SET n = n + 1 WHERE id >= %s AND id < %s", (base, base + 25)
+                )
+                conn.execute(
+                    "DELETE FROM narrow WHERE id >= %s AND id < %s", (base + 45, base + 60)
+                )
+    return txns, txns * 100
+
+
+def final_commit_end(conn: psycopg.Connection[tuple[object, ...]], slot: str) -> Lsn:
+    row = conn.execute(
+        "SELECT max(lsn)::text, count(*) FILTER (WHERE substr(data, 1, 1) = 'C') FROM "
+        "pg_logical_slot_peek_binary_changes(%s, NULL, NULL, 'proto_version', '1', "
+        "'publication_names', 'bench_pub')",
+        (slot,),
+    ).fetchone()
+    assert row is not None and row[0] is not None
+    return Lsn.parse(row[0])
+
+
+def walsender_cpu_sampler(
+    conn_dsn: str, slot: str, stop: threading.Event, out: list[float]
+) -> None:
+    """Poll the walsender's CPU time (utime+stime from /proc) while it runs."""
+    tick = os.sysconf("SC_CLK_TCK")
+    with psycopg.connect(conn_dsn, autocommit=True) as conn:
+        pid = None
+        while not stop.is_set():
+            if pid is None:
+                row = conn.execute(
+                    "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (slot,)
+                ).fetchone()
+                pid = row[0] if row else None
+            if pid is not None:
+                try:
+                    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                    out.append((int(fields[11]) + int(fields[12])) / tick)
+                except (OSError, IndexError, ValueError):
+                    pass
+            stop.wait(0.02)
+
+
+def timed(
+    cmd: list[str], dsn: str, slot: str, stdout: int | None
+) -> tuple[subprocess.CompletedProcess[str], Run]:
+    stop = threading.Event()
+    cpu: list[float] = []
+    sampler = threading.Thread(target=walsender_cpu_sampler, args=(dsn, slot, stop, cpu))
+    sampler.start()
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    stop.set()
+    sampler.join()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    stderr = proc.stderr.read() if proc.stderr else ""
+    result = subprocess.CompletedProcess(cmd, proc.returncode, "", stderr)
+    if result.returncode != 0:
+        raise SystemExit(f"{cmd[0:3]} failed ({result.returncode}):\n{stderr[-2000:]}")
+    run = Run(wall, max(cpu, default=0.0), usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024)
+    return result, run
+
+
+def start_replica() -> tuple[subprocess.Popen[str], int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [PY, str(HERE / "replica_process.py"), str(port)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    return proc, port
+
+
+def confirmed(conn: psycopg.Connection[tuple[object, ...]], slot: str) -> Lsn:
+    row = conn.execute(
+        "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s", (slot,)
+    ).fetchone()
+    assert row is not None and row[0] is not None
+    return Lsn.parse(row[0])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--changes", type=int, default=200_000)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--version", type=int, default=15)
+    ap.add_argument("--smoke", action="store_true", help="2,000 changes, 1 round: checks only")
+    ap.add_argument("--memory", action="store_true", help="the 1M-row transaction RSS check")
+    args = ap.parse_args()
+    if args.smoke:
+        args.changes, args.rounds = 2_000, 1
+    versions = find_bindirs()
+    version = args.version if args.version in versions else max(versions)
+    with postgres_server(version) as pg:
+        if args.memory:
+            memory_check(pg, 200_000 if args.smoke else 1_000_000)
+        else:
+            compare(pg, args.changes, args.rounds, versions[version])
+
+
+def compare(pg: PostgresServer, changes: int, rounds: int, bindir: Path) -> None:
+    cli = [PY, "-m", "pglogrepl_bridge"]
+    common = ["--proto-version", "1", "--no-streaming"]
+    tmp = Path(tempfile.mkdtemp(prefix="pglb-bench-"))
+    replica, port = start_replica()
+
+    def ours(*extra: str) -> Callable[[str, str, Lsn, Path], list[str]]:
+        return lambda dsn, slot, end, d: [
+            *cli,
+            *extra,
+            "--dsn",
+            dsn,
+            "--slot",
+            slot,
+            "--publication",
+            "bench_pub",
+            *common,
+            "--until-lsn",
+            str(end),
+        ]
+
+    def count_lines(result: subprocess.CompletedProcess[str], d: Path) -> None:
+        lines = len((d / "out.jsonl").read_text().splitlines())
+        assert lines == txns, f"jsonl lines {lines} != {txns}"
+
+    def count_rows(result: subprocess.CompletedProcess[str], d: Path) -> None:
+        with sqlite3.connect(d / "target.db") as db:
+            rows = sum(
+                db.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("narrow", "wide")
+            )
+        assert rows == expected_rows, f"sqlite rows {rows} != {expected_rows}"
+
+    def count_entries(result: subprocess.CompletedProcess[str], d: Path) -> None:
+        assert f"({txns} WalEntries)" in result.stderr, result.stderr[-500:]
+
+    tools = [
+        Tool(
+            "pg_recvlogical",
+            lambda dsn, slot, end, d: [
+                str(bindir / "pg_recvlogical"),
+                "-d",
+                dsn,
+                "--slot",
+                slot,
+                "--start",
+                "--endpos",
+                str(end),
+                "-f",
+                "/dev/null",
+                "-o",
+                "proto_version=1",
+                "-o",
+                "publication_names=bench_pub",
+                "--no-loop",
+            ],
+        ),
+        Tool("tail --format null", ours("tail", "--format", "null")),
+        Tool(
+            "tail --format jsonl",
+            lambda dsn, slot, end, d: [*ours("tail", "--format", "jsonl")(dsn, slot, end, d)],
+            count_lines,
+        ),
+        Tool(
+            "bridge --payload bincode",
+            lambda dsn, slot, end, d: [
+                *ours("bridge", "--payload", "bincode", "--replica", f"127.0.0.1:{port}")(
+                    dsn, slot, end, d
+                )
+            ],
+            count_entries,
+        ),
+        Tool(
+            "replicate into SQLite",
+            lambda dsn, slot, end, d: [
+                *ours("replicate", "--target", f"sqlite:///{d / 'target.db'}")(dsn, slot, end, d)
+            ],
+            count_rows,
+        ),
+    ]
+    with psycopg.connect(pg.dsn, autocommit=True) as conn:
+        for r in range(rounds):
+            for i in range(len(tools)):
+                conn.execute(
+                    "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (f"bench_{r}_{i}",)
+                )
+        started = time.perf_counter()
+        txns, total = workload(conn, changes)
+        end = final_commit_end(conn, "bench_0_0")
+        expected_rows = sum(
+            conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]  # type: ignore[index]
+            for t in ("narrow", "wide")
+        )
+        print(
+            f"PostgreSQL {pg.version}: {total:,} changes in {txns:,} transactions "
+            f"(built in {time.perf_counter() - started:.1f}s); final commit ends at {end}"
+        )
+        for r in range(rounds):
+            base = None
+            for i, tool in enumerate(tools):
+                slot = f"bench_{r}_{i}"
+                d = tmp / slot
+                d.mkdir()
+                with open(d / "out.jsonl", "w") as out:
+                    sink = out.fileno() if tool.name.endswith("jsonl") else subprocess.DEVNULL
+                    result, run = timed(tool.command(pg.dsn, slot, end, d), pg.dsn, slot, sink)
+                tool.check(result, d)
+                assert confirmed(conn, slot) >= end, f"{tool.name}: slot not confirmed to end"
+                tool.runs.append(run)
+                base = base or run.wall
+                tool.ratios.append(run.wall / base)
+            print(f"round {r + 1}: " + ", ".join(f"{t.name} {t.runs[-1].wall:.2f}s" for t in tools))
+    replica.terminate()
+    print()
+    print(
+        f"{'tool':28} {'median s':>9} {'ratio':>6} {'walsender cpu s':>16} "
+        f"{'client cpu s':>13} {'peak RSS MB':>12}"
+    )
+    for t in tools:
+        print(
+            f"{t.name:28} {statistics.median(r.wall for r in t.runs):9.2f} "
+            f"{statistics.median(t.ratios):6.2f} "
+            f"{statistics.median(r.walsender_cpu for r in t.runs):16.2f} "
+            f"{statistics.median(r.client_cpu for r in t.runs):13.2f} "
+            f"{max(r.peak_rss_mb for r in t.runs):12.0f}"
+        )
+    print(
+        "checks: every slot confirmed to the final commit; jsonl lines, WalEntries and "
+        "SQLite rows match the source"
+    )
+
+
+def memory_check(pg: PostgresServer, rows: int) -> None:
+    """One transaction of ``rows`` inserts, streamed (protocol 2+), through tail --format null."""
+    with psycopg.connect(pg.dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE big (id int PRIMARY KEY, v text)")
+        conn.execute("CREATE PUBLICATION bench_pub FOR TABLE big")
+        conn.execute("SELECT pg_create_logical_replication_slot('mem', 'pgoutput')")
+        conn.execute("INSERT INTO big SELECT g, 'row ' || g FROM generate_series(1, %s) g", (rows,))
+        end = final_commit_end(conn, "mem")
+    cmd = [
+        PY,
+        "-m",
+        "pglogrepl_bridge",
+        "tail",
+        "--format",
+        "null",
+        "--dsn",
+        pg.dsn,
+        "--slot",
+        "mem",
+        "--publication",
+        "bench_pub",
+        "--streaming",
+        "--until-lsn",
+        str(end),
+    ]
+    _, run = timed(cmd, pg.dsn, "mem", subprocess.DEVNULL)
+    with psycopg.connect(pg.dsn, autocommit=True) as conn:
+        assert confirmed(conn, "mem") >= end
+    print(
+        f"{rows:,}-row transaction, streamed, tail --format null: {run.wall:.1f}s, "
+        f"peak RSS {run.peak_rss_mb:.0f} MB (target < 200 MB)"
+    )
+
+
+if __name__ == "__main__":
+    main()

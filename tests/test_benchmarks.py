@@ -1,0 +1,51 @@
+"""The benchmarks run in CI in smoke mode (tiny N, no timing assertions) so they cannot rot;
+their own checks (slots confirmed to the end, counts matching) still apply."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def test_end_to_end_benchmark_smoke() -> None:
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "bench.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for tool in (
+        "pg_recvlogical",
+        "tail --format null",
+        "tail --format jsonl",
+        "bridge --payload bincode",
+        "replicate into SQLite",
+    ):
+        assert tool in result.stdout
+    assert "checks: every slot confirmed" in result.stdout
+
+
+def test_memory_benchmark_smoke() -> None:
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "bench.py"), "--memory", "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "peak RSS" in result.stdout
+
+
+def test_decode_benchmark_smoke() -> None:
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "decode_bench.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "changes/s" in result.stdout
