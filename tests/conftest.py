@@ -17,12 +17,13 @@ import psycopg
 import pytest
 from hypothesis import settings
 
+
+from pglogrepl_bridge.embedded import ENV_DSN, PostgresServer, find_bindirs, postgres_server
+
 # Shared 2-core machines stall now and then: no per-example deadlines (timing is the
 # benchmarks' job, not the tests').
 settings.register_profile("default", deadline=None)
 settings.load_profile("default")
-
-from pglogrepl_bridge.embedded import ENV_DSN, PostgresServer, find_bindirs, postgres_server
 
 DEFAULT_VERSIONS = (15, 16)
 REPORT = Path(__file__).resolve().parent.parent / ".pg-report.json"
