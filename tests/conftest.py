@@ -17,7 +17,6 @@ import psycopg
 import pytest
 from hypothesis import settings
 
-
 from pglogrepl_bridge.embedded import ENV_DSN, PostgresServer, find_bindirs, postgres_server
 
 # Shared 2-core machines stall now and then: no per-example deadlines (timing is the
