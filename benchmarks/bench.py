@@ -192,7 +192,8 @@ def compare(pg: PostgresServer, changes: int, rounds: int, bindir: Path) -> None
     cli = [PY, "-m", "pglogrepl_bridge"]
     common = ["--proto-version", "1", "--no-streaming"]
     tmp = Path(tempfile.mkdtemp(prefix="pglb-bench-"))
-    replica, port = start_replica()
+    replicas: list[subprocess.Popen[str]] = []
+    ports: list[int] = []
 
     def ours(*extra: str) -> Callable[[str, str, Lsn, Path], list[str]]:
         return lambda dsn, slot, end, d: [
@@ -253,7 +254,7 @@ def compare(pg: PostgresServer, changes: int, rounds: int, bindir: Path) -> None
         Tool(
             "bridge --payload bincode",
             lambda dsn, slot, end, d: [
-                *ours("bridge", "--payload", "bincode", "--replica", f"127.0.0.1:{port}")(
+                *ours("bridge", "--payload", "bincode", "--replica", f"127.0.0.1:{ports[-1]}")(
                     dsn, slot, end, d
                 )
             ],
@@ -285,6 +286,9 @@ def compare(pg: PostgresServer, changes: int, rounds: int, bindir: Path) -> None
             f"(built in {time.perf_counter() - started:.1f}s); final commit ends at {end}"
         )
         for r in range(rounds):
+            replica, port = start_replica()  # a fresh replica each round: it applies it all
+            replicas.append(replica)
+            ports.append(port)
             base = None
             for i, tool in enumerate(tools):
                 slot = f"bench_{r}_{i}"
@@ -299,7 +303,8 @@ def compare(pg: PostgresServer, changes: int, rounds: int, bindir: Path) -> None
                 base = base or run.wall
                 tool.ratios.append(run.wall / base)
             print(f"round {r + 1}: " + ", ".join(f"{t.name} {t.runs[-1].wall:.2f}s" for t in tools))
-    replica.terminate()
+    for replica in replicas:
+        replica.terminate()
     print()
     print(
         f"{'tool':28} {'median s':>9} {'ratio':>6} {'walsender cpu s':>16} "

@@ -186,9 +186,7 @@ class _LocalCluster:
         return env
 
     def _run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            args, capture_output=True, text=True, timeout=120, **self._as_user()
-        )
+        return subprocess.run(args, capture_output=True, text=True, timeout=120, **self._as_user())
 
     def start(self) -> None:
         if self.user is not None:

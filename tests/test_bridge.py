@@ -200,3 +200,32 @@ def test_replica_dials_in_and_bridge_restart_resends_only_the_unconfirmed(
     finally:
         bridge.stop()
         rep.close()
+
+
+def test_replica_holding_everything_confirms_after_a_bridge_restart(
+    pg: PostgresServer, pg_conn: Conn
+) -> None:
+    """Applied but never acknowledged; the bridge restarts and resends; the replica drops the
+    duplicates and its RequestFrom on reconnect is what lets the slot move on."""
+    src = make_source(pg_conn)
+    start = src.confirmed()
+    node = ReplicaNode(node_id=9, ack=False)
+    rep = TcpReplica(node)
+    address = rep.listen()
+    bridge = start_bridge(pg, src, BridgeConfig(replicas=[address]))
+    try:
+        src.insert(1)
+        src.insert(2)
+        wait_for(lambda: len(node.applied) == 2, what="applied")
+        time.sleep(0.5)
+        assert src.confirmed() == start
+    finally:
+        bridge.stop()
+    node.ack = True
+    bridge = start_bridge(pg, src, BridgeConfig(replicas=[address]))
+    try:
+        wait_for(lambda: (src.confirmed() or 0) >= node.last_lsn, what="confirmed")
+        assert len(node.applied) == 2 and len(node.duplicates) == 2
+    finally:
+        bridge.stop()
+        rep.close()
