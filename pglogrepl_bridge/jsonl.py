@@ -174,25 +174,35 @@ class JsonRenderer:
     def _binary_renderer(self, oid: int) -> Render:
         return _loaded(self._transformer.get_loader(oid, Format.BINARY).load)
 
-    def row(self, rel: RelationInfo, raw: bytes, at: int, *, key_only: bool = False) -> str:
+    def _values(
+        self, rel: RelationInfo, raw: bytes, at: int, key_only: bool = False
+    ) -> dict[str, str | None] | None:
         if at < 0:
+            return None
+        return rel.row_at(raw, at, key_only=key_only, fused=self._for(rel)[0])
+
+    def _object(self, rel: RelationInfo, values: dict[str, str | None] | None) -> str:
+        if values is None:
             return "null"
-        fused, keys = self._for(rel)
-        values = rel.row_at(raw, at, key_only=key_only, fused=fused)
+        keys = self._for(rel)[1]
         return (
             "{" + ",".join(keys[k] + ("null" if v is None else v) for k, v in values.items()) + "}"
         )
 
+    def row(self, rel: RelationInfo, raw: bytes, at: int, *, key_only: bool = False) -> str:
+        """The TupleData at ``raw[at:]`` as a JSON object (``null`` when ``at`` < 0)."""
+        return self._object(rel, self._values(rel, raw, at, key_only))
+
     def change(self, change: RowChange | TruncateChange | Message) -> str:
         if isinstance(change, RowChange):
             rel = change.relation
-            toast = change.unchanged_toast
-            old = self.row(rel, change.raw, change.old_at, key_only=change.old_kind == "K")
+            new = self._values(rel, change.raw, change.new_at)
+            old = self._values(rel, change.raw, change.old_at, change.old_kind == "K")
+            toast = () if new is None else rel.left_out(new)
             return (
                 f'{{"op":"{change.op}","schema":{_quote(change.schema)},'
                 f'"table":{_quote(rel.name)},'
-                f'"new":{self.row(rel, change.raw, change.new_at)},'
-                f'"old":{old},'
+                f'"new":{self._object(rel, new)},"old":{self._object(rel, old)},'
                 f'"unchanged_toast":[{",".join(map(_quote, toast))}]}}'
             )
         if isinstance(change, TruncateChange):

@@ -62,11 +62,17 @@ class BincodeEncoder:
             cached = self._cache[rel] = (fused, names, head)
         return cached
 
-    def _columns(self, rel: RelationInfo, raw: bytes, at: int, key_only: bool) -> bytes:
+    def _values(
+        self, rel: RelationInfo, raw: bytes, at: int, key_only: bool
+    ) -> dict[str, bytes | None] | None:
         if at < 0:
+            return None
+        return rel.row_at(raw, at, key_only=key_only, fused=self._for(rel)[0])
+
+    def _columns(self, rel: RelationInfo, values: dict[str, bytes | None] | None) -> bytes:
+        if values is None:
             return _NONE
-        fused, names, _ = self._for(rel)
-        values = rel.row_at(raw, at, key_only=key_only, fused=fused)
+        names = self._for(rel)[1]
         parts = [_SOME, _U64(len(values))]
         for name, value in values.items():
             parts.append(names[name])
@@ -77,14 +83,16 @@ class BincodeEncoder:
         if isinstance(change, RowChange):
             rel = change.relation
             _, _, head = self._for(rel)
-            toast = change.unchanged_toast
+            new = self._values(rel, change.raw, change.new_at, False)
+            old = self._values(rel, change.raw, change.old_at, change.old_kind == "K")
+            toast = () if new is None else rel.left_out(new)
             return b"".join(
                 (
                     _U32(CHANGE_ROW),
                     _U32(OP_INDEX[change.op]),
                     head,
-                    self._columns(rel, change.raw, change.new_at, False),
-                    self._columns(rel, change.raw, change.old_at, change.old_kind == "K"),
+                    self._columns(rel, new),
+                    self._columns(rel, old),
                     _U64(len(toast)),
                     *map(_string, toast),
                 )

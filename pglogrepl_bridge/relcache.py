@@ -110,6 +110,13 @@ class RelationInfo:
                     out[col.name] = text
         return out
 
+    def left_out(self, values: dict[str, Any]) -> tuple[str, ...]:
+        """Columns missing from a full row from ``row_at``: those are the unchanged TOAST ones
+        (a NULL is present, as None). Free when nothing is missing, the common case."""
+        if len(values) == self.ncols:
+            return ()
+        return tuple(n for n in self.names if n not in values)
+
     def unchanged_toast(self, tup: TupleData) -> tuple[str, ...]:
         if b"u" not in tup.kinds:
             return ()

@@ -408,8 +408,10 @@ class ReplicationStream:
                 self._send_status(conn)
             timeout = max(0.0, min(interval - (now - self._last_status), 0.25))
             if drained:
-                # data arrived in a burst: let more of it queue up, to read it in one go
-                time.sleep(0.001)
+                # In a burst: read on at once if more is there; else let the walsender fill
+                # the socket for a moment, so we wake per batch rather than per message.
+                if not select.select([sock], [], [], 0)[0]:
+                    time.sleep(0.001)
             else:
                 select.select([sock], [], [], timeout)
             drained = 0

@@ -86,10 +86,10 @@ class RowChange:
 
     @property
     def unchanged_toast(self) -> tuple[str, ...]:
-        if self.new_at < 0 or b"u" not in self.raw:  # cheap and common: nothing unchanged
+        """Columns whose TOASTed value did not change: left out of ``new``."""
+        if self.new_at < 0:
             return ()
-        tup = read_tuple(self.raw, self.new_at)[0]
-        return self.relation.unchanged_toast(tup)
+        return self.relation.unchanged_toast(read_tuple(self.raw, self.new_at)[0])
 
     @property
     def key(self) -> dict[str, Any]:
