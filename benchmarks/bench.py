@@ -15,6 +15,7 @@ end and the counts match.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import sqlite3
@@ -103,12 +104,16 @@ def final_commit_end(conn: psycopg.Connection[tuple[object, ...]], slot: str) ->
     return Lsn.parse(row[0])
 
 
-def walsender_cpu_sampler(
-    conn_dsn: str, slot: str, stop: threading.Event, out: list[float]
+def sampler(
+    dsn: str, slot: str, client: int, stop: threading.Event, cpu: list[float], rss: list[int]
 ) -> None:
-    """Poll the walsender's CPU time (utime+stime from /proc) while it runs."""
+    """Poll the walsender's CPU time and the client's resident memory (/proc) while they run.
+
+    RSS is sampled rather than taken from wait4: a child's ru_maxrss counts the parent's pages
+    it carried between fork and exec.
+    """
     tick = os.sysconf("SC_CLK_TCK")
-    with psycopg.connect(conn_dsn, autocommit=True) as conn:
+    with psycopg.connect(dsn, autocommit=True) as conn:
         pid = None
         while not stop.is_set():
             if pid is None:
@@ -117,11 +122,13 @@ def walsender_cpu_sampler(
                 ).fetchone()
                 pid = row[0] if row else None
             if pid is not None:
-                try:
+                with contextlib.suppress(OSError, IndexError, ValueError):
                     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                    out.append((int(fields[11]) + int(fields[12])) / tick)
-                except (OSError, IndexError, ValueError):
-                    pass
+                    cpu.append((int(fields[11]) + int(fields[12])) / tick)
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                for line in Path(f"/proc/{client}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        rss.append(int(line.split()[1]))
             stop.wait(0.02)
 
 
@@ -130,20 +137,23 @@ def timed(
 ) -> tuple[subprocess.CompletedProcess[str], Run]:
     stop = threading.Event()
     cpu: list[float] = []
-    sampler = threading.Thread(target=walsender_cpu_sampler, args=(dsn, slot, stop, cpu))
-    sampler.start()
+    rss: list[int] = []
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE, text=True)
+    watcher = threading.Thread(target=sampler, args=(dsn, slot, proc.pid, stop, cpu, rss))
+    watcher.start()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     stop.set()
-    sampler.join()
+    watcher.join()
     proc.returncode = os.waitstatus_to_exitcode(status)
     stderr = proc.stderr.read() if proc.stderr else ""
     result = subprocess.CompletedProcess(cmd, proc.returncode, "", stderr)
     if result.returncode != 0:
         raise SystemExit(f"{cmd[0:3]} failed ({result.returncode}):\n{stderr[-2000:]}")
-    run = Run(wall, max(cpu, default=0.0), usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024)
+    run = Run(
+        wall, max(cpu, default=0.0), usage.ru_utime + usage.ru_stime, max(rss, default=0) / 1024
+    )
     return result, run
 
 

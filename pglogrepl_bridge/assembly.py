@@ -15,11 +15,13 @@ until COMMIT PREPARED, or surfaced as ``PreparedTransaction`` when ``surface_pre
 
 from __future__ import annotations
 
+import itertools
 import logging
 import struct
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 from .decoder import PgOutputDecoder, parse_tuple
 from .errors import DecodeError
@@ -64,6 +66,45 @@ _ROW_TAGS = frozenset(b"IUD")
 _OLD: dict[int, Literal["K", "O"]] = {0x4B: "K", 0x4F: "O"}
 
 
+class SpilledChanges(Sequence[Change]):
+    """The changes of a streamed transaction that spilled to disk, read as they are iterated.
+
+    Memory stays bounded however large the transaction; each iteration reads the file again.
+    Indexing walks to the position. The file goes when this object does.
+    """
+
+    def __init__(
+        self, assembler: TransactionAssembler, buf: StreamBuffer, rels: RelationCache
+    ) -> None:
+        self._assembler = assembler
+        self._buf = buf
+        self._rels = rels
+        self._len = buf.changes
+        weakref.finalize(self, buf.close)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self) -> Iterator[Change]:
+        return self._assembler._decode_streamed(self._buf, self._rels.copy())
+
+    @overload
+    def __getitem__(self, index: int) -> Change: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Change]: ...
+    def __getitem__(self, index: int | slice) -> Change | Sequence[Change]:
+        if isinstance(index, slice):
+            return list(self)[index]
+        if index < 0:
+            index += self._len
+        if not 0 <= index < self._len:
+            raise IndexError(index)
+        return next(itertools.islice(iter(self), index, None))
+
+    def __repr__(self) -> str:
+        return f"<{self._len} changes spilled to disk>"
+
+
 @dataclass(slots=True)
 class _Open:
     xid: int
@@ -76,7 +117,7 @@ class _Open:
 class _Held:
     xid: int
     origin: str | None
-    changes: tuple[Change, ...]
+    changes: Sequence[Change]
     since: int  # where its first message arrived: confirming past it would lose it
 
 
@@ -167,11 +208,18 @@ class TransactionAssembler:
         msg = self._decoder.decode(payload, lsn)
         return self._handlers[type(msg)](msg, lsn)
 
-    def _row(self, payload: bytes, pos: int, lsn: int, decoder: PgOutputDecoder) -> RowChange:
+    def _row(
+        self,
+        payload: bytes,
+        pos: int,
+        lsn: int,
+        decoder: PgOutputDecoder,
+        rels: RelationCache | None = None,
+    ) -> RowChange:
         """Insert, Update or Delete as a RowChange over the message bytes."""
         tag = payload[0]
         try:
-            rel = self.relations.get(_u32(payload, pos)[0])
+            rel = (rels or self.relations).get(_u32(payload, pos)[0])
             marker = payload[pos + 4]
             at = pos + 5
             if tag == 0x49 and marker == 0x4E:  # Insert 'N'
@@ -255,8 +303,14 @@ class TransactionAssembler:
             tuple(txn.changes),
         )
 
-    def _change(self, msg: PgOutputMessage, txn: _Open | None, lsn: int) -> Event | None:
-        rels = self.relations
+    def _change(
+        self,
+        msg: PgOutputMessage,
+        txn: _Open | None,
+        lsn: int,
+        rels: RelationCache | None = None,
+    ) -> Event | None:
+        rels = rels or self.relations
         change: Change
         if isinstance(msg, Relation):
             rels.add_relation(msg)
@@ -281,7 +335,7 @@ class TransactionAssembler:
         txn.changes.append(change)
         return None
 
-    def _replay(self, xid: int, lsn: int) -> tuple[Change, ...]:
+    def _replay(self, xid: int, lsn: int) -> Sequence[Change]:
         buf = self._streams.pop(xid, None)
         self._pending_since.pop(("stream", xid), None)
         if buf is None:
@@ -292,18 +346,35 @@ class TransactionAssembler:
                 msg_type="Stream Commit",
                 lsn=lsn,
             )
-        decoder = PgOutputDecoder()
-        decoder.in_stream = True
-        txn = _Open(xid)
+        if buf.spilled:
+            # Too big to hold: changes are read back from the file as they are iterated,
+            # against the relations as they stood; the shared cache moves on at once.
+            before = self.relations.copy()
+            decoder = self._stream_decoder()
+            for meta_lsn, payload in buf.meta:
+                self._change(decoder.decode(payload, meta_lsn), None, meta_lsn)
+            return SpilledChanges(self, buf, before)
         try:
-            for msg_lsn, payload in buf:
-                if payload[0] in _ROW_TAGS:
-                    txn.changes.append(self._row(payload, 5, msg_lsn, decoder))
-                else:
-                    self._change(decoder.decode(payload, msg_lsn), txn, msg_lsn)
+            return tuple(self._decode_streamed(buf, self.relations))
         finally:
             buf.close()
-        return tuple(txn.changes)
+
+    @staticmethod
+    def _stream_decoder() -> PgOutputDecoder:
+        decoder = PgOutputDecoder()
+        decoder.in_stream = True
+        return decoder
+
+    def _decode_streamed(self, buf: StreamBuffer, rels: RelationCache) -> Iterator[Change]:
+        decoder = self._stream_decoder()
+        txn = _Open(0)
+        for msg_lsn, payload in buf:
+            if payload[0] in _ROW_TAGS:
+                yield self._row(payload, 5, msg_lsn, decoder, rels)
+            else:
+                self._change(decoder.decode(payload, msg_lsn), txn, msg_lsn, rels)
+                yield from txn.changes
+                txn.changes.clear()
 
     def _stream_abort(self, msg: StreamAbort, lsn: int) -> None:
         buf = self._streams.get(msg.xid)
@@ -321,7 +392,7 @@ class TransactionAssembler:
         msg: Prepare | StreamPrepare,
         xid: int,
         origin: str | None,
-        changes: tuple[Change, ...],
+        changes: Sequence[Change],
         since: int,
     ) -> PreparedTransaction | None:
         if self.surface_prepares:

@@ -13,7 +13,7 @@ import base64
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
@@ -218,7 +218,7 @@ class JsonRenderer:
             f'"transactional":{py_json(change.transactional)}}}'
         )
 
-    def transaction(self, txn: Transaction, changes: list[str] | None = None) -> str:
+    def transaction(self, txn: Transaction, changes: Iterable[str] | None = None) -> str:
         """One line of JSON (no newline). ``changes`` overrides the rendered change list."""
         body = ",".join(changes if changes is not None else map(self.change, txn.changes))
         gid = "" if txn.gid is None else f',"gid":{_quote(txn.gid)}'

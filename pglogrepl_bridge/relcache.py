@@ -151,6 +151,12 @@ class RelationCache:
         self._relations[msg.relid] = info
         return info
 
+    def copy(self) -> RelationCache:
+        """A cache with the same entries, to move on independently (entries are immutable)."""
+        other = RelationCache(self.loaders)
+        other._relations = dict(self._relations)
+        return other
+
     def add_type(self, msg: Type) -> None:
         self.loaders.note_type(msg.oid, msg.namespace, msg.name)
 

@@ -16,7 +16,7 @@ from typing import IO
 
 _RECORD = struct.Struct("!QI")  # lsn, payload length
 
-DEFAULT_SPILL_BYTES = 64 * 1024 * 1024
+DEFAULT_SPILL_BYTES = 16 * 1024 * 1024
 
 
 class StreamBuffer:
@@ -28,6 +28,7 @@ class StreamBuffer:
         "_mem_base",
         "_memory",
         "_memory_bytes",
+        "_meta",
         "_offsets",
         "count",
         "spill_bytes",
@@ -41,13 +42,26 @@ class StreamBuffer:
         self._file: IO[bytes] | None = None
         self._first: dict[int, int] = {}  # subxid -> number of its first message
         self._offsets: dict[int, int] = {}  # spilled subxact starts: number -> file offset
+        self._meta: list[tuple[int, int, bytes]] = []  # Relation/Type: (number, lsn, payload)
         self.count = 0
 
     @property
     def spilled(self) -> bool:
         return self._file is not None
 
+    @property
+    def changes(self) -> int:
+        """Messages that are not Relation or Type: the transaction's changes."""
+        return self.count - len(self._meta)
+
+    @property
+    def meta(self) -> list[tuple[int, bytes]]:
+        """(lsn, payload) of the Relation and Type messages, in order, kept in memory."""
+        return [(lsn, payload) for _, lsn, payload in self._meta]
+
     def append(self, subxid: int, lsn: int, payload: bytes) -> None:
+        if payload[:1] in (b"R", b"Y"):
+            self._meta.append((self.count, lsn, payload))
         if subxid not in self._first:
             self._first[subxid] = self.count
         self._memory.append((lsn, payload))
@@ -88,6 +102,7 @@ class StreamBuffer:
             self._memory_bytes = 0
             self._mem_base = cut
         self.count = cut
+        self._meta = [m for m in self._meta if m[0] < cut]
         self._first = {k: v for k, v in self._first.items() if v < cut}
         self._offsets = {k: v for k, v in self._offsets.items() if k < cut}
 
@@ -110,3 +125,4 @@ class StreamBuffer:
         self._memory = []
         self._first = {}
         self._offsets = {}
+        self._meta = []

@@ -169,14 +169,19 @@ def run_tail(
     ):
         txn: Transaction
         for txn in stream:
-            changes = list(txn.changes) if keep is None else [c for c in txn.changes if keep(c)]
-            if changes or keep is None:
-                if out_format is Format.jsonl:
-                    write(renderer.transaction(txn, [renderer.change(c) for c in changes]))
+            if out_format is Format.null:
+                printed += 1  # decoded and discarded: values are never even converted
+            elif out_format is Format.jsonl:
+                changes = txn.changes if keep is None else [c for c in txn.changes if keep(c)]
+                if keep is None or changes:
+                    write(renderer.transaction(txn, map(renderer.change, changes)))
                     write("\n")
                     flush()
-                elif out_format is Format.pretty:
+                    printed += 1
+            else:
+                changes = list(txn.changes if keep is None else filter(keep, txn.changes))
+                if keep is None or changes:
                     print_transaction(console, txn, changes)
-                printed += 1
+                    printed += 1
             stream.ack(txn.end_lsn)
     return printed

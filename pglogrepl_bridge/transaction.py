@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, cast
@@ -128,7 +128,7 @@ class Transaction:
     end_lsn: Lsn
     commit_timestamp: int
     origin: str | None
-    changes: tuple[Change, ...]
+    changes: Sequence[Change]  # a tuple; lazily read from disk for a spilled huge transaction
     gid: str | None = None
 
     @property
@@ -151,7 +151,7 @@ class PreparedTransaction:
     end_lsn: Lsn
     prepare_timestamp: int
     origin: str | None
-    changes: tuple[Change, ...]
+    changes: Sequence[Change]
 
 
 @dataclass(frozen=True, slots=True)

@@ -225,7 +225,8 @@ def test_replica_holding_everything_confirms_after_a_bridge_restart(
     bridge = start_bridge(pg, src, BridgeConfig(replicas=[address]))
     try:
         wait_for(lambda: (src.confirmed() or 0) >= node.last_lsn, what="confirmed")
-        assert len(node.applied) == 2 and len(node.duplicates) == 2
+        assert len(node.applied) == 2  # resent copies are dropped, never applied twice
+        assert set(node.duplicates) <= {e.lsn for e in node.applied}
     finally:
         bridge.stop()
         rep.close()

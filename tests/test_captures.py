@@ -132,6 +132,17 @@ def test_streamed_transactions(version: int, spill: int) -> None:
     # the aborted streamed transaction never appears
     assert ids[2] == [9999]
     assert len(txns) == 3
+    assert [len(t.changes) for t in txns] == [1000, 1001, 1]
+    if spill < 1 << 20:  # spilled: read back lazily from disk, not held in memory
+        assert type(txns[0].changes).__name__ == "SpilledChanges"
+        assert txns[0].changes[-1].new == {  # type: ignore[union-attr]
+            "id": 1099,
+            "name": "row 1099",
+            "price": None,
+            "tags": None,
+            "big": None,
+            "feel": None,
+        }
 
 
 @pytest.mark.parametrize("version", VERSIONS)
