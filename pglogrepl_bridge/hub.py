@@ -64,10 +64,12 @@ class Hub:
     quorum: int
     window: int = 1000
     max_entries: int = 10_000
+    max_bytes: int = 64 * 1024 * 1024  # the replay buffer's other bound
     term: int = 1
     healthy: bool = True
     _lsns: list[int] = field(default_factory=list)
     _frames: list[bytes] = field(default_factory=list)
+    _bytes: int = 0
     floor: int = 0  # every entry with lsn > floor is in the buffer
     last_lsn: int = 0
     replicas: dict[ConnId, Replica] = field(default_factory=dict)
@@ -82,12 +84,14 @@ class Hub:
             raise ValueError(f"WalEntry lsn {lsn} is not above the last one, {self.last_lsn}")
         self._lsns.append(lsn)
         self._frames.append(entry_frame)
+        self._bytes += len(entry_frame)
         self.last_lsn = lsn
         self._trim()
 
     def reset_to(self, lsn: int) -> None:
         """After a rewind, entries above ``lsn`` will be published again."""
         cut = bisect.bisect_right(self._lsns, lsn)
+        self._bytes -= sum(map(len, self._frames[cut:]))
         del self._lsns[cut:], self._frames[cut:]
         self.last_lsn = max(lsn, self._lsns[-1] if self._lsns else self.floor)
         for rep in self.replicas.values():
@@ -103,13 +107,18 @@ class Hub:
         return len(self._lsns) - bisect.bisect_right(self._lsns, self.quorum_lsn)
 
     def _trim(self) -> None:
-        """Keep the newest ``max_entries`` for replays; older ones go once a quorum has them."""
-        excess = len(self._lsns) - self.max_entries
-        if excess <= 0:
-            return
-        cut = min(excess, bisect.bisect_right(self._lsns, self.quorum_lsn))
+        """Keep the newest entries for replays, within ``max_entries`` and ``max_bytes``;
+        older ones go once a quorum has them."""
+        held = bisect.bisect_right(self._lsns, self.quorum_lsn)  # the most we may drop
+        cut = max(len(self._lsns) - self.max_entries, 0)
+        size = self._bytes - sum(map(len, self._frames[:cut]))
+        while cut < held and size > self.max_bytes:
+            size -= len(self._frames[cut])
+            cut += 1
+        cut = min(cut, held)
         if cut:
             self.floor = self._lsns[cut - 1]
+            self._bytes -= sum(map(len, self._frames[:cut]))
             del self._lsns[:cut], self._frames[:cut]
 
     # -- replicas --------------------------------------------------------------------------

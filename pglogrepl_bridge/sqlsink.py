@@ -207,8 +207,10 @@ class SqlSink:
         values = {k: v for k, v in new.items() if k in writable}
         if change.op == "insert":
             return values, (target.table.name, "insert", tuple(values))
-        old_at = change.old_at if change.old_at >= 0 else change.new_at
-        key = rel.row_at(change.raw, old_at, key_only=True, fused=target.fused)
+        if change.old_at >= 0:  # the key changed, or REPLICA IDENTITY FULL
+            key = rel.row_at(change.raw, change.old_at, key_only=True, fused=target.fused)
+        else:  # the key is in the new row
+            key = {k: new[k] for k in rel.key_names if k in new}
         row = {_KEY + k: v for k, v in key.items()}
         row.update(values)
         return row, (target.table.name, "update", tuple(values))

@@ -122,3 +122,13 @@ def test_promotion_of_another_node_steps_down() -> None:
     assert hub.receive("a", Promotion(2, 2)) == []  # an older term: ignored
     assert hub.receive("a", Promotion(1, 5)) == []  # ourselves
     assert hub.receive("a", Promotion(2, 3)) == [StepDown(2, 3)]
+
+
+def test_buffer_is_bounded_in_bytes_too() -> None:
+    hub = Hub(node_id=1, quorum=1, max_entries=1000, max_bytes=3 * len(entry(1)))
+    hub.connect("a")
+    for lsn in range(1, 11):
+        hub.publish(lsn, entry(lsn))
+    assert hub.backlog == 10  # nothing acknowledged: nothing may go
+    hub.receive("a", Acknowledge(5, 8))
+    assert hub.backlog == 3 and hub.floor == 7
