@@ -343,7 +343,7 @@ def run_bridge(
                     continue
                 entry = frame(WalEntry(node_id, txn.end_lsn, txn.timestamp_us, encode(txn)))
                 with lock:
-                    while hub.unconfirmed >= hub.max_entries and not stream.stopping:
+                    while hub.full and not stream.stopping:
                         lock.wait(0.1)  # backpressure: a quorum must catch up first
                     if txn.end_lsn > hub.last_lsn:  # not already buffered before a rewind
                         hub.publish(txn.end_lsn, entry)

@@ -106,6 +106,12 @@ class Hub:
         """Entries a quorum does not hold yet: the publisher waits while there are too many."""
         return len(self._lsns) - bisect.bisect_right(self._lsns, self.quorum_lsn)
 
+    @property
+    def full(self) -> bool:
+        """Too much that a quorum does not hold yet: the publisher should wait."""
+        unconfirmed = self.unconfirmed
+        return unconfirmed >= self.max_entries or (unconfirmed > 1 and self._bytes > self.max_bytes)
+
     def _trim(self) -> None:
         """Keep the newest entries for replays, within ``max_entries`` and ``max_bytes``;
         older ones go once a quorum has them."""

@@ -132,3 +132,18 @@ def test_buffer_is_bounded_in_bytes_too() -> None:
     assert hub.backlog == 10  # nothing acknowledged: nothing may go
     hub.receive("a", Acknowledge(5, 8))
     assert hub.backlog == 3 and hub.floor == 7
+
+
+def test_full_when_a_quorum_lags_too_far() -> None:
+    hub = Hub(node_id=1, quorum=1, max_entries=3, max_bytes=10**9)
+    hub.connect("a")
+    for lsn in (1, 2, 3):
+        hub.publish(lsn, entry(lsn))
+    assert hub.full
+    hub.receive("a", Acknowledge(5, 1))
+    assert not hub.full
+    small = Hub(node_id=1, quorum=1, max_entries=100, max_bytes=2 * len(entry(1)))
+    small.connect("a")
+    for lsn in (1, 2, 3):
+        small.publish(lsn, entry(lsn))
+    assert small.full  # over the byte bound with nothing held by a quorum
