@@ -31,12 +31,14 @@ from pathlib import Path
 
 import psycopg
 
+from pglogrepl_bridge import admin
 from pglogrepl_bridge.embedded import PostgresServer, find_bindirs, postgres_server
 from pglogrepl_bridge.lsn import Lsn
 
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
 WIDE_COLS = 20  # plus the key: a 21-column table
+ROWS_PER_TXN = 100  # 60 inserts, 25 updates, 15 deletes
 
 
 @dataclass
@@ -56,17 +58,20 @@ class Tool:
     ratios: list[float] = field(default_factory=list)
 
 
-def workload(conn: psycopg.Connection[tuple[object, ...]], changes: int) -> tuple[int, int]:
-    """Inserts, updates and deletes in transactions of 100 changes, on a narrow and a wide
-    table; returns (transactions, changes)."""
+def workload(
+    conn: psycopg.Connection[tuple[object, ...]], changes: int, *, wide: bool = True
+) -> tuple[int, int]:
+    """Inserts, updates and deletes in transactions of 100 changes (60, 25, 15), alternating
+    a narrow and a wide table (narrow only with ``wide=False``); returns (transactions,
+    changes). The publication is ``bench_pub``."""
     wide_cols = ", ".join(f"c{i} text" for i in range(WIDE_COLS))
     conn.execute("CREATE TABLE narrow (id int PRIMARY KEY, v text, n int)")
     conn.execute(f"CREATE TABLE wide (id int PRIMARY KEY, {wide_cols})")
     conn.execute("CREATE PUBLICATION bench_pub FOR TABLE narrow, wide")
-    txns = max(1, changes // 100)
+    txns = max(1, changes // ROWS_PER_TXN)
     values = ", ".join(f"'value {i} ' || g" for i in range(WIDE_COLS))
     for t in range(txns):
-        table_is_wide = t % 2 == 1
+        table_is_wide = wide and t % 2 == 1
         base = t * 60
         with conn.transaction():
             if table_is_wide:
@@ -90,18 +95,13 @@ def workload(conn: psycopg.Connection[tuple[object, ...]], changes: int) -> tupl
                 conn.execute(
                     "DELETE FROM narrow WHERE id >= %s AND id < %s", (base + 45, base + 60)
                 )
-    return txns, txns * 100
+    return txns, txns * ROWS_PER_TXN
 
 
 def final_commit_end(conn: psycopg.Connection[tuple[object, ...]], slot: str) -> Lsn:
-    row = conn.execute(
-        "SELECT max(lsn)::text, count(*) FILTER (WHERE substr(data, 1, 1) = 'C') FROM "
-        "pg_logical_slot_peek_binary_changes(%s, NULL, NULL, 'proto_version', '1', "
-        "'publication_names', 'bench_pub')",
-        (slot,),
-    ).fetchone()
-    assert row is not None and row[0] is not None
-    return Lsn.parse(row[0])
+    end = admin.last_commit_lsn(conn, slot, ("bench_pub",))
+    assert end is not None
+    return end
 
 
 def sampler(

@@ -20,34 +20,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
+from bench import ROWS_PER_TXN, workload  # benchmarks/ is on sys.path when run as a script
 
 from pglogrepl_bridge.assembly import TransactionAssembler
 from pglogrepl_bridge.embedded import postgres_server
 from pglogrepl_bridge.transaction import RowChange, Transaction
 
-ROWS_PER_TXN = 100  # 60 inserts, 25 updates, 15 deletes
-
 
 def capture(version: int, changes: int) -> list[bytes]:
-    txns = max(1, changes // ROWS_PER_TXN)
+    """The narrow-table workload of bench.py, captured once through the SQL interface."""
     with postgres_server(version) as pg, psycopg.connect(pg.dsn, autocommit=True) as conn:
-        conn.execute("CREATE TABLE narrow (id int PRIMARY KEY, v text, n int)")
-        conn.execute("CREATE PUBLICATION bench_pub FOR TABLE narrow")
         conn.execute("SELECT pg_create_logical_replication_slot('bench', 'pgoutput')")
-        for t in range(txns):
-            base = t * 60
-            with conn.transaction():
-                conn.execute(
-                    "INSERT INTO narrow SELECT g, 'value ' || g, g "
-                    "FROM generate_series(%s::int, %s::int) g",
-                    (base, base + 59),
-                )
-                conn.execute(
-                    "UPDATE narrow SET n = n + 1 WHERE id >= %s AND id < %s", (base, base + 25)
-                )
-                conn.execute(
-                    "DELETE FROM narrow WHERE id >= %s AND id < %s", (base + 45, base + 60)
-                )
+        workload(conn, changes, wide=False)
         rows = conn.execute(
             "SELECT data FROM pg_logical_slot_get_binary_changes('bench', NULL, NULL, "
             "'proto_version', '1', 'publication_names', 'bench_pub')"

@@ -161,3 +161,22 @@ def drop_publication(conn: Conn, name: str) -> None:
         conn.execute(sql.SQL("DROP PUBLICATION {}").format(sql.Identifier(name)))
     except psycopg.errors.UndefinedObject:
         raise ConfigError(f"publication {name!r} does not exist") from None
+
+
+def publication_names_option(names: tuple[str, ...]) -> str:
+    """pgoutput's ``publication_names``: a comma-separated list of quoted identifiers."""
+    return ",".join('"' + n.replace('"', '""') + '"' for n in names)
+
+
+def last_commit_lsn(conn: Conn, slot: str, publications: tuple[str, ...]) -> Lsn | None:
+    """End LSN of the last transaction the slot would deliver now (peeked: nothing consumed).
+
+    The value for --until-lsn to stop after everything committed so far; it decodes what the
+    slot holds, so it costs what a pass over that WAL costs.
+    """
+    row = conn.execute(
+        "SELECT max(lsn)::text FROM pg_logical_slot_peek_binary_changes(%s, NULL, NULL, "
+        "'proto_version', '1', 'publication_names', %s) WHERE substr(data, 1, 1) = 'C'",
+        (slot, publication_names_option(publications)),
+    ).fetchone()
+    return None if row is None or row[0] is None else Lsn.parse(row[0])

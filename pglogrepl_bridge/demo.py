@@ -18,6 +18,7 @@ import psycopg
 import typer
 from rich.console import Console
 
+from . import admin
 from . import cliapp as cli
 from .embedded import postgres_server
 from .lsn import Lsn
@@ -55,8 +56,8 @@ class DemoResult:
     seconds: float
 
 
-def workload(conn: psycopg.Connection[Any], accounts: int, console: Console) -> Lsn:
-    """Inserts, updates (one changing a key) and deletes; returns the last commit's LSN."""
+def workload(conn: psycopg.Connection[Any], accounts: int, console: Console) -> None:
+    """Inserts, updates (one changing a key) and deletes."""
     owners = ["ada", "grace", "edsger", "barbara", "ken", "margaret"]
     for i in range(1, accounts + 1):
         with conn.transaction():
@@ -75,10 +76,7 @@ def workload(conn: psycopg.Connection[Any], accounts: int, console: Console) -> 
         conn.execute("DELETE FROM orders WHERE id = 3")
     with conn.transaction():
         conn.execute("DELETE FROM accounts WHERE id = %s", (accounts,))
-    row = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
-    assert row is not None
     console.print(f"[dim]workload done: {accounts * 2 + 3} transactions[/]")
-    return Lsn.parse(row[0])
 
 
 def _normal(value: Any) -> Any:
@@ -118,18 +116,17 @@ def run_demo(accounts: int = 12, console: Console | None = None) -> DemoResult:
             for slot in ("demo_tail", "demo_copy"):  # each in a transaction of its own
                 conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
             console.print("created tables accounts, orders; publication demo_pub; two slots")
-            end = workload(conn, accounts, console)
+            workload(conn, accounts, console)
+        until = _last_commit(pg.dsn)
 
         console.rule("live changes (tail --format pretty)")
         tail_opts = StreamOptions(slot="demo_tail", publications=("demo_pub",), status_interval=1)
-        printed = run_tail(
-            pg.dsn, tail_opts, Format.pretty, "typed", None, until=_last_commit(pg.dsn, end)
-        )
+        printed = run_tail(pg.dsn, tail_opts, Format.pretty, "typed", None, until=until)
 
         console.rule("replicate into SQLite")
         target = f"sqlite:///{Path(tmp) / 'demo.db'}"
         copy_opts = StreamOptions(slot="demo_copy", publications=("demo_pub",), status_interval=1)
-        stats = run_replicate(pg.dsn, target, copy_opts, until=_last_commit(pg.dsn, end))
+        stats = run_replicate(pg.dsn, target, copy_opts, until=until)
         console.print(
             f"applied {stats.transactions} transactions, {stats.changes} changes, "
             f"in {stats.batches} batch(es)"
@@ -154,17 +151,12 @@ def run_demo(accounts: int = 12, console: Console | None = None) -> DemoResult:
     return DemoResult(printed, stats.changes, identical, seconds)
 
 
-def _last_commit(dsn: str, upto: Lsn) -> Lsn:
-    """The end LSN of the last transaction at or before ``upto``: where to stop streaming."""
+def _last_commit(dsn: str) -> Lsn:
+    """Where to stop streaming: the end of the workload's last transaction."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT max(lsn)::text FROM pg_logical_slot_peek_binary_changes("
-            "'demo_copy', %s::pg_lsn, NULL, 'proto_version', '1', 'publication_names', "
-            "'demo_pub') WHERE substr(data, 1, 1) = 'C'",
-            (str(upto),),
-        ).fetchone()
-    assert row is not None and row[0] is not None
-    return Lsn.parse(row[0])
+        end = admin.last_commit_lsn(conn, "demo_copy", ("demo_pub",))
+    assert end is not None
+    return end
 
 
 def _sqlalchemy_url(dsn: str) -> sa.URL:

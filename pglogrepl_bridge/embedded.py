@@ -1,7 +1,7 @@
 """A PostgreSQL server set up for logical replication, for tests and the demo.
 
 Order of choice: an external server (``PGLOGREPL_TEST_DSN``), a testcontainers container when a
-Docker engine answers, otherwise a throwaway local cluster made with initdb/pg_ctl. A local
+Docker engine answers, otherwise a throwaway local cluster made with initdb and postgres. A local
 cluster runs as an unprivileged OS user when we are root, because initdb and postgres refuse
 to run as root. Everything it creates is removed on exit, even when the caller fails.
 """
@@ -78,9 +78,9 @@ class PostgresServer:
 
 
 def find_bindirs() -> dict[int, Path]:
-    """Every PostgreSQL installation with initdb, pg_ctl and pgoutput we can find, by major."""
+    """Every PostgreSQL installation with initdb and postgres we can find, by major."""
     candidates: list[Path] = []
-    for name in ("pg_ctl", "initdb"):
+    for name in ("postgres", "initdb"):
         found = shutil.which(name)
         if found:
             candidates.append(Path(found).resolve().parent)
@@ -97,7 +97,7 @@ def find_bindirs() -> dict[int, Path]:
         candidates.append(pgserver)
     found_dirs: dict[int, Path] = {}
     for bindir in candidates:
-        if not ((bindir / "initdb").exists() and (bindir / "pg_ctl").exists()):
+        if not ((bindir / "initdb").exists() and (bindir / "postgres").exists()):
             continue
         major = _major_version(bindir)
         if major is not None and major not in found_dirs:

@@ -283,7 +283,7 @@ class ReplicationStream:
         opts = self.options
         params: list[tuple[str, str]] = [
             ("proto_version", str(self.proto_version)),
-            ("publication_names", ",".join(_quote_name(p) for p in opts.publications)),
+            ("publication_names", admin.publication_names_option(opts.publications)),
         ]
         if opts.binary:
             params.append(("binary", "true"))
@@ -466,11 +466,6 @@ def message_or(res: psycopg.pq.abc.PGresult | None) -> str:
     if res is None:
         return "connection closed"
     return (res.error_message or b"").decode(errors="replace").strip() or str(res.status)
-
-
-def _quote_name(name: str) -> str:
-    # publication_names is a comma-separated list of (optionally quoted) identifiers
-    return '"' + name.replace('"', '""') + '"'
 
 
 def _short(exc: BaseException) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 
 import psycopg
 
+from pglogrepl_bridge import admin
 from pglogrepl_bridge.lsn import Lsn
 from pglogrepl_bridge.stream import ReplicationStream, StreamOptions
 from pglogrepl_bridge.transaction import Transaction
@@ -50,6 +51,10 @@ class Source:
         kw.setdefault("status_interval", 0.2)
         return StreamOptions(slot=self.slot, publications=(self.publication,), **kw)
 
+    def end(self) -> Lsn:
+        """The end LSN of the last published transaction so far (peeked, not consumed)."""
+        return last_commit_end(self.conn, self.slot, self.publication)
+
     def walsender_pid(self) -> int | None:
         row = self.conn.execute(
             "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (self.slot,)
@@ -65,6 +70,12 @@ def make_source(conn: Conn, *, slot: bool = True, extra: str = "") -> Source:
     if slot:
         conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (src.slot,))
     return src
+
+
+def last_commit_end(conn: Conn, slot: str, publication: str) -> Lsn:
+    end = admin.last_commit_lsn(conn, slot, (publication,))
+    assert end is not None, "nothing committed for that publication yet"
+    return end
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 15.0, what: str = "") -> None:

@@ -113,13 +113,7 @@ def _tail(pg: PostgresServer, src: object, *extra: str) -> subprocess.CompletedP
 
 
 def _end(pg_conn: Conn, src: object) -> str:
-    row = pg_conn.execute(
-        "SELECT max(lsn)::text FROM pg_logical_slot_peek_binary_changes(%s, NULL, NULL, "
-        "'proto_version', '1', 'publication_names', %s) WHERE substr(data, 1, 1) = 'C'",
-        (src.slot, src.publication),  # type: ignore[attr-defined]
-    ).fetchone()
-    assert row is not None
-    return str(row[0])
+    return str(src.end())  # type: ignore[attr-defined]
 
 
 def test_tail_jsonl_until_lsn(source: tuple[PostgresServer, object], pg_conn: Conn) -> None:

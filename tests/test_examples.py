@@ -26,22 +26,10 @@ def run(example: str, pg: PostgresServer, *args: str) -> subprocess.CompletedPro
     )
 
 
-def _end(conn: Conn, slot: str, pub: str) -> str:
-    row = conn.execute(
-        "SELECT max(lsn)::text FROM pg_logical_slot_peek_binary_changes(%s, NULL, NULL, "
-        "'proto_version', '1', 'publication_names', %s) WHERE substr(data, 1, 1) = 'C'",
-        (slot, pub),
-    ).fetchone()
-    assert row is not None and row[0]
-    return str(row[0])
-
-
 def test_tail_stdout(pg: PostgresServer, pg_conn: Conn) -> None:
     src = make_source(pg_conn)
     src.insert(1, 2)
-    result = run(
-        "tail_stdout.py", pg, src.slot, src.publication, _end(pg_conn, src.slot, src.publication)
-    )
+    result = run("tail_stdout.py", pg, src.slot, src.publication, str(src.end()))
     assert result.returncode == 0, result.stderr
     assert [line.split()[1:3] for line in result.stdout.splitlines()] == [
         ["insert", src.table],
@@ -59,7 +47,7 @@ def test_custom_sink(pg: PostgresServer, pg_conn: Conn, tmp_path: Path) -> None:
         src.slot,
         src.publication,
         str(out),
-        _end(pg_conn, src.slot, src.publication),
+        str(src.end()),
     )
     assert result.returncode == 0, result.stderr
     (line,) = out.read_text().splitlines()
@@ -77,7 +65,7 @@ def test_replicate_sqlite(pg: PostgresServer, pg_conn: Conn, tmp_path: Path) -> 
         src.slot,
         src.publication,
         str(db),
-        _end(pg_conn, src.slot, src.publication),
+        str(src.end()),
     )
     assert result.returncode == 0, result.stderr
     with sqlite3.connect(db) as conn:
@@ -89,7 +77,7 @@ def test_bridge_inprocess(pg: PostgresServer, pg_conn: Conn) -> None:
     src = make_source(pg_conn)
     src.insert(1)
     src.insert(2)
-    end = _end(pg_conn, src.slot, src.publication)
+    end = str(src.end())
     result = run("bridge_inprocess.py", pg, src.slot, src.publication, end)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("replica applied") == 2

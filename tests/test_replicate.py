@@ -27,7 +27,7 @@ from pglogrepl_bridge.sqlsink import CHECKPOINT_TABLE, SinkError
 from pglogrepl_bridge.stream import StreamOptions
 
 from .mariadb_server import mariadb_server
-from .streamkit import Conn
+from .streamkit import Conn, last_commit_end
 
 _n = itertools.count()
 
@@ -135,14 +135,7 @@ class Source:
             c.execute(f"DELETE FROM {self.notes} WHERE k = %s", (f"k{start + 4}",))
 
     def end(self) -> Lsn:
-        """The end LSN of the last published transaction so far (peeked, not consumed)."""
-        row = self.conn.execute(
-            "SELECT max(lsn)::text FROM pg_logical_slot_peek_binary_changes(%s, NULL, NULL, "
-            "'proto_version', '1', 'publication_names', %s) WHERE substr(data, 1, 1) = 'C'",
-            (self.slot, self.pub),
-        ).fetchone()
-        assert row is not None and row[0] is not None
-        return Lsn.parse(row[0])
+        return last_commit_end(self.conn, self.slot, self.pub)
 
 
 def _like(value: Any, model: Any) -> Any:
