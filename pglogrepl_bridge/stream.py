@@ -93,8 +93,9 @@ class ReplicationStream:
         on_problem: Callable[[ValueProblem], None] | None = None,
         on_idle: Callable[[], None] | None = None,
     ) -> None:
-        """``on_idle`` runs whenever everything received has been handed out and the loop is
-        about to wait: the moment for a batching consumer to flush and acknowledge."""
+        """``on_idle`` runs when everything received has been handed out and nothing more has
+        arrived: the loop is about to wait. The moment for a batching consumer to flush and
+        acknowledge; under a steady load it runs rarely, so batches fill up."""
         if not options.publications:
             raise ConfigError("no publication given: name at least one with --publication")
         self.dsn = dsn
@@ -317,6 +318,7 @@ class ReplicationStream:
             try:
                 if self._conn is None:
                     self.start()
+                    backoff = 0.1  # connected: the next loss starts the backoff afresh
                 yield from self._run()
                 return
             except _Rewind:
@@ -341,6 +343,7 @@ class ReplicationStream:
                 # a slot still held by our own dying walsender frees itself in a moment
                 if "in use by another process" not in str(exc) or not self.reconnects:
                     raise
+                log.warning("%s; retrying in %.1fs", exc, backoff)
                 self._drop_connection()
                 time.sleep(backoff)
                 backoff = min(backoff * 2, self.options.max_backoff)
@@ -395,8 +398,8 @@ class ReplicationStream:
                 continue
             if nbytes < 0:
                 self._end_of_copy(conn)
-            if self._on_idle is not None:
-                self._on_idle()
+            if not drained and self._on_idle is not None:
+                self._on_idle()  # caught up: nothing buffered, nothing arrived since last look
             if until is not None and tracker.flushed >= until and not tracker.inflight:
                 break  # everything up to until_lsn is acknowledged: done
             if self._rewind_to is not None:
