@@ -358,7 +358,7 @@ def run_bridge(
     return stats
 
 
-def _tls_context(server: bool, cert: str | None, key: str | None, ca: str | None) -> ssl.SSLContext:
+def tls_context(server: bool, cert: str | None, key: str | None, ca: str | None) -> ssl.SSLContext:
     purpose = ssl.Purpose.CLIENT_AUTH if server else ssl.Purpose.SERVER_AUTH
     ctx = ssl.create_default_context(purpose, cafile=ca)
     if cert:
@@ -435,8 +435,8 @@ def bridge(
             heartbeat_interval=heartbeat_interval,
             window=window,
             term=term,
-            tls_client=_tls_context(False, tls_cert, tls_key, tls_ca) if tls else None,
-            tls_server=_tls_context(True, tls_cert, tls_key, tls_ca) if tls else None,
+            tls_client=tls_context(False, tls_cert, tls_key, tls_ca) if tls else None,
+            tls_server=tls_context(True, tls_cert, tls_key, tls_ca) if tls else None,
         )
         if config.listen and config.listen[0] not in ("127.0.0.1", "::1", "localhost") and not tls:
             cli.log.warning(

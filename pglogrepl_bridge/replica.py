@@ -94,7 +94,11 @@ class TcpReplica:
             except OSError:
                 return
             if self.tls is not None:
-                conn = self.tls.wrap_socket(conn, server_side=True)
+                try:
+                    conn = self.tls.wrap_socket(conn, server_side=True)
+                except (ssl.SSLError, OSError):
+                    conn.close()  # a peer without an acceptable certificate: refused
+                    continue
             self._serve(conn)
 
     def _dial_loop(self, host: str, port: int) -> None:
@@ -105,7 +109,12 @@ class TcpReplica:
                 self._stop.wait(0.1)
                 continue
             if self.tls is not None:
-                conn = self.tls.wrap_socket(conn, server_hostname=host)
+                try:
+                    conn = self.tls.wrap_socket(conn, server_hostname=host)
+                except (ssl.SSLError, OSError):
+                    conn.close()
+                    self._stop.wait(0.5)
+                    continue
             self._serve(conn)
 
     def _serve(self, conn: socket.socket) -> None:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
-from pglogrepl_bridge.bridge import BridgeConfig, BridgeStats, Network, run_bridge
+from pglogrepl_bridge.bridge import BridgeConfig, BridgeStats, Network, run_bridge, tls_context
 from pglogrepl_bridge.embedded import PostgresServer
 from pglogrepl_bridge.protocol import Promotion, RequestFrom, VoteRequest
 from pglogrepl_bridge.replica import ReplicaNode, TcpReplica
@@ -227,6 +229,93 @@ def test_replica_holding_everything_confirms_after_a_bridge_restart(
         wait_for(lambda: (src.confirmed() or 0) >= node.last_lsn, what="confirmed")
         assert len(node.applied) == 2  # resent copies are dropped, never applied twice
         assert set(node.duplicates) <= {e.lsn for e in node.applied}
+    finally:
+        bridge.stop()
+        rep.close()
+
+
+def _certificates(d: Path) -> tuple[str, str, str]:
+    """A throwaway CA and a certificate for 127.0.0.1 signed by it (used on both ends)."""
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=test-ca",
+    )
+    run(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "node.key",
+        "-out",
+        "node.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    )
+    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    run(
+        "x509",
+        "-req",
+        "-in",
+        "node.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "node.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+    )
+    return str(d / "node.pem"), str(d / "node.key"), str(d / "ca.pem")
+
+
+def test_mutual_tls(pg: PostgresServer, pg_conn: Conn, tmp_path: Path) -> None:
+    cert, key, ca = _certificates(tmp_path)
+    src = make_source(pg_conn)
+    node = ReplicaNode(node_id=3)
+    rep = TcpReplica(node, tls=tls_context(True, cert, key, ca))  # requires a client cert
+    address = rep.listen()
+    bridge = start_bridge(
+        pg, src, BridgeConfig(replicas=[address], tls_client=tls_context(False, cert, key, ca))
+    )
+    try:
+        src.insert(1)
+        src.insert(2)
+        wait_for(lambda: len(node.applied) == 2, what="applied over TLS")
+        wait_for(lambda: (src.confirmed() or 0) >= node.last_lsn, what="confirmed")
+    finally:
+        bridge.stop()
+        rep.close()
+    # without a client certificate, the replica refuses the bridge: nothing gets through
+    plain = ReplicaNode(node_id=4)
+    rep = TcpReplica(plain, tls=tls_context(True, cert, key, ca))
+    address = rep.listen()
+    bridge = start_bridge(
+        pg, src, BridgeConfig(replicas=[address], tls_client=tls_context(False, None, None, ca))
+    )
+    try:
+        src.insert(3)
+        time.sleep(1.5)
+        assert plain.applied == []
     finally:
         bridge.stop()
         rep.close()
