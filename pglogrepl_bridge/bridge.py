@@ -263,6 +263,8 @@ class Network:
         if beat:
             self._heartbeat_due = now + self.config.heartbeat_interval
         with self.lock:
+            # a bridge that lost PostgreSQL is not a healthy master: votes follow the rules
+            self.hub.healthy = self.stream.connected and not self.stream.stopping
             heartbeat = self.hub.heartbeat() if beat else b""
             for conn in self.conns.values():
                 conn.out += heartbeat

@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 
 from . import __version__
-from .errors import BridgeError, ConfigError
+from .errors import ConfigError
 from .lsn import Lsn
 from .stream import StreamOptions
 
@@ -139,9 +139,7 @@ def handled() -> Iterator[None]:
         yield
     except typer.Exit:
         raise
-    except BridgeError as exc:
-        fail(exc)
-    except Exception as exc:
+    except Exception as exc:  # BridgeError and the unexpected alike: one message, no traceback
         fail(exc)
 
 

@@ -131,6 +131,11 @@ class ReplicationStream:
         self._stopping = True
 
     @property
+    def connected(self) -> bool:
+        """Streaming from PostgreSQL right now (not between a loss and the reconnect)."""
+        return self._conn is not None
+
+    @property
     def stopping(self) -> bool:
         return self._stopping
 
