@@ -12,7 +12,6 @@ import threading
 import time
 from types import TracebackType
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from rich.console import Console
 from rich.live import Live
 from rich.text import Text
@@ -25,6 +24,9 @@ log = logging.getLogger("pglogrepl_bridge.progress")
 
 class _Metrics:
     def __init__(self, port: int) -> None:
+        # imported here: most runs serve no metrics, and every run pays for its imports
+        from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
         self.registry = CollectorRegistry()
         r = self.registry
         self.received = Gauge(
