@@ -14,6 +14,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
@@ -24,6 +25,7 @@ from psycopg.pq import Format
 from .lsn import format_lsn
 from .messages import Message
 from .relcache import Fused, RelationInfo
+from .rowjson import ColumnRender, Render, compile_row
 from .transaction import RowChange, Transaction, TruncateChange
 from .values import ValueMode
 
@@ -33,7 +35,6 @@ except ImportError:  # pragma: no cover - every CPython has it
     from json.encoder import encode_basestring as _quote
 
 log = logging.getLogger(__name__)
-Render = Callable[[bytes], str]
 
 _INTS = {20, 21, 23, 26, 28, 5069}  # int8, int2, int4, oid, xid, xid8
 _FLOATS = {700, 701}
@@ -137,24 +138,45 @@ def _loaded(load: Callable[[bytes], Any]) -> Render:
     return _kept_as_text(lambda data: py_json(load(data)))
 
 
+class _Shape:
+    """What rendering one relation needs, worked out once: compiled row renderers (all
+    columns, and key columns only) and the fixed text around the values."""
+
+    __slots__ = ("fused", "heads", "key_row", "keys", "row")
+
+    def __init__(self, renderer: JsonRenderer, rel: RelationInfo) -> None:
+        text = [renderer._text_renderer(c.type_oid) for c in rel.columns]
+        binary = [renderer._binary_renderer(c.type_oid) for c in rel.columns]
+        self.fused: Fused = tuple(
+            (c.name, t, b) for c, t, b in zip(rel.columns, text, binary, strict=True)
+        )
+        self.keys = {c.name: _quote(c.name) + ":" for c in rel.columns}
+        columns = [
+            ColumnRender(self.keys[c.name], t, b, quote_text=t is _text, raw_text=t is _int)
+            for c, t, b in zip(rel.columns, text, binary, strict=True)
+        ]
+        self.row = compile_row(columns, _quote)
+        self.key_row = compile_row(
+            [replace(col, included=c.is_key) for c, col in zip(rel.columns, columns, strict=True)],
+            _quote,
+        )
+        where = f'"schema":{_quote(rel.namespace or "pg_catalog")},"table":{_quote(rel.name)}'
+        self.heads = {op: f'{{"op":"{op}",{where},"new":' for op in ("insert", "update", "delete")}
+
+
 class JsonRenderer:
     """Renders transactions to JSON text; caches per-relation value renderers."""
 
     def __init__(self, values: ValueMode = "typed") -> None:
         self.values = values
         self._transformer = Transformer()
-        self._cache: dict[RelationInfo, tuple[Fused, dict[str, str]]] = {}
+        self._shapes: dict[RelationInfo, _Shape] = {}
 
-    def _for(self, rel: RelationInfo) -> tuple[Fused, dict[str, str]]:
-        cached = self._cache.get(rel)
-        if cached is None:
-            fused = tuple(
-                (c.name, self._text_renderer(c.type_oid), self._binary_renderer(c.type_oid))
-                for c in rel.columns
-            )
-            keys = {c.name: _quote(c.name) + ":" for c in rel.columns}
-            cached = self._cache[rel] = (fused, keys)
-        return cached
+    def _shape(self, rel: RelationInfo) -> _Shape:
+        shape = self._shapes.get(rel)
+        if shape is None:
+            shape = self._shapes[rel] = _Shape(self, rel)
+        return shape
 
     def _text_renderer(self, oid: int) -> Render:
         if self.values == "text":
@@ -174,35 +196,46 @@ class JsonRenderer:
     def _binary_renderer(self, oid: int) -> Render:
         return _loaded(self._transformer.get_loader(oid, Format.BINARY).load)
 
-    def _values(
-        self, rel: RelationInfo, raw: bytes, at: int, key_only: bool = False
-    ) -> dict[str, str | None] | None:
-        if at < 0:
-            return None
-        return rel.row_at(raw, at, key_only=key_only, fused=self._for(rel)[0])
-
-    def _object(self, rel: RelationInfo, values: dict[str, str | None] | None) -> str:
-        if values is None:
-            return "null"
-        keys = self._for(rel)[1]
-        return (
-            "{" + ",".join(keys[k] + ("null" if v is None else v) for k, v in values.items()) + "}"
-        )
+    def _careful(
+        self, rel: RelationInfo, raw: bytes, at: int, key_only: bool
+    ) -> tuple[str, list[str]]:
+        """Through RelationInfo.row_at: reports bad values, raises DecodeError where due."""
+        shape = self._shape(rel)
+        values = rel.row_at(raw, at, key_only=key_only, fused=shape.fused)
+        keys = shape.keys
+        body = ",".join(keys[k] + ("null" if v is None else v) for k, v in values.items())
+        toast = [] if key_only else list(rel.left_out(values))
+        return "{" + body + "}", toast
 
     def row(self, rel: RelationInfo, raw: bytes, at: int, *, key_only: bool = False) -> str:
         """The TupleData at ``raw[at:]`` as a JSON object (``null`` when ``at`` < 0)."""
-        return self._object(rel, self._values(rel, raw, at, key_only))
+        if at < 0:
+            return "null"
+        shape = self._shape(rel)
+        done = (shape.key_row if key_only else shape.row)(raw, at)
+        return done if done is not None else self._careful(rel, raw, at, key_only)[0]
 
     def change(self, change: RowChange | TruncateChange | Message) -> str:
-        if isinstance(change, RowChange):
+        if type(change) is RowChange:
             rel = change.relation
-            new = self._values(rel, change.raw, change.new_at)
-            old = self._values(rel, change.raw, change.old_at, change.old_kind == "K")
-            toast = () if new is None else rel.left_out(new)
+            shape = self._shapes.get(rel) or self._shape(rel)
+            raw = change.raw
+            at = change.new_at
+            toast: list[str] = []
+            if at < 0:
+                new: str | None = "null"
+            elif (new := shape.row(raw, at)) is None:
+                new, toast = self._careful(rel, raw, at, False)
+            at = change.old_at
+            if at < 0:
+                old: str | None = "null"
+            else:
+                key_only = change.old_kind == "K"
+                old = (shape.key_row if key_only else shape.row)(raw, at)
+                if old is None:
+                    old = self._careful(rel, raw, at, key_only)[0]
             return (
-                f'{{"op":"{change.op}","schema":{_quote(change.schema)},'
-                f'"table":{_quote(rel.name)},'
-                f'"new":{self._object(rel, new)},"old":{self._object(rel, old)},'
+                f'{shape.heads[change.op]}{new},"old":{old},'
                 f'"unchanged_toast":[{",".join(map(_quote, toast))}]}}'
             )
         if isinstance(change, TruncateChange):
@@ -212,6 +245,7 @@ class JsonRenderer:
                 f'"cascade":{py_json(change.cascade)},'
                 f'"restart_identity":{py_json(change.restart_identity)}}}'
             )
+        assert isinstance(change, Message)
         content = base64.b64encode(change.content).decode()
         return (
             f'{{"op":"message","prefix":{_quote(change.prefix)},"content":"{content}",'

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import base64
 import json
+import struct
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pglogrepl_bridge.jsonl import JsonRenderer, py_json
+from pglogrepl_bridge.messages import Column, Relation, TupleData
+from pglogrepl_bridge.relcache import RelationCache, RelationInfo
 from pglogrepl_bridge.transaction import Transaction
 
+from .pgoutput_builders import tuple_bytes
 from .test_captures import VERSIONS, replay
 
 
@@ -105,3 +111,69 @@ def test_py_json_rules() -> None:
     assert py_json(datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)) == '"2024-01-02T03:04:05+00:00"'
     assert py_json([1, None, [True]]) == "[1,null,[true]]"
     assert py_json({"a": 1}) == '{"a":1}'
+
+
+_TYPES = {"text": 25, "int4": 23, "bool": 16, "numeric": 1700, "jsonb": 3802, "date": 1082}
+
+
+@st.composite
+def _relation_and_tuple(draw: st.DrawFn) -> tuple[RelationInfo, bytes]:
+    """A relation with awkward column names and a tuple of text, NULL and binary values that
+    its renderers accept (so the compiled path must produce exactly the careful one's text)."""
+    names = draw(st.lists(st.text(min_size=1, max_size=8), min_size=1, max_size=6, unique=True))
+    types = [draw(st.sampled_from(sorted(_TYPES))) for _ in names]
+    keys = [draw(st.booleans()) for _ in names]
+    samples = {
+        "text": st.text(max_size=12).map(str.encode),
+        "int4": st.integers(-(2**31), 2**31 - 1).map(lambda i: str(i).encode()),
+        "bool": st.sampled_from([b"t", b"f"]),
+        "numeric": st.sampled_from([b"1.50", b"-0.001", b"NaN"]),
+        "jsonb": st.sampled_from([b'{"a": [1, "x"]}', b"null", b'"s"']),
+        "date": st.sampled_from([b"2024-02-29", b"1999-12-31"]),
+    }
+    kinds, values = bytearray(), []
+    for t in types:
+        if draw(st.booleans()):
+            kinds.append(0x74)
+            values.append(draw(samples[t]))
+        elif t == "int4" and draw(st.booleans()):
+            kinds.append(0x62)
+            values.append(struct.pack("!i", draw(st.integers(-5, 5))))
+        else:
+            kinds.append(0x6E)
+            values.append(None)
+    relation = Relation(
+        None,
+        1,
+        "public",
+        "t",
+        "d",
+        tuple(Column(n, _TYPES[t], -1, k) for n, t, k in zip(names, types, keys, strict=True)),
+    )
+    info = RelationCache().add_relation(relation)
+    return info, b"I" + tuple_bytes(TupleData(bytes(kinds), tuple(values)))
+
+
+@given(_relation_and_tuple(), st.booleans())
+def test_compiled_rows_equal_the_careful_path(case: tuple[RelationInfo, bytes], key: bool) -> None:
+    rel, raw = case
+    renderer = JsonRenderer("typed")
+    fast = renderer.row(rel, raw, 1, key_only=key)
+    careful = renderer._careful(rel, raw, 1, key)[0]
+    assert fast == careful
+    expected = {c.name for c in rel.columns if c.is_key or not key}
+    assert set(json.loads(fast)) == expected
+
+
+def test_compiled_rows_step_aside_for_unchanged_toast_and_bad_bytes() -> None:
+    relation = Relation(
+        None, 1, "s", "t", "d", (Column("id", 23, -1, True), Column("big", 25, -1, False))
+    )
+    rel = RelationCache().add_relation(relation)
+    renderer = JsonRenderer("typed")
+    shape = renderer._shape(rel)
+    toast = tuple_bytes(TupleData(b"tu", (b"7", None)))
+    assert shape.row(toast, 0) is None  # the careful path reports the TOAST column
+    assert renderer.row(rel, toast, 0) == '{"id":7}'
+    assert shape.row(b"\x00\x02t\x00\x00\x00\x09" + b"7", 0) is None  # length overshoots
+    assert shape.row(b"\x00\x03", 0) is None  # wrong column count
