@@ -25,7 +25,7 @@ from psycopg.pq import Format
 from .lsn import format_lsn
 from .messages import Message
 from .relcache import Fused, RelationInfo
-from .rowjson import ColumnRender, Render, compile_row
+from .rowcompile import ColumnRender, Render, compile_json_row
 from .transaction import RowChange, Transaction, TruncateChange
 from .values import ValueMode
 
@@ -155,8 +155,8 @@ class _Shape:
             ColumnRender(self.keys[c.name], t, b, quote_text=t is _text, raw_text=t is _int)
             for c, t, b in zip(rel.columns, text, binary, strict=True)
         ]
-        self.row = compile_row(columns, _quote)
-        self.key_row = compile_row(
+        self.row = compile_json_row(columns, _quote)
+        self.key_row = compile_json_row(
             [replace(col, included=c.is_key) for c, col in zip(rel.columns, columns, strict=True)],
             _quote,
         )

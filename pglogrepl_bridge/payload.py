@@ -1,9 +1,11 @@
 """The ``data`` of a WalEntry: one transaction, as JSON (default) or as compact bincode.
 
 The bincode form is ``bincode::deserialize``-able as the Rust types in
-docs/replication-message.md (``Transaction``, ``Change``, ``Column``, ``Value``). Values are
-PostgreSQL's own text output (or its binary form with --binary), copied straight from the
-wire: nothing is converted, so it is lossless and cheap.
+docs/replication-message.md. Each transaction carries the definitions of the relations it
+touches once, and each row as PostgreSQL's own TupleData bytes, exactly as pgoutput sent
+them: the Rust ``Row`` type turns them into values while deserializing (``#[serde(try_from)]``).
+Nothing is parsed or converted here, so the bridge pays nothing per column: that is what
+lets it keep up with the walsender.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import struct
 from collections.abc import Callable
 from typing import Literal
 
+from .errors import DecodeError
 from .jsonl import JsonRenderer
 from .messages import Message
-from .relcache import Fused, RelationInfo
+from .relcache import RelationInfo
 from .transaction import RowChange, Transaction, TruncateChange
 
 PayloadFormat = Literal["json", "bincode"]
@@ -22,11 +25,14 @@ PayloadFormat = Literal["json", "bincode"]
 _U32 = struct.Struct("<I").pack
 _U64 = struct.Struct("<Q").pack
 _TXN_HEAD = struct.Struct("<IQQq")
+# Change::Row, its Op, the relation's index, then Option<Row>: Some and the byte count
+_ROW_NEW = struct.Struct("<IIIBQ").pack  # with a new row
+_ROW_NO_NEW = struct.Struct("<IIIB").pack  # new: None (deletes)
+_SOME_ROW = struct.Struct("<BQ").pack
 
 # enum variant indexes (declaration order in the Rust definitions)
 CHANGE_ROW, CHANGE_TRUNCATE, CHANGE_MESSAGE = 0, 1, 2
 OP_INDEX = {"insert": 0, "update": 1, "delete": 2}
-VALUE_TEXT, VALUE_BINARY = 0, 1
 _NONE, _SOME = b"\x00", b"\x01"
 
 
@@ -39,64 +45,72 @@ def _bytes(raw: bytes) -> bytes:
     return _U64(len(raw)) + raw
 
 
-def _text_value(data: bytes) -> bytes:  # Some(Value::Text(String))
-    return b"\x01\x00\x00\x00\x00" + _U64(len(data)) + data
+def relation_def(rel: RelationInfo) -> bytes:
+    """``Relation { schema, table, columns: Vec<ColumnDef { name, type_oid, is_key }> }``"""
+    columns = b"".join(_string(c.name) + _U32(c.type_oid) + bytes((c.is_key,)) for c in rel.columns)
+    return (
+        _string(rel.namespace or "pg_catalog")
+        + _string(rel.name)
+        + _U64(len(rel.columns))
+        + columns
+    )
 
 
-def _binary_value(data: bytes) -> bytes:  # Some(Value::Binary(Vec<u8>))
-    return b"\x01\x01\x00\x00\x00" + _U64(len(data)) + data
+def _checked(change: RowChange, at: int) -> None:
+    """The one check a pass-through row gets: its column count is the relation's."""
+    raw = change.raw
+    if at + 2 > len(raw) or (raw[at] << 8) | raw[at + 1] != change.relation.ncols:
+        raise DecodeError(
+            f"{change.op} on {change.relation.qualified_name}: tuple column count does not "
+            f"match the relation's {change.relation.ncols}",
+            msg_type="TupleData",
+        )
 
 
 class BincodeEncoder:
-    """Transactions → bincode bytes of ``Transaction``; per-relation names encoded once."""
+    """Transactions → bincode bytes of ``Transaction``."""
 
     def __init__(self) -> None:
-        self._cache: dict[RelationInfo, tuple[Fused, dict[str, bytes], bytes]] = {}
+        self._defs: dict[RelationInfo, bytes] = {}
 
-    def _for(self, rel: RelationInfo) -> tuple[Fused, dict[str, bytes], bytes]:
-        cached = self._cache.get(rel)
-        if cached is None:
-            fused = tuple((c.name, _text_value, _binary_value) for c in rel.columns)
-            names = {c.name: _string(c.name) for c in rel.columns}
-            head = _string(rel.namespace or "pg_catalog") + _string(rel.name)
-            cached = self._cache[rel] = (fused, names, head)
-        return cached
+    def _def(self, rel: RelationInfo) -> bytes:
+        encoded = self._defs.get(rel)
+        if encoded is None:
+            encoded = self._defs[rel] = relation_def(rel)
+        return encoded
 
-    def _values(
-        self, rel: RelationInfo, raw: bytes, at: int, key_only: bool
-    ) -> dict[str, bytes | None] | None:
-        if at < 0:
-            return None
-        return rel.row_at(raw, at, key_only=key_only, fused=self._for(rel)[0])
-
-    def _columns(self, rel: RelationInfo, values: dict[str, bytes | None] | None) -> bytes:
-        if values is None:
-            return _NONE
-        names = self._for(rel)[1]
-        parts = [_SOME, _U64(len(values))]
-        for name, value in values.items():
-            parts.append(names[name])
-            parts.append(_NONE if value is None else value)
-        return b"".join(parts)
-
-    def change(self, change: RowChange | TruncateChange | Message) -> bytes:
-        if isinstance(change, RowChange):
-            rel = change.relation
-            _, _, head = self._for(rel)
-            new = self._values(rel, change.raw, change.new_at, False)
-            old = self._values(rel, change.raw, change.old_at, change.old_kind == "K")
-            toast = () if new is None else rel.left_out(new)
+    @staticmethod
+    def row(change: RowChange, relation: int) -> bytes:
+        """``Change::Row { op, relation, new: Option<Row>, old: Option<Row> }``: the rows are
+        slices of the message (a tuple runs to the end of the message, or for an update's old
+        row up to the 'N' that starts the new one)."""
+        raw, new_at, old_at = change.raw, change.new_at, change.old_at
+        op = OP_INDEX[change.op]
+        if new_at >= 0:
+            _checked(change, new_at)
+            if old_at < 0:  # insert, or update with no old row: the hot path
+                return (
+                    _ROW_NEW(CHANGE_ROW, op, relation, 1, len(raw) - new_at) + raw[new_at:] + _NONE
+                )
+            _checked(change, old_at)
+            new = raw[new_at:]
+            old = raw[old_at : new_at - 1]
             return b"".join(
                 (
-                    _U32(CHANGE_ROW),
-                    _U32(OP_INDEX[change.op]),
-                    head,
-                    self._columns(rel, new),
-                    self._columns(rel, old),
-                    _U64(len(toast)),
-                    *map(_string, toast),
+                    _ROW_NEW(CHANGE_ROW, op, relation, 1, len(new)),
+                    new,
+                    _SOME_ROW(1, len(old)),
+                    old,
                 )
             )
+        _checked(change, old_at)
+        old = raw[old_at:]
+        return _ROW_NO_NEW(CHANGE_ROW, op, relation, 0) + _SOME_ROW(1, len(old)) + old
+
+    def change(self, change: RowChange | TruncateChange | Message, relation: int = 0) -> bytes:
+        """One ``Change``; ``relation`` is the index of a Row's relation in ``relations``."""
+        if isinstance(change, RowChange):
+            return self.row(change, relation)
         if isinstance(change, TruncateChange):
             return b"".join(
                 (
@@ -114,14 +128,28 @@ class BincodeEncoder:
         )
 
     def transaction(self, txn: Transaction) -> bytes:
+        index: dict[RelationInfo, int] = {}
+        parts: list[bytes] = []
+        append = parts.append
+        row = self.row
+        for change in txn.changes:
+            if type(change) is RowChange:
+                rel = change.relation
+                i = index.get(rel)
+                if i is None:
+                    i = index[rel] = len(index)
+                append(row(change, i))
+            else:
+                append(self.change(change))
         origin = _NONE if txn.origin is None else _SOME + _string(txn.origin)
-        changes = [self.change(c) for c in txn.changes]
         return b"".join(
             (
                 _TXN_HEAD.pack(txn.xid, txn.commit_lsn, txn.end_lsn, txn.timestamp_us),
                 origin,
-                _U64(len(changes)),
-                *changes,
+                _U64(len(index)),
+                *map(self._def, index),
+                _U64(len(parts)),
+                *parts,
             )
         )
 

@@ -4,20 +4,27 @@ bincode 1.x's rules and the Rust definitions in docs/replication-message.md."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import struct
+import subprocess
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from pglogrepl_bridge.errors import DecodeError
 from pglogrepl_bridge.payload import BincodeEncoder, encoder
-from pglogrepl_bridge.transaction import Transaction
+from pglogrepl_bridge.transaction import RowChange, Transaction
 
 from .test_captures import VERSIONS, replay
 
-# The Rust types, transcribed: field order is the wire order.
-VALUE = ("enum", [("Text", ["string"]), ("Binary", ["bytes"])])
-COLUMN = ("struct", [("name", "string"), ("value", ("option", VALUE))])
+# The Rust types, transcribed: field order is the wire order. A Row is a Vec<u8> of pgoutput
+# TupleData, read by tuple_values below.
 OP = ("enum", [("Insert", []), ("Update", []), ("Delete", [])])
+COLUMN_DEF = ("struct", [("name", "string"), ("type_oid", "u32"), ("is_key", "bool")])
+RELATION = ("struct", [("schema", "string"), ("table", "string"), ("columns", ("vec", COLUMN_DEF))])
 CHANGE = (
     "enum",
     [
@@ -25,11 +32,9 @@ CHANGE = (
             "Row",
             [
                 ("op", OP),
-                ("schema", "string"),
-                ("table", "string"),
-                ("new", ("option", ("vec", COLUMN))),
-                ("old", ("option", ("vec", COLUMN))),
-                ("unchanged_toast", ("vec", "string")),
+                ("relation", "u32"),
+                ("new", ("option", "row")),
+                ("old", ("option", "row")),
             ],
         ),
         (
@@ -47,6 +52,7 @@ TRANSACTION = (
         ("end_lsn", "u64"),
         ("commit_time_us", "i64"),
         ("origin", ("option", "string")),
+        ("relations", ("vec", RELATION)),
         ("changes", ("vec", CHANGE)),
     ],
 )
@@ -64,6 +70,8 @@ def read(schema: Any, buf: bytes, pos: int) -> tuple[Any, int]:
         n, pos = read("u64", buf, pos)
         raw = buf[pos : pos + n]
         assert len(raw) == n
+        if schema == "row":
+            return tuple_values(raw), pos + n
         return (raw.decode() if schema == "string" else raw), pos + n
     kind, spec = schema
     if kind == "option":
@@ -91,16 +99,47 @@ def read(schema: Any, buf: bytes, pos: int) -> tuple[Any, int]:
     return {variant: values}, pos
 
 
+def tuple_values(raw: bytes) -> list[Any]:
+    """pgoutput TupleData (Int16 count; per column 'n', 'u', or 't'/'b' + Int32 length +
+    bytes, big-endian), as the Rust Row's try_from reads it: ("text", str), ("binary",
+    bytes), None for NULL, "unchanged" for unchanged TOAST."""
+    (count,) = struct.unpack_from("!H", raw, 0)
+    pos, values = 2, []
+    for _ in range(count):
+        kind, pos = raw[pos : pos + 1], pos + 1
+        if kind == b"n":
+            values.append(None)
+        elif kind == b"u":
+            values.append("unchanged")
+        else:
+            assert kind in (b"t", b"b")
+            (n,) = struct.unpack_from("!I", raw, pos)
+            data = raw[pos + 4 : pos + 4 + n]
+            assert len(data) == n
+            values.append(("text", data.decode()) if kind == b"t" else ("binary", data))
+            pos += 4 + n
+    assert pos == len(raw), "trailing bytes in a Row"
+    return values
+
+
 def decode(buf: bytes) -> dict[str, Any]:
     value, end = read(TRANSACTION, buf, 0)
     assert end == len(buf), "trailing bytes"
     return value  # type: ignore[no-any-return]
 
 
-def columns(cols: list[dict[str, Any]] | None) -> dict[str, str | None] | None:
-    if cols is None:
+def columns(doc: dict[str, Any], row: dict[str, Any], which: str) -> dict[str, Any] | None:
+    """A Row's values by column name, as a consumer reads them through ``relations``."""
+    values = row[which]
+    if values is None:
         return None
-    return {c["name"]: None if c["value"] is None else c["value"]["Text"]["Text"] for c in cols}
+    names = [c["name"] for c in doc["relations"][row["relation"]]["columns"]]
+    assert len(names) == len(values)
+    return {
+        n: v[1] if isinstance(v, tuple) else v
+        for n, v in zip(names, values, strict=True)
+        if v is not None or which == "new"
+    }
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -116,9 +155,15 @@ def test_bincode_payload_reads_back(version: int) -> None:
         txns[0].end_lsn,
     )
     assert first["commit_time_us"] == txns[0].timestamp_us and first["origin"] is None
+    assert first["relations"][0]["schema"] == "public"
+    assert first["relations"][0]["table"] == "items"
+    assert [(c["name"], c["is_key"]) for c in first["relations"][0]["columns"]][:2] == [
+        ("id", True),
+        ("name", False),
+    ]
     row = first["changes"][0]["Row"]
-    assert row["op"] == {"Insert": {}} and (row["schema"], row["table"]) == ("public", "items")
-    assert columns(row["new"]) == {
+    assert row["op"] == {"Insert": {}} and row["relation"] == 0
+    assert columns(first, row, "new") == {
         "id": "1",
         "name": "apple",
         "price": "1.50",
@@ -126,10 +171,10 @@ def test_bincode_payload_reads_back(version: int) -> None:
         "big": None,
         "feel": "happy",
     }
-    assert row["old"] is None and row["unchanged_toast"] == []
+    assert row["old"] is None
     toast = docs[2]["changes"][0]["Row"]
-    assert toast["unchanged_toast"] == ["big"] and "big" not in columns(toast["new"])  # type: ignore[operator]
-    assert columns(docs[3]["changes"][0]["Row"]["old"]) == {"id": "2"}
+    assert columns(docs[2], toast, "new")["big"] == "unchanged"  # type: ignore[index]
+    assert columns(docs[3], docs[3]["changes"][0]["Row"], "old") == {"id": "2"}
     assert docs[6]["changes"][0] == {
         "Message": {"prefix": "app", "content": b"hello", "transactional": True}
     }
@@ -140,6 +185,7 @@ def test_bincode_payload_reads_back(version: int) -> None:
             "restart_identity": True,
         }
     }
+    assert all(d["relations"] == [] for d in docs[6:8])  # no Row, no relation definitions
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -147,7 +193,54 @@ def test_binary_values_are_binary(version: int) -> None:
     events, _ = replay(version, "binary")
     doc = decode(BincodeEncoder().transaction(events[0]))  # type: ignore[arg-type]
     new = doc["changes"][0]["Row"]["new"]
-    assert new[0] == {"name": "id", "value": {"Binary": {"Binary": b"\0\0\0\x03"}}}
+    assert new[0] == ("binary", b"\0\0\0\x03")
+
+
+def test_a_tuple_with_the_wrong_column_count_is_refused() -> None:
+    events, _ = replay(16, "basic")
+    change = events[0].changes[0]  # type: ignore[union-attr]
+    assert isinstance(change, RowChange)
+    broken = replace(change, raw=change.raw[: change.new_at] + b"\x00\x01n")
+    with pytest.raises(DecodeError, match="column count"):
+        BincodeEncoder().row(broken, 0)
+
+
+@pytest.mark.skipif(
+    shutil.which("cargo") is None or not Path("/usr/share/cargo/registry/bincode-1.3.3").exists(),
+    reason="needs cargo and Debian's librust-bincode-dev / librust-serde-derive-dev",
+)
+def test_rust_reads_the_payload_with_the_documented_definitions(tmp_path: Path) -> None:
+    """tests/rust compiles the Rust block of docs/replication-message.md as it is."""
+    events, _ = replay(16, "basic")
+    txns = [e for e in events if isinstance(e, Transaction)]
+    enc = BincodeEncoder()
+    files = []
+    for i, txn in enumerate(txns):
+        files.append(tmp_path / f"{i}.bin")
+        files[-1].write_bytes(enc.transaction(txn))
+    crate = Path(__file__).parent / "rust"
+    result = subprocess.run(
+        ["cargo", "run", "--quiet", "--release", "--", *map(str, files)],
+        cwd=crate,
+        env={**os.environ, "CARGO_TARGET_DIR": str(tmp_path / "target")},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    first = txns[0]
+    assert lines[0] == (
+        f"txn {first.xid} {int(first.commit_lsn)} {int(first.end_lsn)} {first.timestamp_us} None"
+    )
+    assert lines[1].startswith("relation public.items id:23:true,name:25:false,")
+    assert lines[2] == (
+        'row Insert 0 new=text:1|text:apple|text:1.50|text:{red,"green apple",NULL}|null'
+        "|text:happy old=-"
+    )
+    assert any("|unchanged|" in line for line in lines)  # the unchanged TOAST column
+    assert "message app 5 true" in lines
+    assert "truncate public.items,public.full_ident false true" in lines
 
 
 def test_json_payload_is_the_tail_line() -> None:

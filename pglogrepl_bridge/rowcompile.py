@@ -33,7 +33,7 @@ class ColumnRender:
     included: bool = True  # False: parsed over but left out (non-key column of a key tuple)
 
 
-def compile_row(columns: Sequence[ColumnRender], quote: Callable[[str], str]) -> RowRender:
+def compile_json_row(columns: Sequence[ColumnRender], quote: Callable[[str], str]) -> RowRender:
     """A function ``(buf, pos) -> JSON object | None`` for TupleData at ``buf[pos:]``."""
     env: dict[str, object] = {"u32": _u32, "q": quote, "n_cols": len(columns)}
     body = [
