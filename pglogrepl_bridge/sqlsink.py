@@ -8,9 +8,10 @@ agree; the stream resumes from the checkpoint and skips what the target holds.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from operator import itemgetter
 from typing import Any, Literal
 
 import sqlalchemy as sa
@@ -41,9 +42,23 @@ class SinkError(BridgeError):
 @dataclass
 class _Target:
     table: sa.Table
-    fused: Fused
+    fused: Fused  # loaders giving Python values (for statements SQLAlchemy binds)
+    driver_fused: Fused  # the same, then the column type's bind processing: driver values
     keys: tuple[str, ...]
     writable: frozenset[str]  # source columns that exist in the target
+    statements: dict[tuple[str, tuple[str, ...]], _Statement] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Statement:
+    """A Core statement compiled once for the dialect, run with driver-ready parameters.
+
+    SQLAlchemy's per-row parameter processing (``construct_params``) was the largest cost of
+    ``replicate``; rows are already converted by ``_Target.driver_fused``, so they go to
+    ``exec_driver_sql`` as the tuples (or dicts) the driver's paramstyle wants."""
+
+    sql: str
+    params: Callable[[dict[str, Any]], Any]
 
 
 def target_name(rel: RelationInfo) -> str:
@@ -201,14 +216,16 @@ class SqlSink:
         rel = change.relation
         writable = target.writable
         if change.op == "delete":
-            key = rel.row_at(change.raw, change.old_at, key_only=True, fused=target.fused)
+            key = rel.row_at(change.raw, change.old_at, key_only=True, fused=target.driver_fused)
             return {_KEY + k: v for k, v in key.items()}, (target.table.name, "delete")
-        new = rel.row_at(change.raw, change.new_at, fused=target.fused)
-        values = {k: v for k, v in new.items() if k in writable}
+        new = rel.row_at(change.raw, change.new_at, fused=target.driver_fused)
+        values = (
+            new if len(new) == len(writable) else {k: v for k, v in new.items() if k in writable}
+        )
         if change.op == "insert":
             return values, (target.table.name, "insert", tuple(values))
         if change.old_at >= 0:  # the key changed, or REPLICA IDENTITY FULL
-            key = rel.row_at(change.raw, change.old_at, key_only=True, fused=target.fused)
+            key = rel.row_at(change.raw, change.old_at, key_only=True, fused=target.driver_fused)
         else:  # the key is in the new row
             key = {k: new[k] for k in rel.key_names if k in new}
         row = {_KEY + k: v for k, v in key.items()}
@@ -219,20 +236,12 @@ class SqlSink:
         self, conn: sa.Connection, target: _Target, op: str, rows: list[dict[str, Any]]
     ) -> None:
         table = target.table
-        if op == "insert":
-            conn.execute(sa.insert(table), rows)
-            return
         if op == "truncate":
             conn.execute(sa.delete(table))
             return
-        where = [table.c[k] == sa.bindparam(_KEY + k) for k in target.keys]
-        if op == "delete":
-            done = conn.execute(sa.delete(table).where(*where), rows)
-        else:
-            cols = [k for k in rows[0] if not k.startswith(_KEY)]
-            stmt = sa.update(table).where(*where).values({c: sa.bindparam(c) for c in cols})
-            done = conn.execute(stmt, rows)
-        if done.rowcount is not None and 0 <= done.rowcount < len(rows):
+        stmt = self._statement(conn, target, op, tuple(rows[0]))
+        done = conn.exec_driver_sql(stmt.sql, list(map(stmt.params, rows)))
+        if op != "insert" and done.rowcount is not None and 0 <= done.rowcount < len(rows):
             log.warning(
                 "%s on %s matched %d of %d rows (already absent in the target?)",
                 op,
@@ -240,6 +249,35 @@ class SqlSink:
                 done.rowcount,
                 len(rows),
             )
+
+    def _statement(
+        self, conn: sa.Connection, target: _Target, op: str, names: tuple[str, ...]
+    ) -> _Statement:
+        stmt = target.statements.get((op, names))
+        if stmt is not None:
+            return stmt
+        table = target.table
+        where = [table.c[k] == sa.bindparam(_KEY + k) for k in target.keys]
+        core: sa.Insert | sa.Update | sa.Delete
+        if op == "insert":
+            core = sa.insert(table).values({c: sa.bindparam(c) for c in names})
+        elif op == "delete":
+            core = sa.delete(table).where(*where)
+        else:
+            cols = [k for k in names if not k.startswith(_KEY)]
+            core = sa.update(table).where(*where).values({c: sa.bindparam(c) for c in cols})
+        compiled = core.compile(dialect=conn.dialect)
+        order = compiled.positiontup
+        params: Callable[[dict[str, Any]], Any]
+        if order is None:  # a named paramstyle: the rows are the parameters
+            params = dict
+        elif len(order) == 1:
+            only = order[0]
+            params = lambda row: (row[only],)  # noqa: E731
+        else:
+            params = itemgetter(*order)
+        stmt = target.statements[(op, names)] = _Statement(str(compiled), params)
+        return stmt
 
     # -- last writer wins ------------------------------------------------------------------
 
@@ -353,7 +391,16 @@ class SqlSink:
             cols += [sa.Column(TS_COL, sa.BigInteger), sa.Column(NODE_COL, sa.BigInteger)]
         table = sa.Table(name, sa.MetaData(), *cols)
         fused = tuple((c.name, *loaders(c, self.dialect)) for c in rel.columns)
-        return _Target(table, fused, keys, frozenset(c.name for c in rel.columns))
+        dialect = conn.dialect
+        driver_fused = tuple(
+            (
+                name,
+                _then_bind(tload, table.c[name].type, dialect),
+                _then_bind(bload, table.c[name].type, dialect),
+            )
+            for name, tload, bload in fused
+        )
+        return _Target(table, fused, driver_fused, keys, frozenset(c.name for c in rel.columns))
 
     def _note_schema(self, name: str, rel: RelationInfo, present: set[str]) -> None:
         """Report type changes and dropped columns seen in a re-sent Relation."""
@@ -411,6 +458,16 @@ class SqlSink:
 
 class _Rollback(Exception):
     pass
+
+
+def _then_bind(
+    load: Callable[[bytes], Any], type_: sa.types.TypeEngine[Any], dialect: sa.Dialect
+) -> Callable[[bytes], Any]:
+    """``load``, then the bind processing SQLAlchemy would apply for this column type."""
+    process = type_.dialect_impl(dialect).bind_processor(dialect)
+    if process is None:
+        return load
+    return lambda data: process(load(data))
 
 
 def _key_text(key: dict[str, Any]) -> str:
