@@ -66,6 +66,7 @@ _ARRAYS_OF_JSON_VALUES = {
     1270,
 }
 _NON_FINITE = {b"NaN", b"Infinity", b"-Infinity"}
+_NO_OLD_NO_TOAST = ',"old":null,"unchanged_toast":[]}'
 
 
 def py_json(value: Any) -> str:
@@ -221,9 +222,13 @@ class JsonRenderer:
             shape = self._shapes.get(rel) or self._shape(rel)
             raw = change.raw
             at = change.new_at
+            if change.old_at < 0 and at >= 0:  # insert, or update of the same key: hot path
+                new = shape.row(raw, at)
+                if new is not None:
+                    return shape.heads[change.op] + new + _NO_OLD_NO_TOAST
             toast: list[str] = []
             if at < 0:
-                new: str | None = "null"
+                new = "null"
             elif (new := shape.row(raw, at)) is None:
                 new, toast = self._careful(rel, raw, at, False)
             at = change.old_at
