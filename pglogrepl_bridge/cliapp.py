@@ -6,6 +6,7 @@ unless --verbose, and never a password.
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import sys
@@ -13,15 +14,17 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
-from rich.console import Console
 
 from . import __version__
 from .errors import ConfigError
 from .lsn import Lsn
 from .stream import StreamOptions
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 app = typer.Typer(
     name="pglogrepl-bridge",
@@ -31,7 +34,15 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-err = Console(stderr=True)
+
+@functools.cache
+def err() -> Console:
+    """The stderr console, made on first use: rich costs start-up time every run would pay."""
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
 log = logging.getLogger("pglogrepl_bridge")
 _state = {"verbose": False}
 
@@ -127,9 +138,9 @@ def setup_logging(verbose: bool) -> None:
 def fail(exc: BaseException) -> NoReturn:
     """One or two lines on stderr; exit 2 for configuration errors, 1 for the rest."""
     if _state["verbose"]:
-        err.print_exception()
+        err().print_exception()
     message = str(exc).strip() or type(exc).__name__
-    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    err().print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
     raise typer.Exit(2 if isinstance(exc, ConfigError) else 1)
 
 

@@ -12,10 +12,6 @@ import threading
 import time
 from types import TracebackType
 
-from rich.console import Console
-from rich.live import Live
-from rich.text import Text
-
 from .lsn import format_lsn
 from .stream import ReplicationStream
 
@@ -89,13 +85,18 @@ class Progress:
         }
 
     def _run(self) -> None:
-        console = Console(stderr=True)
+        if self.live:  # rich only for a terminal: every run pays for its imports
+            from rich.console import Console
+            from rich.live import Live
+            from rich.text import Text
+
+            live = Live(
+                Text(""), console=Console(stderr=True), refresh_per_second=2, transient=True
+            )
+            live.start()
         last_log = time.monotonic()
         previous = self.snapshot()
         previous_at = time.monotonic()
-        live = Live(Text(""), console=console, refresh_per_second=2, transient=True)
-        if self.live:
-            live.start()
         try:
             while not self._stop.wait(1.0):
                 now = time.monotonic()

@@ -159,7 +159,7 @@ def replicate(
             batch_changes=batch,
             until=cli.parse_lsn(until_lsn, "--until-lsn"),
         )
-        cli.err.print(
+        cli.err().print(
             f"replicated {stats.transactions} transactions ({stats.changes} changes) in "
             f"{stats.batches} batches; target at {stats.last_lsn or stats.resumed_from}",
             highlight=False,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from dataclasses import replace
@@ -9,7 +10,6 @@ from enum import StrEnum
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from .cliapp import (
     Binary,
@@ -35,7 +35,6 @@ from .cliapp import (
 from .errors import ConfigError
 from .jsonl import JsonRenderer
 from .lsn import Lsn
-from .pretty import print_transaction
 from .progress import Progress
 from .stream import ReplicationStream, StreamOptions
 from .transaction import Change, RowChange, Transaction, TruncateChange
@@ -143,6 +142,17 @@ def tail(
         )
 
 
+@functools.cache
+def _pretty() -> Callable[[Transaction, list[Change]], None]:
+    """rich is imported for the pretty format only: every other run would pay for it."""
+    from rich.console import Console
+
+    from .pretty import print_transaction
+
+    console = Console(highlight=False, soft_wrap=True)
+    return lambda txn, changes: print_transaction(console, txn, changes)
+
+
 def run_tail(
     dsn: str,
     options: StreamOptions,
@@ -153,7 +163,6 @@ def run_tail(
     metrics_port: int | None = None,
 ) -> int:
     """The tail loop; returns how many transactions were printed."""
-    console = Console(highlight=False, soft_wrap=True)
     renderer = JsonRenderer(values)  # type: ignore[arg-type]
     write = sys.stdout.write
     flush = sys.stdout.flush
@@ -181,7 +190,7 @@ def run_tail(
             else:
                 changes = list(txn.changes if keep is None else filter(keep, txn.changes))
                 if keep is None or changes:
-                    print_transaction(console, txn, changes)
+                    _pretty()(txn, changes)
                     printed += 1
             stream.ack(txn.end_lsn)
     return printed
