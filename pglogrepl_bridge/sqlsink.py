@@ -45,7 +45,7 @@ class _Target:
     fused: Fused  # loaders giving Python values (for statements SQLAlchemy binds)
     driver_fused: Fused  # the same, then the column type's bind processing: driver values
     keys: tuple[str, ...]
-    writable: frozenset[str]  # source columns that exist in the target
+    key_params: tuple[tuple[str, str], ...]  # (key column, its old-key bind parameter)
     statements: dict[tuple[str, tuple[str, ...]], _Statement] = field(default_factory=dict)
 
 
@@ -189,6 +189,7 @@ class SqlSink:
     ) -> Iterator[tuple[_Target, str, list[dict[str, Any]], Any]]:
         """Consecutive changes of one shape (table, op, columns) become one executemany."""
         rows: list[dict[str, Any]] = []
+        targets = self._targets
         shape: tuple[Any, ...] = ()
         target: _Target | None = None
         op, last = "", None
@@ -202,7 +203,7 @@ class SqlSink:
                 for rel in change.relations:
                     yield self._target(conn, rel), "truncate", [{}], change
                 continue
-            this = self._target(conn, change.relation)
+            this = targets.get(change.relation) or self._target(conn, change.relation)
             row, row_shape = self._row(this, change)
             if rows and target is not None and (row_shape != shape or not grouped):
                 yield target, op, rows, last
@@ -213,24 +214,25 @@ class SqlSink:
             yield target, op, rows, last
 
     def _row(self, target: _Target, change: RowChange) -> tuple[dict[str, Any], tuple[Any, ...]]:
+        """The row's bind parameters (driver values; old key under _KEY names) and its shape:
+        rows of one shape share a statement. A full row's shape needs no column list."""
         rel = change.relation
-        writable = target.writable
-        if change.op == "delete":
-            key = rel.row_at(change.raw, change.old_at, key_only=True, fused=target.driver_fused)
-            return {_KEY + k: v for k, v in key.items()}, (target.table.name, "delete")
-        new = rel.row_at(change.raw, change.new_at, fused=target.driver_fused)
-        values = (
-            new if len(new) == len(writable) else {k: v for k, v in new.items() if k in writable}
-        )
-        if change.op == "insert":
-            return values, (target.table.name, "insert", tuple(values))
+        op = change.op
+        fused = target.driver_fused
+        if op == "delete":
+            key = rel.row_at(change.raw, change.old_at, key_only=True, fused=fused)
+            return {pk: key[k] for k, pk in target.key_params if k in key}, (target, op)
+        new = rel.row_at(change.raw, change.new_at, fused=fused)
+        full = len(new) == rel.ncols  # else unchanged-TOAST columns were left out
+        if op == "insert":
+            return new, (target, op) if full else (target, op, tuple(new))
         if change.old_at >= 0:  # the key changed, or REPLICA IDENTITY FULL
-            key = rel.row_at(change.raw, change.old_at, key_only=True, fused=target.driver_fused)
+            key = rel.row_at(change.raw, change.old_at, key_only=True, fused=fused)
         else:  # the key is in the new row
-            key = {k: new[k] for k in rel.key_names if k in new}
-        row = {_KEY + k: v for k, v in key.items()}
-        row.update(values)
-        return row, (target.table.name, "update", tuple(values))
+            key = new
+        row = {pk: key[k] for k, pk in target.key_params if k in key}
+        row.update(new)
+        return row, (target, op) if full else (target, op, tuple(new))
 
     def _execute(
         self, conn: sa.Connection, target: _Target, op: str, rows: list[dict[str, Any]]
@@ -301,7 +303,7 @@ class SqlSink:
                 key = new_key
             if self._newer_exists(conn, target, key, version):
                 return
-            values = {k: v for k, v in new.items() if k in target.writable}
+            values = dict(new)
             values.update({TS_COL: version[0], NODE_COL: version[1]})
             where = [table.c[k] == v for k, v in key.items()]
             if conn.execute(sa.update(table).where(*where).values(values)).rowcount == 0:
@@ -400,7 +402,7 @@ class SqlSink:
             )
             for name, tload, bload in fused
         )
-        return _Target(table, fused, driver_fused, keys, frozenset(c.name for c in rel.columns))
+        return _Target(table, fused, driver_fused, keys, tuple((k, _KEY + k) for k in keys))
 
     def _note_schema(self, name: str, rel: RelationInfo, present: set[str]) -> None:
         """Report type changes and dropped columns seen in a re-sent Relation."""
