@@ -91,6 +91,7 @@ class Network:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self.sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._wake_pending = False
         self.conns: dict[int, _Conn] = {}
         self._next_dial: dict[Address, float] = dict.fromkeys(config.replicas, 0.0)
         self._backoff: dict[Address, float] = dict.fromkeys(config.replicas, 0.1)
@@ -112,6 +113,11 @@ class Network:
         return host, port
 
     def wake(self) -> None:
+        """Make the loop look at the hub. One byte until the loop has seen it: a byte per
+        transaction cost a syscall and a GIL hand-over each."""
+        if self._wake_pending:
+            return
+        self._wake_pending = True
         with contextlib.suppress(BlockingIOError):
             self._wake_w.send(b"\0")
 
@@ -129,6 +135,7 @@ class Network:
                 timeout = max(0.0, min(self._heartbeat_due - now, 0.5))
                 for key, mask in self.sel.select(timeout):
                     if key.data == "wake":
+                        self._wake_pending = False  # before looking: later news wakes again
                         self._drain_wake()
                     elif key.data == "listen":
                         self._accept()
