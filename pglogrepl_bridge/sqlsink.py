@@ -271,7 +271,10 @@ class SqlSink:
         compiled = core.compile(dialect=conn.dialect)
         order = compiled.positiontup
         params: Callable[[dict[str, Any]], Any]
-        if order is None:  # a named paramstyle: the rows are the parameters
+        escaped = dict(compiled.escaped_bind_names)  # odd column names, renamed for binding
+        if order is None and escaped:  # a named paramstyle
+            params = lambda row: {escaped.get(k, k): v for k, v in row.items()}  # noqa: E731
+        elif order is None:
             params = dict
         elif len(order) == 1:
             only = order[0]

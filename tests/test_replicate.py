@@ -35,7 +35,7 @@ SCHEMA = """
 CREATE TABLE {items} (
     id int PRIMARY KEY, name text, qty int, price numeric(10, 2), ratio double precision,
     flag boolean, tags text[], created timestamptz, day date, payload jsonb, blob bytea,
-    uid uuid, big text
+    uid uuid, big text, "odd name.%(x)" text DEFAULT 'bind names need escaping'
 );
 ALTER TABLE {items} ALTER COLUMN big SET STORAGE EXTERNAL;
 CREATE TABLE {notes} (k text PRIMARY KEY, body varchar(200));
