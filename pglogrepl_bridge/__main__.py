@@ -6,6 +6,7 @@ bridge and the demo, and start-up time counts in every short run and every bench
 
 from __future__ import annotations
 
+import gc
 import importlib
 import sys
 
@@ -27,7 +28,12 @@ def main() -> None:
     importlib.import_module(f"{__package__}.{module}" if module else f"{__package__}.cli")
     from .cliapp import app
 
-    app()
+    try:
+        app()
+    finally:
+        # Everything is flushed and closed by now. The interpreter's last garbage collection
+        # would walk every object the imports made: 70-130 ms of each run, for nothing.
+        gc.freeze()
 
 
 if __name__ == "__main__":

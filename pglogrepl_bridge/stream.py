@@ -415,6 +415,8 @@ class ReplicationStream:
             ):
                 self._send_status(conn)
             timeout = max(0.0, min(interval - (now - self._last_status), 0.25))
+            if until is not None and tracker.inflight:
+                timeout = min(timeout, 0.005)  # the last acks may come from another thread
             if drained:
                 # In a burst: read on at once if more is there; else let the walsender fill
                 # the socket for a moment, so we wake per batch rather than per message.
