@@ -222,15 +222,13 @@ class JsonRenderer:
             shape = self._shapes.get(rel) or self._shape(rel)
             raw = change.raw
             at = change.new_at
-            if change.old_at < 0 and at >= 0:  # insert, or update of the same key: hot path
-                new = shape.row(raw, at)
-                if new is not None:
-                    return shape.heads[change.op] + new + _NO_OLD_NO_TOAST
             toast: list[str] = []
             if at < 0:
-                new = "null"
+                new: str | None = "null"
             elif (new := shape.row(raw, at)) is None:
                 new, toast = self._careful(rel, raw, at, False)
+            elif change.old_at < 0:  # insert, or update of the same key: the hot path
+                return shape.heads[change.op] + new + _NO_OLD_NO_TOAST
             at = change.old_at
             if at < 0:
                 old: str | None = "null"

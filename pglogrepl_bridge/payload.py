@@ -132,22 +132,13 @@ class BincodeEncoder:
         parts: list[bytes] = []
         append = parts.append
         row = self.row
-        n_changes = 0
         for change in txn.changes:
-            n_changes += 1
             if type(change) is RowChange:
                 rel = change.relation
                 i = index.get(rel)
                 if i is None:
                     i = index[rel] = len(index)
-                raw, at = change.raw, change.new_at
-                if change.old_at < 0 and at >= 0 and (raw[at] << 8) | raw[at + 1] == rel.ncols:
-                    # row() inlined for the common change: a new row and no old one
-                    append(_ROW_NEW(CHANGE_ROW, OP_INDEX[change.op], i, 1, len(raw) - at))
-                    append(raw[at:])
-                    append(_NONE)
-                else:
-                    append(row(change, i))
+                append(row(change, i))
             else:
                 append(self.change(change))
         origin = _NONE if txn.origin is None else _SOME + _string(txn.origin)
@@ -157,7 +148,7 @@ class BincodeEncoder:
                 origin,
                 _U64(len(index)),
                 *map(self._def, index),
-                _U64(n_changes),
+                _U64(len(parts)),
                 *parts,
             )
         )
