@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import sys
 from collections.abc import Callable
 from dataclasses import replace
@@ -142,8 +141,7 @@ def tail(
         )
 
 
-@functools.cache
-def _pretty() -> Callable[[Transaction, list[Change]], None]:
+def _pretty_printer() -> Callable[[Transaction, list[Change]], None]:
     """rich is imported for the pretty format only: every other run would pay for it."""
     from rich.console import Console
 
@@ -164,6 +162,7 @@ def run_tail(
 ) -> int:
     """The tail loop; returns how many transactions were printed."""
     renderer = JsonRenderer(values)  # type: ignore[arg-type]
+    show = _pretty_printer() if out_format is Format.pretty else None
     write = sys.stdout.write
     flush = sys.stdout.flush
     printed = 0
@@ -187,10 +186,10 @@ def run_tail(
                     write("\n")
                     flush()
                     printed += 1
-            else:
+            elif show is not None:  # pretty
                 changes = list(txn.changes if keep is None else filter(keep, txn.changes))
                 if keep is None or changes:
-                    _pretty()(txn, changes)
+                    show(txn, changes)
                     printed += 1
             stream.ack(txn.end_lsn)
     return printed
