@@ -16,6 +16,15 @@ from pglogrepl_bridge.values import ValueLoaders
 
 CAPTURES = Path(__file__).resolve().parent / "data" / "captures"
 VERSIONS = [15, 16]
+# the first row of the "basic" capture, each value as PostgreSQL's text output
+FIRST_ITEM_AS_TEXT = {
+    "id": "1",
+    "name": "apple",
+    "price": "1.50",
+    "tags": '{red,"green apple",NULL}',
+    "big": None,
+    "feel": "happy",
+}
 
 
 def replay(version: int, name: str, **kwargs: object) -> tuple[list[Event], TransactionAssembler]:
@@ -93,14 +102,7 @@ def test_basic_workload(version: int) -> None:
 @pytest.mark.parametrize("version", VERSIONS)
 def test_text_mode_is_postgres_output(version: int) -> None:
     events, _ = replay(version, "basic", mode="text")
-    assert rows(events[0])[0][2] == {
-        "id": "1",
-        "name": "apple",
-        "price": "1.50",
-        "tags": '{red,"green apple",NULL}',
-        "big": None,
-        "feel": "happy",
-    }
+    assert rows(events[0])[0][2] == FIRST_ITEM_AS_TEXT
 
 
 @pytest.mark.parametrize("version", VERSIONS)
