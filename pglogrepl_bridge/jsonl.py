@@ -156,10 +156,9 @@ class _Shape:
             ColumnRender(self.keys[c.name], t, b, quote_text=t is _text, raw_text=t is _int)
             for c, t, b in zip(rel.columns, text, binary, strict=True)
         ]
-        self.row = compile_json_row(columns, _quote)
+        self.row = compile_json_row(columns)
         self.key_row = compile_json_row(
-            [replace(col, included=c.is_key) for c, col in zip(rel.columns, columns, strict=True)],
-            _quote,
+            [replace(col, included=c.is_key) for c, col in zip(rel.columns, columns, strict=True)]
         )
         where = f'"schema":{_quote(rel.namespace or "pg_catalog")},"table":{_quote(rel.name)}'
         self.heads = {op: f'{{"op":"{op}",{where},"new":' for op in ("insert", "update", "delete")}

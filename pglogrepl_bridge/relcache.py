@@ -11,10 +11,13 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+from psycopg.pq import Format
+
+from . import accel
 from .decoder import read_tuple
 from .errors import DecodeError
 from .messages import KIND_BINARY, KIND_NULL, KIND_TEXT, Column, Relation, TupleData, Type
-from .values import Load, ValueLoaders, ValueProblem
+from .values import Load, LoadRow, ValueLoaders, ValueProblem
 
 _u32 = struct.Struct("!I").unpack_from
 Fused = tuple[tuple[str, Load, Load], ...]
@@ -32,6 +35,8 @@ class RelationInfo:
     loaders: ValueLoaders
     ncols: int
     fused: Fused  # (name, text loader, binary loader) per column
+    load_text_row: LoadRow  # the same loaders, a whole row of text values in one call
+    load_binary_row: LoadRow
 
     @property
     def qualified_name(self) -> str:
@@ -47,8 +52,18 @@ class RelationInfo:
         JSON renderer passes loaders that produce JSON text). The hot path of the whole
         package: any irregularity (a bad value, malformed bytes) drops to the careful path.
         """
+        out = None
         if fused is None:
+            if (split := accel.split_tuple) is not None:
+                out = self._row_split(split, buf, pos)
             fused = self.fused
+        if out is None:
+            out = self._row_loop(buf, pos, fused)
+        if key_only:
+            return {k: out[k] for k in self.key_names if k in out}
+        return out
+
+    def _row_loop(self, buf: bytes, pos: int, fused: Fused) -> dict[str, Any]:
         start, end = pos, len(buf)
         out: dict[str, Any] = {}
         try:
@@ -78,9 +93,23 @@ class RelationInfo:
                 raise ValueError
         except Exception:
             out = self.row(read_tuple(buf, start)[0], fused)
-        if key_only:
-            return {k: out[k] for k in self.key_names if k in out}
         return out
+
+    def _row_split(self, split: accel.SplitTuple, buf: bytes, pos: int) -> dict[str, Any] | None:
+        """``row_at`` with the C split and psycopg's row loaders: no Python call per value.
+        None for anything else (unchanged TOAST, text and binary mixed, bad bytes or values)."""
+        got = split(buf, pos, self.ncols)
+        if got is None:
+            return None
+        values, flags = got
+        try:
+            if not flags & ~accel.HAS_TEXT:
+                return dict(zip(self.names, self.load_text_row(values), strict=True))
+            if flags == accel.HAS_BINARY:
+                return dict(zip(self.names, self.load_binary_row(values), strict=True))
+        except Exception:
+            pass  # _row_loop converts value by value and reports the bad one
+        return None
 
     def row(self, tup: TupleData, fused: Fused | None = None) -> dict[str, Any]:
         """A parsed tuple as {column: value}; a bad value keeps its text and is reported."""
@@ -147,6 +176,8 @@ class RelationCache:
                 (c.name, loaders.text_loader(c.type_oid), loaders.binary_loader(c.type_oid))
                 for c in cols
             ),
+            load_text_row=loaders.row_loader([c.type_oid for c in cols], Format.TEXT),
+            load_binary_row=loaders.row_loader([c.type_oid for c in cols], Format.BINARY),
         )
         self._relations[msg.relid] = info
         return info

@@ -97,7 +97,7 @@ def tail(
         typer.Option(
             "--format",
             help="pretty (default on a terminal), jsonl (default otherwise) "
-            "or null (decode and discard).",
+            "or null (decode and convert every value, then discard).",
         ),
     ] = None,
     values: Annotated[
@@ -178,7 +178,10 @@ def run_tail(
         txn: Transaction
         for txn in stream:
             if out_format is Format.null:
-                printed += 1  # decoded and discarded: values are never even converted
+                for change in txn.changes:
+                    if type(change) is RowChange:
+                        _ = change.new, change.old  # every value converted, then discarded
+                printed += 1
             elif out_format is Format.jsonl:
                 changes = txn.changes if keep is None else [c for c in txn.changes if keep(c)]
                 if keep is None or changes:

@@ -7,7 +7,7 @@ are looked up once per column when a Relation arrives, never per value.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 ValueMode = Literal["typed", "text"]
 Load = Callable[[bytes], Any]
+LoadRow = Callable[[Sequence[bytes | None]], tuple[Any, ...]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +103,27 @@ class ValueLoaders:
             return _raw
         loader: Load = self._transformer.get_loader(oid, Format.BINARY).load
         return loader
+
+    def row_loader(self, oids: Sequence[int], fmt: Format) -> LoadRow:
+        """All of a row's values (one format, None for NULL) converted in one call.
+
+        psycopg's ``Transformer.load_sequence``, which its C implementation runs without a
+        Python call per value; each column gets the loader ``text_loader``/``binary_loader``
+        would choose, so the results are the same.
+        """
+        if fmt == Format.TEXT:
+            chosen = [
+                oid if self.text_loader(oid) is not _text else builtin_types["text"].oid
+                for oid in map(self._effective_oid, oids)
+            ]
+        else:
+            chosen = [
+                oid if self.binary_loader(oid) is not _raw else builtin_types["bytea"].oid
+                for oid in map(self._effective_oid, oids)
+            ]
+        transformer = Transformer()
+        transformer.set_loader_types(chosen, fmt)
+        return transformer.load_sequence
 
 
 def _log_problem(problem: ValueProblem) -> None:

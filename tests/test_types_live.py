@@ -15,6 +15,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from pglogrepl_bridge import accel
 from pglogrepl_bridge.assembly import TransactionAssembler
 from pglogrepl_bridge.jsonl import JsonRenderer
 from pglogrepl_bridge.relcache import RelationCache
@@ -158,6 +159,7 @@ def test_typed_values_match_psycopg(typed_rows: tuple[Conn, str], binary: bool) 
     for change, want in zip(changes, expected, strict=True):
         got = change.new
         assert got is not None
+        _assert_one_call_path_agrees(change, got)
         for col, value in want.items():
             if binary and col in NO_BINARY_LOADER:
                 # psycopg has no loader for this type's binary form: its bytes are kept
@@ -177,7 +179,19 @@ def test_text_values_are_postgres_output(typed_rows: tuple[Conn, str]) -> None:
     for change, want in zip(changes, expected, strict=True):
         got = change.new
         assert got is not None
+        _assert_one_call_path_agrees(change, got)
         assert list(got.values()) == list(want)
+
+
+def _assert_one_call_path_agrees(change: RowChange, got: dict[str, Any]) -> None:
+    """Where the C split is built, it took these rows (no fallback), with the same values as
+    the loader-per-value loop."""
+    rel, raw, at = change.relation, change.raw, change.new_at
+    looped = rel._row_loop(raw, at, rel.fused)
+    assert looped.keys() == got.keys()
+    assert all(_same(looped[k], got[k]) for k in got), [k for k in got if got[k] != looped[k]]
+    if accel.split_tuple is not None:
+        assert rel._row_split(accel.split_tuple, raw, at) is not None
 
 
 def _changes(conn: Conn, slot: str, opts: str) -> list[Event]:
@@ -261,7 +275,9 @@ def test_two_phase_prepare_on_a_two_phase_slot(pg_conn: Conn, surface: bool) -> 
 @pytest.mark.parametrize(
     ("mode", "binary"), [("typed", False), ("typed", True), ("text", False)]
 )  # text values need the text format: there is no PostgreSQL text in binary-format values
-def test_every_type_renders_as_json(typed_rows: tuple[Conn, str], mode: str, binary: bool) -> None:
+def test_every_type_renders_as_json(
+    typed_rows: tuple[Conn, str], mode: str, binary: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     conn, slot = typed_rows
     renderer = JsonRenderer(mode)  # type: ignore[arg-type]
     opts = f"'proto_version', '1', 'publication_names', 'types_pub', 'binary', '{binary}'"
@@ -270,7 +286,14 @@ def test_every_type_renders_as_json(typed_rows: tuple[Conn, str], mode: str, bin
     ).fetchall()
     asm = TransactionAssembler()
     txns = [e for (d,) in data if isinstance(e := asm.feed(bytes(d), 0), Transaction)]
-    rows = [json.loads(renderer.transaction(t))["changes"][0]["new"] for t in txns]
+    lines = [renderer.transaction(t) for t in txns]
+    for txn in txns:  # the row walker (C where built) took every row: no careful fallback
+        change = txn.changes[0]
+        assert isinstance(change, RowChange)
+        assert renderer._shape(change.relation).row(change.raw, change.new_at) is not None
+    monkeypatch.setattr(accel, "json_row", None)  # the pure-Python walker: the same text
+    assert [JsonRenderer(mode).transaction(t) for t in txns] == lines  # type: ignore[arg-type]
+    rows = [json.loads(line)["changes"][0]["new"] for line in lines]
     assert len(rows) == 2
     first, second = rows
     if mode == "text":

@@ -1,0 +1,452 @@
+/* Optional C accelerator for the two per-column walks over pgoutput TupleData.
+ *
+ * Both have pure-Python equivalents (rowcompile.py, relcache.py) that produce the same
+ * results; the package runs without this module. Neither function ever raises for bad
+ * input bytes: anything irregular returns None and the caller takes its careful Python path,
+ * which names the problem. Every length is checked against the buffer before it is used.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <string.h>
+
+#define KIND_TEXT 't'
+#define KIND_BINARY 'b'
+#define KIND_NULL 'n'
+#define KIND_UNCHANGED 'u'
+
+static uint32_t
+be32(const unsigned char *p)
+{
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
+}
+
+/* Reads the header of the value at data[*pos]: its kind, and for 't'/'b' where its bytes
+ * start and how long they are. Returns 0 when the bytes run past the end. */
+static int
+next_value(const unsigned char *data, Py_ssize_t len, Py_ssize_t *pos, int *kind,
+           Py_ssize_t *start, Py_ssize_t *size)
+{
+    Py_ssize_t p = *pos;
+    if (p >= len)
+        return 0;
+    *kind = data[p];
+    if (*kind == KIND_TEXT || *kind == KIND_BINARY) {
+        if (len - p < 5)
+            return 0;
+        uint32_t n = be32(data + p + 1);
+        if ((uint64_t)n > (uint64_t)(len - p - 5))
+            return 0;
+        *start = p + 5;
+        *size = (Py_ssize_t)n;
+        *pos = p + 5 + (Py_ssize_t)n;
+    }
+    else {
+        *start = p + 1;
+        *size = 0;
+        *pos = p + 1;
+    }
+    return 1;
+}
+
+static int
+read_count(const unsigned char *data, Py_ssize_t len, Py_ssize_t pos, Py_ssize_t ncols)
+{
+    return pos >= 0 && len - pos >= 2 && ((data[pos] << 8) | data[pos + 1]) == ncols;
+}
+
+/* split_tuple(buf, pos, ncols) -> (values, flags) | None
+ *
+ * values: bytes for text and binary values, None for NULL and unchanged TOAST.
+ * flags: 1 = some text value, 2 = some binary value, 4 = some unchanged-TOAST column. */
+static PyObject *
+split_tuple(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "split_tuple(buf, pos, ncols)");
+        return NULL;
+    }
+    Py_ssize_t pos = PyLong_AsSsize_t(args[1]);
+    Py_ssize_t ncols = PyLong_AsSsize_t(args[2]);
+    if ((pos == -1 || ncols == -1) && PyErr_Occurred())
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *data = view.buf;
+    Py_ssize_t len = view.len;
+    PyObject *values = NULL, *result = NULL;
+    long flags = 0;
+
+    if (!read_count(data, len, pos, ncols))
+        goto irregular;
+    values = PyList_New(ncols);
+    if (values == NULL)
+        goto done;
+    pos += 2;
+    for (Py_ssize_t i = 0; i < ncols; i++) {
+        int kind;
+        Py_ssize_t start, size;
+        PyObject *value;
+        if (!next_value(data, len, &pos, &kind, &start, &size))
+            goto irregular;
+        if (kind == KIND_TEXT || kind == KIND_BINARY) {
+            flags |= kind == KIND_TEXT ? 1 : 2;
+            value = PyBytes_FromStringAndSize((const char *)data + start, size);
+            if (value == NULL)
+                goto done;
+        }
+        else if (kind == KIND_NULL || kind == KIND_UNCHANGED) {
+            flags |= kind == KIND_UNCHANGED ? 4 : 0;
+            value = Py_NewRef(Py_None);
+        }
+        else
+            goto irregular;
+        PyList_SET_ITEM(values, i, value);
+    }
+    result = Py_BuildValue("(Ol)", values, flags);
+    goto done;
+
+irregular:
+    result = Py_NewRef(Py_None);
+done:
+    Py_XDECREF(values);
+    PyBuffer_Release(&view);
+    return result;
+}
+
+/* ---- JsonRow: TupleData -> JSON object text ---------------------------------------- */
+
+enum { MODE_QUOTE = 0, MODE_RAW = 1, MODE_CALL = 2 };
+
+typedef struct {
+    PyObject *key;    /* bytes: '"name":' as UTF-8, or NULL when the column is left out */
+    int mode;         /* how a text value becomes JSON */
+    PyObject *text;   /* callable(bytes) -> str, for MODE_CALL */
+    PyObject *binary; /* callable(bytes) -> str, for binary values */
+} ColumnPlan;
+
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t ncols;
+    ColumnPlan *columns;
+} JsonRow;
+
+typedef struct {
+    char *buf;
+    Py_ssize_t len, cap;
+    char *heap;
+    char stack[4096];
+} Out;
+
+static int
+out_reserve(Out *o, Py_ssize_t extra)
+{
+    if (o->cap - o->len >= extra)
+        return 1;
+    Py_ssize_t cap = o->cap;
+    while (cap - o->len < extra) {
+        if (cap > PY_SSIZE_T_MAX / 2) {
+            PyErr_NoMemory();
+            return 0;
+        }
+        cap *= 2;
+    }
+    char *heap = PyMem_Realloc(o->heap, (size_t)cap);
+    if (heap == NULL) {
+        PyErr_NoMemory();
+        return 0;
+    }
+    if (o->heap == NULL)
+        memcpy(heap, o->stack, (size_t)o->len);
+    o->heap = o->buf = heap;
+    o->cap = cap;
+    return 1;
+}
+
+static int
+out_put(Out *o, const char *s, Py_ssize_t n)
+{
+    if (!out_reserve(o, n))
+        return 0;
+    memcpy(o->buf + o->len, s, (size_t)n);
+    o->len += n;
+    return 1;
+}
+
+/* Exactly the escaping of json's encode_basestring (ensure_ascii=False): quote, backslash and
+ * the C0 controls; everything else, UTF-8 included, is copied. */
+static int
+out_quoted(Out *o, const unsigned char *s, Py_ssize_t n)
+{
+    static const char hex[] = "0123456789abcdef";
+    if (n > (PY_SSIZE_T_MAX - 2) / 6 || !out_reserve(o, 6 * n + 2))
+        return 0;
+    char *w = o->buf + o->len;
+    *w++ = '"';
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char c = s[i];
+        if (c >= 0x20 && c != '"' && c != '\\') {
+            *w++ = (char)c;
+            continue;
+        }
+        *w++ = '\\';
+        switch (c) {
+        case '"': *w++ = '"'; break;
+        case '\\': *w++ = '\\'; break;
+        case '\n': *w++ = 'n'; break;
+        case '\r': *w++ = 'r'; break;
+        case '\t': *w++ = 't'; break;
+        case '\b': *w++ = 'b'; break;
+        case '\f': *w++ = 'f'; break;
+        default:
+            *w++ = 'u';
+            *w++ = '0';
+            *w++ = '0';
+            *w++ = hex[c >> 4];
+            *w++ = hex[c & 0xF];
+        }
+    }
+    *w++ = '"';
+    o->len = w - o->buf;
+    return 1;
+}
+
+/* Calls a renderer; 0 with the exception cleared when it raised an Exception (the caller
+ * then steps aside), -1 for anything else (KeyboardInterrupt, MemoryError...). */
+static int
+out_called(Out *o, PyObject *fn, const unsigned char *s, Py_ssize_t n)
+{
+    PyObject *arg = PyBytes_FromStringAndSize((const char *)s, n);
+    if (arg == NULL)
+        return -1;
+    PyObject *text = PyObject_CallOneArg(fn, arg);
+    Py_DECREF(arg);
+    if (text != NULL && !PyUnicode_Check(text)) {
+        Py_DECREF(text);
+        PyErr_SetString(PyExc_TypeError, "a value renderer must return str");
+        text = NULL;
+    }
+    Py_ssize_t size;
+    const char *utf8 = text == NULL ? NULL : PyUnicode_AsUTF8AndSize(text, &size);
+    int ok = utf8 != NULL && out_put(o, utf8, size);
+    Py_XDECREF(text);
+    if (ok)
+        return 1;
+    if (PyErr_ExceptionMatches(PyExc_Exception)) {
+        PyErr_Clear();
+        return 0;
+    }
+    return -1;
+}
+
+static PyObject *
+JsonRow_call(JsonRow *self, PyObject *args, PyObject *kwargs)
+{
+    PyObject *buf_obj;
+    Py_ssize_t pos;
+    if (kwargs != NULL && PyDict_GET_SIZE(kwargs) != 0) {
+        PyErr_SetString(PyExc_TypeError, "JsonRow takes no keyword arguments");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "On", &buf_obj, &pos))
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(buf_obj, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *data = view.buf;
+    Py_ssize_t len = view.len;
+    Out out;
+    out.buf = out.stack;
+    out.len = 0;
+    out.cap = sizeof(out.stack);
+    out.heap = NULL;
+    PyObject *result = NULL;
+    int first = 1;
+
+    if (!read_count(data, len, pos, self->ncols))
+        goto irregular;
+    pos += 2;
+    out_put(&out, "{", 1);
+    for (Py_ssize_t i = 0; i < self->ncols; i++) {
+        ColumnPlan *col = &self->columns[i];
+        int kind, got = 1;
+        Py_ssize_t start, size;
+        if (!next_value(data, len, &pos, &kind, &start, &size))
+            goto irregular;
+        if (kind != KIND_TEXT && kind != KIND_BINARY && kind != KIND_NULL)
+            goto irregular; /* unchanged TOAST, or garbage */
+        if (col->key == NULL)
+            continue;
+        if ((!first && !out_put(&out, ",", 1)) ||
+            !out_put(&out, PyBytes_AS_STRING(col->key), PyBytes_GET_SIZE(col->key)))
+            goto done;
+        first = 0;
+        const unsigned char *value = data + start;
+        if (kind == KIND_NULL)
+            got = out_put(&out, "null", 4);
+        else if (kind == KIND_BINARY)
+            got = out_called(&out, col->binary, value, size);
+        else if (col->mode == MODE_QUOTE)
+            got = out_quoted(&out, value, size);
+        else if (col->mode == MODE_RAW)
+            got = out_put(&out, (const char *)value, size);
+        else
+            got = out_called(&out, col->text, value, size);
+        if (got == 0 && !PyErr_Occurred())
+            goto irregular;
+        if (got <= 0)
+            goto done;
+    }
+    if (!out_put(&out, "}", 1))
+        goto done;
+    result = PyUnicode_DecodeUTF8(out.buf, out.len, NULL);
+    if (result == NULL && PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
+        PyErr_Clear(); /* text that is not UTF-8: the careful path reports it */
+        goto irregular;
+    }
+    goto done;
+
+irregular:
+    result = Py_NewRef(Py_None);
+done:
+    PyMem_Free(out.heap);
+    PyBuffer_Release(&view);
+    return result;
+}
+
+static void
+JsonRow_clear_columns(JsonRow *self)
+{
+    if (self->columns == NULL)
+        return;
+    for (Py_ssize_t i = 0; i < self->ncols; i++) {
+        Py_CLEAR(self->columns[i].key);
+        Py_CLEAR(self->columns[i].text);
+        Py_CLEAR(self->columns[i].binary);
+    }
+    PyMem_Free(self->columns);
+    self->columns = NULL;
+    self->ncols = 0;
+}
+
+/* JsonRow(columns): columns is a sequence of (key: str | None, mode: int, text, binary). */
+static int
+JsonRow_init(JsonRow *self, PyObject *args, PyObject *kwargs)
+{
+    PyObject *spec;
+    static char *kwlist[] = {"columns", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O", kwlist, &spec))
+        return -1;
+    PyObject *seq = PySequence_Fast(spec, "columns must be a sequence");
+    if (seq == NULL)
+        return -1;
+    JsonRow_clear_columns(self);
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n > 0xFFFF) {
+        Py_DECREF(seq);
+        PyErr_SetString(PyExc_ValueError, "a relation has at most 65535 columns");
+        return -1;
+    }
+    self->columns = PyMem_Calloc(n ? (size_t)n : 1, sizeof(ColumnPlan));
+    if (self->columns == NULL) {
+        Py_DECREF(seq);
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->ncols = n;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *key, *text, *binary;
+        int mode;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "OiOO;a column is (key, mode, "
+                              "text, binary)", &key, &mode, &text, &binary))
+            goto fail;
+        ColumnPlan *col = &self->columns[i];
+        if (mode < MODE_QUOTE || mode > MODE_CALL || !PyCallable_Check(binary) ||
+            (mode == MODE_CALL && !PyCallable_Check(text))) {
+            PyErr_SetString(PyExc_ValueError, "bad column plan");
+            goto fail;
+        }
+        if (key != Py_None) {
+            col->key = PyUnicode_AsUTF8String(key);
+            if (col->key == NULL)
+                goto fail;
+        }
+        col->mode = mode;
+        col->text = Py_NewRef(text);
+        col->binary = Py_NewRef(binary);
+    }
+    Py_DECREF(seq);
+    return 0;
+fail:
+    Py_DECREF(seq);
+    JsonRow_clear_columns(self);
+    return -1;
+}
+
+static int
+JsonRow_traverse(JsonRow *self, visitproc visit, void *arg)
+{
+    for (Py_ssize_t i = 0; i < self->ncols; i++) {
+        Py_VISIT(self->columns[i].text);
+        Py_VISIT(self->columns[i].binary);
+    }
+    return 0;
+}
+
+static int
+JsonRow_clear(JsonRow *self)
+{
+    JsonRow_clear_columns(self);
+    return 0;
+}
+
+static void
+JsonRow_dealloc(JsonRow *self)
+{
+    PyObject_GC_UnTrack(self);
+    JsonRow_clear_columns(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject JsonRowType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "pglogrepl_bridge._fastrow.JsonRow",
+    .tp_doc = PyDoc_STR("JsonRow(columns)(buf, pos) -> JSON object text, or None to step aside"),
+    .tp_basicsize = sizeof(JsonRow),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)JsonRow_init,
+    .tp_call = (ternaryfunc)JsonRow_call,
+    .tp_traverse = (traverseproc)JsonRow_traverse,
+    .tp_clear = (inquiry)JsonRow_clear,
+    .tp_dealloc = (destructor)JsonRow_dealloc,
+};
+
+static PyMethodDef methods[] = {
+    {"split_tuple", (PyCFunction)(void (*)(void))split_tuple, METH_FASTCALL,
+     PyDoc_STR("split_tuple(buf, pos, ncols) -> (values, flags) | None")},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "pglogrepl_bridge._fastrow",
+    .m_doc = PyDoc_STR("C walks over pgoutput TupleData; see rowcompile.py and relcache.py."),
+    .m_size = -1,
+    .m_methods = methods,
+};
+
+PyMODINIT_FUNC
+PyInit__fastrow(void)
+{
+    if (PyType_Ready(&JsonRowType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddObjectRef(m, "JsonRow", (PyObject *)&JsonRowType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

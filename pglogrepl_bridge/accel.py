@@ -1,0 +1,33 @@
+"""The optional C walks over TupleData (``_fastrow.c``), or None where they are not built.
+
+pip builds the extension when a C compiler is at hand; without one the package is pure
+Python, and every caller has a Python path that gives the same results (the tests hold the
+two to each other). ``PGLOGREPL_BRIDGE_PURE_PYTHON=1`` runs without it, to compare or to
+rule it out.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+RowRender = Callable[[bytes, int], "str | None"]
+ColumnPlan = tuple[str | None, int, Callable[[bytes], str] | None, Callable[[bytes], str]]
+SplitTuple = Callable[[bytes, int, int], "tuple[list[bytes | None], int] | None"]
+
+# JsonRow column modes: how a text value becomes JSON
+QUOTE, RAW, CALL = 0, 1, 2
+# split_tuple flags
+HAS_TEXT, HAS_BINARY, HAS_UNCHANGED = 1, 2, 4
+
+split_tuple: SplitTuple | None = None
+json_row: Callable[[Sequence[ColumnPlan]], RowRender] | None = None
+
+if os.environ.get("PGLOGREPL_BRIDGE_PURE_PYTHON", "") in ("", "0"):
+    try:
+        from . import _fastrow
+    except ImportError:  # not built: the pure-Python paths
+        pass
+    else:
+        split_tuple = _fastrow.split_tuple
+        json_row = _fastrow.JsonRow

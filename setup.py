@@ -1,0 +1,10 @@
+"""Only the optional C accelerator; everything else is in pyproject.toml."""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        # optional: without a C compiler the package installs and runs as pure Python
+        Extension("pglogrepl_bridge._fastrow", ["pglogrepl_bridge/_fastrow.c"], optional=True)
+    ]
+)

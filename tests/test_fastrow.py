@@ -1,0 +1,157 @@
+"""The C walks over TupleData (``_fastrow``) against their pure-Python twins, on any bytes."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from pglogrepl_bridge import accel
+from pglogrepl_bridge.decoder import _Bad, parse_tuple
+from pglogrepl_bridge.rowcompile import ColumnRender, compile_json_row_python
+
+needs_c = pytest.mark.skipif(accel.split_tuple is None, reason="the C accelerator is not built")
+
+
+def test_the_accelerator_is_built_in_ci() -> None:
+    """CI must exercise the C paths, not quietly fall back to Python everywhere."""
+    if not os.environ.get("CI"):
+        pytest.skip("only CI insists on the C accelerator")
+    assert accel.split_tuple is not None and accel.json_row is not None
+
+
+def _text_render(data: bytes) -> str:
+    if data.startswith(b"!"):
+        raise ValueError("a renderer that fails: the walk steps aside")
+    return "<" + data.hex() + ">"
+
+
+def _binary_render(data: bytes) -> str:
+    return str(len(data))
+
+
+_value = st.one_of(
+    st.text(max_size=6).map(str.encode),  # quotes, backslashes, controls, non-ASCII
+    st.binary(max_size=6),  # and bytes that are not UTF-8
+    st.sampled_from([b"12", b"-7", b"!x", b'"', b"\\", b"\x00", b"\xc3\xa9", b"\xc3"]),
+)
+
+
+@st.composite
+def _tuple_bytes(draw: st.DrawFn) -> tuple[int, bytes]:
+    """A TupleData of mostly valid columns, with some garbage kinds, bad lengths and cuts."""
+    ncols = draw(st.integers(0, 6))
+    out = bytearray(struct.pack("!H", ncols + draw(st.sampled_from([0, 0, 0, 0, 1, -1])) & 0xFFFF))
+    for _ in range(ncols):
+        kind = draw(st.sampled_from(b"ttttttnbbbu?"))
+        out.append(kind)
+        if kind in b"tb":
+            value = draw(_value)
+            size = len(value) + draw(st.sampled_from([0] * 12 + [1, 1000, 2**31]))
+            out += struct.pack("!I", size) + value
+    cut = draw(st.one_of(st.none(), st.none(), st.none(), st.integers(0, len(out))))
+    tail = draw(st.sampled_from([b"", b"t", b"\x00\x00\x00\x01x"]))
+    return ncols, bytes(out[:cut] if cut is not None else out) + tail
+
+
+_EDGES = [
+    (2, b"\x00\x02t\x00\x00\x00\x04a\x1f\\bt\x00\x00\x00\x02!x"),  # escapes; a failing call
+    (2, b'\x00\x02t\x00\x00\x00\x04a\x1f\\"t\x00\x00\x00\x02\xc3\xa9'),  # UTF-8 as is
+    (1, b"\x00\x01t\x00\x00\x00\x01\xc3"),  # not UTF-8
+    (2, b"\x00\x02t\x00\x00\x00\x01\xc3t\x00\x00\x00\x01\xa9"),  # split é: still not UTF-8
+    (1, b"\x00\x01t\x00\x00\x00\x03ab"),  # the length overshoots by one byte
+    (1, b"\x00\x01t\x00\x00\x00"),  # cut inside the length
+    (2, b"\x00\x02t\x00\x00\x00\x01au"),  # unchanged TOAST
+    (1, b"\x00\x01b\x00\x00\x00\x00"),  # an empty binary value
+    (1, b"\x00\x01t\x00\x00\x00\x07\x08\x0c\n\r\t\x7f\x00"),  # short escapes, DEL, NUL
+]
+
+
+def _edges(test):  # type: ignore[no-untyped-def]
+    for case in _EDGES:
+        test = example(case, None)(test)
+    return test
+
+
+@needs_c
+@settings(max_examples=400)
+@given(_tuple_bytes(), st.data())
+@_edges
+def test_json_row_equals_the_python_walk(case: tuple[int, bytes], data: st.DataObject) -> None:
+    ncols, buf = case
+    assert accel.json_row is not None
+    modes = [(True, False), (False, False), (False, True)]  # quote, call, raw
+    columns = []
+    for i in range(ncols):
+        quote, raw = modes[i % 3] if data is None else data.draw(st.sampled_from(modes))
+        included = True if data is None else data.draw(st.booleans())
+        key = f'"c{i}\\"":'
+        columns.append(
+            ColumnRender(key, _text_render, _binary_render, quote, raw, included=included)
+        )
+    python = compile_json_row_python(columns)
+    c = accel.json_row(
+        [
+            (
+                col.key if col.included else None,
+                accel.QUOTE if col.quote_text else accel.RAW if col.raw_text else accel.CALL,
+                col.text,
+                col.binary,
+            )
+            for col in columns
+        ]
+    )
+    for pos in (0, 1):
+        assert c(buf, pos) == python(buf, pos)
+
+
+@needs_c
+@settings(max_examples=400)
+@given(_tuple_bytes(), st.integers(0, 2))
+@example(_EDGES[4], 0)
+@example(_EDGES[5], 0)
+@example(_EDGES[6], 0)
+def test_split_tuple_equals_the_parser(case: tuple[int, bytes], pos: int) -> None:
+    ncols, buf = case
+    assert accel.split_tuple is not None
+    got = accel.split_tuple(buf, pos, ncols)
+    try:
+        tup, _ = parse_tuple(buf, pos)
+    except _Bad:
+        assert got is None
+        return
+    if len(tup.kinds) != ncols:
+        assert got is None
+        return
+    assert got is not None
+    values, flags = got
+    assert values == list(tup.values)
+    expected = (
+        (accel.HAS_TEXT if b"t" in tup.kinds else 0)
+        | (accel.HAS_BINARY if b"b" in tup.kinds else 0)
+        | (accel.HAS_UNCHANGED if b"u" in tup.kinds else 0)
+    )
+    assert flags == expected
+
+
+@needs_c
+def test_c_walks_reject_bad_arguments() -> None:
+    assert accel.json_row is not None and accel.split_tuple is not None
+    with pytest.raises(ValueError, match="bad column plan"):
+        accel.json_row([('"a":', 9, None, _binary_render)])
+    with pytest.raises(TypeError):
+        accel.json_row([('"a":', 2, None, _binary_render, 1)])  # type: ignore[list-item]
+    assert accel.split_tuple(b"\x00\x01n", -1, 1) is None
+    row = accel.json_row([('"a":', accel.CALL, _text_render, _binary_render)])
+
+    def interrupted(data: bytes) -> str:
+        raise KeyboardInterrupt
+
+    stops = accel.json_row([('"a":', accel.CALL, interrupted, _binary_render)])
+    buf = b"\x00\x01t\x00\x00\x00\x02ok"
+    assert row(buf, 0) == '{"a":<6f6b>}'
+    with pytest.raises(KeyboardInterrupt):  # only Exception makes the walk step aside
+        stops(buf, 0)
