@@ -54,34 +54,20 @@ read_count(const unsigned char *data, Py_ssize_t len, Py_ssize_t pos, Py_ssize_t
     return pos >= 0 && len - pos >= 2 && ((data[pos] << 8) | data[pos + 1]) == ncols;
 }
 
-/* split_tuple(buf, pos, ncols) -> (values, flags) | None
- *
- * values: bytes for text and binary values, None for NULL and unchanged TOAST.
- * flags: 1 = some text value, 2 = some binary value, 4 = some unchanged-TOAST column. */
+/* The values of the TupleData at data[pos:] (bytes for text and binary, None for NULL and
+ * unchanged TOAST) in a new list, with *flags: 1 = some text value, 2 = some binary value,
+ * 4 = some unchanged-TOAST column. Py_None (a new reference) when the bytes are irregular;
+ * NULL with an exception set when out of memory. */
 static PyObject *
-split_tuple(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+split_values(const unsigned char *data, Py_ssize_t len, Py_ssize_t pos, Py_ssize_t ncols,
+             int *flags)
 {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "split_tuple(buf, pos, ncols)");
-        return NULL;
-    }
-    Py_ssize_t pos = PyLong_AsSsize_t(args[1]);
-    Py_ssize_t ncols = PyLong_AsSsize_t(args[2]);
-    if ((pos == -1 || ncols == -1) && PyErr_Occurred())
-        return NULL;
-    Py_buffer view;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
-        return NULL;
-    const unsigned char *data = view.buf;
-    Py_ssize_t len = view.len;
-    PyObject *values = NULL, *result = NULL;
-    long flags = 0;
-
+    *flags = 0;
     if (!read_count(data, len, pos, ncols))
-        goto irregular;
-    values = PyList_New(ncols);
+        return Py_NewRef(Py_None);
+    PyObject *values = PyList_New(ncols);
     if (values == NULL)
-        goto done;
+        return NULL;
     pos += 2;
     for (Py_ssize_t i = 0; i < ncols; i++) {
         int kind;
@@ -90,28 +76,84 @@ split_tuple(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         if (!next_value(data, len, &pos, &kind, &start, &size))
             goto irregular;
         if (kind == KIND_TEXT || kind == KIND_BINARY) {
-            flags |= kind == KIND_TEXT ? 1 : 2;
+            *flags |= kind == KIND_TEXT ? 1 : 2;
             value = PyBytes_FromStringAndSize((const char *)data + start, size);
-            if (value == NULL)
-                goto done;
+            if (value == NULL) {
+                Py_DECREF(values);
+                return NULL;
+            }
         }
         else if (kind == KIND_NULL || kind == KIND_UNCHANGED) {
-            flags |= kind == KIND_UNCHANGED ? 4 : 0;
+            *flags |= kind == KIND_UNCHANGED ? 4 : 0;
             value = Py_NewRef(Py_None);
         }
         else
             goto irregular;
         PyList_SET_ITEM(values, i, value);
     }
-    result = Py_BuildValue("(Ol)", values, flags);
-    goto done;
-
+    return values;
 irregular:
-    result = Py_NewRef(Py_None);
-done:
-    Py_XDECREF(values);
+    Py_DECREF(values);
+    return Py_NewRef(Py_None);
+}
+
+/* typed_row(buf, pos, names, load_text_row, load_binary_row) -> dict | None
+ *
+ * {name: value} for a TupleData whose values are all text or all binary (NULLs allowed),
+ * converted by one call of the matching row loader (psycopg's Transformer.load_sequence).
+ * None for anything else: bad bytes, unchanged TOAST, mixed formats, a loader that raised
+ * an Exception or returned the wrong shape. */
+static PyObject *
+typed_row(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5 || !PyTuple_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "typed_row(buf, pos, names: tuple, load_text_row, load_binary_row)");
+        return NULL;
+    }
+    Py_ssize_t pos = PyLong_AsSsize_t(args[1]);
+    if (pos == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *names = args[2];
+    Py_ssize_t ncols = PyTuple_GET_SIZE(names);
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    int flags;
+    PyObject *values = split_values(view.buf, view.len, pos, ncols, &flags);
     PyBuffer_Release(&view);
-    return result;
+    if (values == NULL || values == Py_None)
+        return values;
+    PyObject *loader = flags & ~1 ? (flags == 2 ? args[4] : NULL) : args[3];
+    if (loader == NULL) {
+        Py_DECREF(values);
+        Py_RETURN_NONE;
+    }
+    PyObject *loaded = PyObject_CallOneArg(loader, values);
+    Py_DECREF(values);
+    if (loaded == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_Exception))
+            return NULL;
+        PyErr_Clear(); /* a bad value: the Python loop names it */
+        Py_RETURN_NONE;
+    }
+    PyObject *row = NULL;
+    if (!PyTuple_Check(loaded) || PyTuple_GET_SIZE(loaded) != ncols) {
+        row = Py_NewRef(Py_None);
+        goto done;
+    }
+    row = PyDict_New();
+    if (row == NULL)
+        goto done;
+    for (Py_ssize_t i = 0; i < ncols; i++) {
+        if (PyDict_SetItem(row, PyTuple_GET_ITEM(names, i), PyTuple_GET_ITEM(loaded, i)) < 0) {
+            Py_CLEAR(row);
+            goto done;
+        }
+    }
+done:
+    Py_DECREF(loaded);
+    return row;
 }
 
 /* ---- JsonRow: TupleData -> JSON object text ---------------------------------------- */
@@ -423,8 +465,8 @@ static PyTypeObject JsonRowType = {
 };
 
 static PyMethodDef methods[] = {
-    {"split_tuple", (PyCFunction)(void (*)(void))split_tuple, METH_FASTCALL,
-     PyDoc_STR("split_tuple(buf, pos, ncols) -> (values, flags) | None")},
+    {"typed_row", (PyCFunction)(void (*)(void))typed_row, METH_FASTCALL,
+     PyDoc_STR("typed_row(buf, pos, names, load_text_row, load_binary_row) -> dict | None")},
     {NULL, NULL, 0, NULL},
 };
 

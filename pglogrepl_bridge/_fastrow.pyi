@@ -1,6 +1,16 @@
 from collections.abc import Callable, Sequence
+from typing import Any
 
-def split_tuple(buf: bytes, pos: int, ncols: int, /) -> tuple[list[bytes | None], int] | None: ...
+_LoadRow = Callable[[list[bytes | None]], tuple[Any, ...]]
+
+def typed_row(
+    buf: bytes,
+    pos: int,
+    names: tuple[str, ...],
+    load_text_row: _LoadRow,
+    load_binary_row: _LoadRow,
+    /,
+) -> dict[str, Any] | None: ...
 
 class JsonRow:
     def __init__(

@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from typing import Any
+
+from .values import LoadRow
 
 RowRender = Callable[[bytes, int], "str | None"]
 ColumnPlan = tuple[str | None, int, Callable[[bytes], str] | None, Callable[[bytes], str]]
-SplitTuple = Callable[[bytes, int, int], "tuple[list[bytes | None], int] | None"]
+TypedRow = Callable[[bytes, int, tuple[str, ...], LoadRow, LoadRow], "dict[str, Any] | None"]
 
 # JsonRow column modes: how a text value becomes JSON
 QUOTE, RAW, CALL = 0, 1, 2
-# split_tuple flags
-HAS_TEXT, HAS_BINARY, HAS_UNCHANGED = 1, 2, 4
 
-split_tuple: SplitTuple | None = None
+typed_row: TypedRow | None = None
 json_row: Callable[[Sequence[ColumnPlan]], RowRender] | None = None
 
 if os.environ.get("PGLOGREPL_BRIDGE_PURE_PYTHON", "") in ("", "0"):
@@ -29,5 +30,5 @@ if os.environ.get("PGLOGREPL_BRIDGE_PURE_PYTHON", "") in ("", "0"):
     except ImportError:  # not built: the pure-Python paths
         pass
     else:
-        split_tuple = _fastrow.split_tuple
+        typed_row = _fastrow.typed_row
         json_row = _fastrow.JsonRow

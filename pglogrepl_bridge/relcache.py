@@ -54,8 +54,9 @@ class RelationInfo:
         """
         out = None
         if fused is None:
-            if (split := accel.split_tuple) is not None:
-                out = self._row_split(split, buf, pos)
+            if (typed_row := accel.typed_row) is not None:
+                # all in C but psycopg's loaders; None (irregular) goes the Python way
+                out = typed_row(buf, pos, self.names, self.load_text_row, self.load_binary_row)
             fused = self.fused
         if out is None:
             out = self._row_loop(buf, pos, fused)
@@ -94,22 +95,6 @@ class RelationInfo:
         except Exception:
             out = self.row(read_tuple(buf, start)[0], fused)
         return out
-
-    def _row_split(self, split: accel.SplitTuple, buf: bytes, pos: int) -> dict[str, Any] | None:
-        """``row_at`` with the C split and psycopg's row loaders: no Python call per value.
-        None for anything else (unchanged TOAST, text and binary mixed, bad bytes or values)."""
-        got = split(buf, pos, self.ncols)
-        if got is None:
-            return None
-        values, flags = got
-        try:
-            if not flags & ~accel.HAS_TEXT:
-                return dict(zip(self.names, self.load_text_row(values), strict=True))
-            if flags == accel.HAS_BINARY:
-                return dict(zip(self.names, self.load_binary_row(values), strict=True))
-        except Exception:
-            pass  # _row_loop converts value by value and reports the bad one
-        return None
 
     def row(self, tup: TupleData, fused: Fused | None = None) -> dict[str, Any]:
         """A parsed tuple as {column: value}; a bad value keeps its text and is reported."""

@@ -13,14 +13,14 @@ from pglogrepl_bridge import accel
 from pglogrepl_bridge.decoder import _Bad, parse_tuple
 from pglogrepl_bridge.rowcompile import ColumnRender, compile_json_row_python
 
-needs_c = pytest.mark.skipif(accel.split_tuple is None, reason="the C accelerator is not built")
+needs_c = pytest.mark.skipif(accel.typed_row is None, reason="the C accelerator is not built")
 
 
 def test_the_accelerator_is_built_in_ci() -> None:
     """CI must exercise the C paths, not quietly fall back to Python everywhere."""
     if not os.environ.get("CI"):
         pytest.skip("only CI insists on the C accelerator")
-    assert accel.split_tuple is not None and accel.json_row is not None
+    assert accel.typed_row is not None and accel.json_row is not None
 
 
 def _text_render(data: bytes) -> str:
@@ -108,43 +108,56 @@ def test_json_row_equals_the_python_walk(case: tuple[int, bytes], data: st.DataO
         assert c(buf, pos) == python(buf, pos)
 
 
+def _as_text(values: list[bytes | None]) -> tuple[object, ...]:
+    return tuple(("text", v) for v in values)
+
+
+def _as_binary(values: list[bytes | None]) -> tuple[object, ...]:
+    return tuple(("binary", v) for v in values)
+
+
+def _one_too_many(values: list[bytes | None]) -> tuple[object, ...]:
+    return (*values, None)
+
+
 @needs_c
 @settings(max_examples=400)
 @given(_tuple_bytes(), st.integers(0, 2))
 @example(_EDGES[4], 0)
 @example(_EDGES[5], 0)
 @example(_EDGES[6], 0)
-def test_split_tuple_equals_the_parser(case: tuple[int, bytes], pos: int) -> None:
+def test_typed_row_equals_the_parser(case: tuple[int, bytes], pos: int) -> None:
     ncols, buf = case
-    assert accel.split_tuple is not None
-    got = accel.split_tuple(buf, pos, ncols)
+    assert accel.typed_row is not None
+    names = tuple(f"c{i}" for i in range(ncols))
+    assert accel.typed_row(buf, pos, names, _one_too_many, _one_too_many) is None
+    got = accel.typed_row(buf, pos, names, _as_text, _as_binary)
     try:
         tup, _ = parse_tuple(buf, pos)
     except _Bad:
         assert got is None
         return
-    if len(tup.kinds) != ncols:
-        assert got is None
+    kinds = set(tup.kinds)
+    if len(tup.kinds) != ncols or b"u"[0] in kinds or {b"t"[0], b"b"[0]} <= kinds:
+        assert got is None  # wrong count, unchanged TOAST, or text and binary mixed
         return
-    assert got is not None
-    values, flags = got
-    assert values == list(tup.values)
-    expected = (
-        (accel.HAS_TEXT if b"t" in tup.kinds else 0)
-        | (accel.HAS_BINARY if b"b" in tup.kinds else 0)
-        | (accel.HAS_UNCHANGED if b"u" in tup.kinds else 0)
-    )
-    assert flags == expected
+    fmt = "binary" if b"b"[0] in kinds else "text"
+    assert got == {name: (fmt, v) for name, v in zip(names, tup.values, strict=True)}
 
 
 @needs_c
 def test_c_walks_reject_bad_arguments() -> None:
-    assert accel.json_row is not None and accel.split_tuple is not None
+    assert accel.json_row is not None and accel.typed_row is not None
     with pytest.raises(ValueError, match="bad column plan"):
         accel.json_row([('"a":', 9, None, _binary_render)])
     with pytest.raises(TypeError):
         accel.json_row([('"a":', 2, None, _binary_render, 1)])  # type: ignore[list-item]
-    assert accel.split_tuple(b"\x00\x01n", -1, 1) is None
+    assert accel.typed_row(b"\x00\x01n", -1, ("a",), _as_text, _as_binary) is None
+
+    def bad_value(values: list[bytes | None]) -> tuple[object, ...]:
+        raise ValueError("not a number")
+
+    assert accel.typed_row(b"\x00\x01n", 0, ("a",), bad_value, bad_value) is None
     row = accel.json_row([('"a":', accel.CALL, _text_render, _binary_render)])
 
     def interrupted(data: bytes) -> str:

@@ -184,14 +184,15 @@ def test_text_values_are_postgres_output(typed_rows: tuple[Conn, str]) -> None:
 
 
 def _assert_one_call_path_agrees(change: RowChange, got: dict[str, Any]) -> None:
-    """Where the C split is built, it took these rows (no fallback), with the same values as
+    """Where the C walk is built, it took these rows (no fallback), with the same values as
     the loader-per-value loop."""
     rel, raw, at = change.relation, change.raw, change.new_at
     looped = rel._row_loop(raw, at, rel.fused)
     assert looped.keys() == got.keys()
     assert all(_same(looped[k], got[k]) for k in got), [k for k in got if got[k] != looped[k]]
-    if accel.split_tuple is not None:
-        assert rel._row_split(accel.split_tuple, raw, at) is not None
+    if accel.typed_row is not None:
+        rows = (rel.load_text_row, rel.load_binary_row)
+        assert accel.typed_row(raw, at, rel.names, *rows) is not None
 
 
 def _changes(conn: Conn, slot: str, opts: str) -> list[Event]:
