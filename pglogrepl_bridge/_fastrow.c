@@ -97,34 +97,36 @@ irregular:
     return Py_NewRef(Py_None);
 }
 
-/* typed_row(buf, pos, names, load_text_row, load_binary_row) -> dict | None
+/* typed_row(template, load_text_row, load_binary_row, buf, pos) -> dict | None
  *
  * {name: value} for a TupleData whose values are all text or all binary (NULLs allowed),
  * converted by one call of the matching row loader (psycopg's Transformer.load_sequence).
- * None for anything else: bad bytes, unchanged TOAST, mixed formats, a loader that raised
- * an Exception or returned the wrong shape. */
+ * ``template`` is dict.fromkeys(column names): copying it gives a dict already sized and
+ * keyed, whose values are then replaced. The relation's arguments come first so that a
+ * functools.partial binds them once. None for anything else: bad bytes, unchanged TOAST,
+ * mixed formats, a loader that raised an Exception or returned the wrong shape. */
 static PyObject *
 typed_row(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 5 || !PyTuple_Check(args[2])) {
+    if (nargs != 5 || !PyDict_CheckExact(args[0])) {
         PyErr_SetString(PyExc_TypeError,
-                        "typed_row(buf, pos, names: tuple, load_text_row, load_binary_row)");
+                        "typed_row(template: dict, load_text_row, load_binary_row, buf, pos)");
         return NULL;
     }
-    Py_ssize_t pos = PyLong_AsSsize_t(args[1]);
+    PyObject *template = args[0];
+    Py_ssize_t ncols = PyDict_GET_SIZE(template);
+    Py_ssize_t pos = PyLong_AsSsize_t(args[4]);
     if (pos == -1 && PyErr_Occurred())
         return NULL;
-    PyObject *names = args[2];
-    Py_ssize_t ncols = PyTuple_GET_SIZE(names);
     Py_buffer view;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+    if (PyObject_GetBuffer(args[3], &view, PyBUF_SIMPLE) < 0)
         return NULL;
     int flags;
     PyObject *values = split_values(view.buf, view.len, pos, ncols, &flags);
     PyBuffer_Release(&view);
     if (values == NULL || values == Py_None)
         return values;
-    PyObject *loader = flags & ~1 ? (flags == 2 ? args[4] : NULL) : args[3];
+    PyObject *loader = flags & ~1 ? (flags == 2 ? args[2] : NULL) : args[1];
     if (loader == NULL) {
         Py_DECREF(values);
         Py_RETURN_NONE;
@@ -142,12 +144,16 @@ typed_row(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         row = Py_NewRef(Py_None);
         goto done;
     }
-    row = PyDict_New();
+    row = PyDict_Copy(template);
     if (row == NULL)
         goto done;
-    for (Py_ssize_t i = 0; i < ncols; i++) {
-        if (PyDict_SetItem(row, PyTuple_GET_ITEM(names, i), PyTuple_GET_ITEM(loaded, i)) < 0) {
+    PyObject *key, *unused;
+    Py_ssize_t at = 0, i = 0;
+    while (PyDict_Next(template, &at, &key, &unused)) {
+        if (i >= ncols || PyDict_SetItem(row, key, PyTuple_GET_ITEM(loaded, i++)) < 0) {
             Py_CLEAR(row);
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_RuntimeError, "typed_row: template changed size");
             goto done;
         }
     }
@@ -466,7 +472,7 @@ static PyTypeObject JsonRowType = {
 
 static PyMethodDef methods[] = {
     {"typed_row", (PyCFunction)(void (*)(void))typed_row, METH_FASTCALL,
-     PyDoc_STR("typed_row(buf, pos, names, load_text_row, load_binary_row) -> dict | None")},
+     PyDoc_STR("typed_row(template, load_text_row, load_binary_row, buf, pos) -> dict | None")},
     {NULL, NULL, 0, NULL},
 };
 

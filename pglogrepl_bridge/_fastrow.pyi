@@ -4,11 +4,11 @@ from typing import Any
 _LoadRow = Callable[[list[bytes | None]], tuple[Any, ...]]
 
 def typed_row(
-    buf: bytes,
-    pos: int,
-    names: tuple[str, ...],
+    template: dict[str, None],
     load_text_row: _LoadRow,
     load_binary_row: _LoadRow,
+    buf: bytes,
+    pos: int,
     /,
 ) -> dict[str, Any] | None: ...
 

@@ -16,7 +16,7 @@ from .values import LoadRow
 
 RowRender = Callable[[bytes, int], "str | None"]
 ColumnPlan = tuple[str | None, int, Callable[[bytes], str] | None, Callable[[bytes], str]]
-TypedRow = Callable[[bytes, int, tuple[str, ...], LoadRow, LoadRow], "dict[str, Any] | None"]
+TypedRow = Callable[[dict[str, None], LoadRow, LoadRow, bytes, int], "dict[str, Any] | None"]
 
 # JsonRow column modes: how a text value becomes JSON
 QUOTE, RAW, CALL = 0, 1, 2

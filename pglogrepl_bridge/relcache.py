@@ -8,7 +8,9 @@ one pass over the bytes.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from psycopg.pq import Format
@@ -17,10 +19,15 @@ from . import accel
 from .decoder import read_tuple
 from .errors import DecodeError
 from .messages import KIND_BINARY, KIND_NULL, KIND_TEXT, Column, Relation, TupleData, Type
-from .values import Load, LoadRow, ValueLoaders, ValueProblem
+from .values import Load, ValueLoaders, ValueProblem
 
 _u32 = struct.Struct("!I").unpack_from
 Fused = tuple[tuple[str, Load, Load], ...]
+FastRow = Callable[[bytes, int], "dict[str, Any] | None"]
+
+
+def _no_fast_row(buf: bytes, pos: int) -> None:
+    return None  # no C accelerator: row_at's loop does the work
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -35,8 +42,9 @@ class RelationInfo:
     loaders: ValueLoaders
     ncols: int
     fused: Fused  # (name, text loader, binary loader) per column
-    load_text_row: LoadRow  # the same loaders, a whole row of text values in one call
-    load_binary_row: LoadRow
+    # (buf, pos) -> {column: value}, or None where row_at's loop must do it: the C walk
+    # with psycopg's loaders for the whole row in one call (see accel)
+    fast_row: FastRow
 
     @property
     def qualified_name(self) -> str:
@@ -54,9 +62,7 @@ class RelationInfo:
         """
         out = None
         if fused is None:
-            if (typed_row := accel.typed_row) is not None:
-                # all in C but psycopg's loaders; None (irregular) goes the Python way
-                out = typed_row(buf, pos, self.names, self.load_text_row, self.load_binary_row)
+            out = self.fast_row(buf, pos)
             fused = self.fused
         if out is None:
             out = self._row_loop(buf, pos, fused)
@@ -137,6 +143,18 @@ class RelationInfo:
         return tuple(n for n, k in zip(self.names, tup.kinds, strict=False) if k == 0x75)
 
 
+def _fast_row(loaders: ValueLoaders, cols: tuple[Column, ...]) -> FastRow:
+    if accel.typed_row is None:
+        return _no_fast_row
+    oids = [c.type_oid for c in cols]
+    return partial(
+        accel.typed_row,
+        dict.fromkeys(c.name for c in cols),
+        loaders.row_loader(oids, Format.TEXT),
+        loaders.row_loader(oids, Format.BINARY),
+    )
+
+
 class RelationCache:
     """relid → RelationInfo. A re-sent Relation (after a schema change) replaces the entry."""
 
@@ -161,8 +179,7 @@ class RelationCache:
                 (c.name, loaders.text_loader(c.type_oid), loaders.binary_loader(c.type_oid))
                 for c in cols
             ),
-            load_text_row=loaders.row_loader([c.type_oid for c in cols], Format.TEXT),
-            load_binary_row=loaders.row_loader([c.type_oid for c in cols], Format.BINARY),
+            fast_row=_fast_row(loaders, cols),
         )
         self._relations[msg.relid] = info
         return info

@@ -129,9 +129,10 @@ def _one_too_many(values: list[bytes | None]) -> tuple[object, ...]:
 def test_typed_row_equals_the_parser(case: tuple[int, bytes], pos: int) -> None:
     ncols, buf = case
     assert accel.typed_row is not None
-    names = tuple(f"c{i}" for i in range(ncols))
-    assert accel.typed_row(buf, pos, names, _one_too_many, _one_too_many) is None
-    got = accel.typed_row(buf, pos, names, _as_text, _as_binary)
+    names = dict.fromkeys(f"c{i}" for i in range(ncols))
+    assert accel.typed_row(names, _one_too_many, _one_too_many, buf, pos) is None
+    got = accel.typed_row(names, _as_text, _as_binary, buf, pos)
+    assert names == dict.fromkeys(names)  # the template is copied, never filled in
     try:
         tup, _ = parse_tuple(buf, pos)
     except _Bad:
@@ -152,12 +153,15 @@ def test_c_walks_reject_bad_arguments() -> None:
         accel.json_row([('"a":', 9, None, _binary_render)])
     with pytest.raises(TypeError):
         accel.json_row([('"a":', 2, None, _binary_render, 1)])  # type: ignore[list-item]
-    assert accel.typed_row(b"\x00\x01n", -1, ("a",), _as_text, _as_binary) is None
+    one = {"a": None}
+    assert accel.typed_row(one, _as_text, _as_binary, b"\x00\x01n", -1) is None
+    with pytest.raises(TypeError, match="template"):
+        accel.typed_row(("a",), _as_text, _as_binary, b"\x00\x01n", 0)  # type: ignore[arg-type]
 
     def bad_value(values: list[bytes | None]) -> tuple[object, ...]:
         raise ValueError("not a number")
 
-    assert accel.typed_row(b"\x00\x01n", 0, ("a",), bad_value, bad_value) is None
+    assert accel.typed_row(one, bad_value, bad_value, b"\x00\x01n", 0) is None
     row = accel.json_row([('"a":', accel.CALL, _text_render, _binary_render)])
 
     def interrupted(data: bytes) -> str:
