@@ -157,7 +157,40 @@ class ReplicationStream:
             return
         with contextlib.suppress(psycopg.Error, OSError):
             self._send_status(conn)
+            self._end_copy(conn)
         conn.close()
+
+    @staticmethod
+    def _end_copy(conn: Conn, timeout: float = 5.0) -> None:
+        """CopyDone, then wait (bounded) for the server's end of the stream.
+
+        The walsender handles our messages in order, so once it has answered, the status
+        update sent just before is applied to the slot: a command that returns has its
+        confirmed position visible in pg_replication_slots. Data still in flight is
+        dropped (it was not acknowledged, so it comes again next time).
+        """
+        pgconn = conn.pgconn
+        pgconn.put_copy_end()
+        pgconn.flush()
+        deadline = time.monotonic() + timeout
+        while True:
+            nbytes, _ = pgconn.get_copy_data(1)
+            if nbytes < 0:
+                break
+            if nbytes == 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                select.select([pgconn.socket], [], [], min(left, 0.1))
+                pgconn.consume_input()
+        while pgconn.is_busy():  # the CommandComplete of START_REPLICATION
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            select.select([pgconn.socket], [], [], min(left, 0.1))
+            pgconn.consume_input()
+        while pgconn.get_result() is not None:
+            pass
 
     def ack(self, end_lsn: int, *, cumulative: bool = False) -> None:
         """The transaction ending at ``end_lsn`` is durable downstream; it may be confirmed.

@@ -356,6 +356,14 @@ def test_unreachable_target(pg: PostgresServer, pg_conn: Conn) -> None:
         run_replicate(pg.dsn, "postgresql+psycopg://u:secret@127.0.0.1:1/x", src.options())
 
 
+def _wait_released(conn: Conn, slot: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    query = "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s"
+    while (row := conn.execute(query, (slot,)).fetchone()) and row[0] is not None:
+        assert time.monotonic() < deadline, f"slot {slot} still held by pid {row[0]}"
+        time.sleep(0.05)
+
+
 def _confirmed(conn: Conn, slot: str) -> str | None:
     row = conn.execute(
         "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s", (slot,)
