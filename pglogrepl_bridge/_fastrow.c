@@ -385,10 +385,14 @@ JsonRow_init(JsonRow *self, PyObject *args, PyObject *kwargs)
     static char *kwlist[] = {"columns", NULL};
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O", kwlist, &spec))
         return -1;
+    if (self->columns != NULL) {
+        /* a renderer running inside __call__ could otherwise free the plan it walks */
+        PyErr_SetString(PyExc_TypeError, "a JsonRow is initialised once");
+        return -1;
+    }
     PyObject *seq = PySequence_Fast(spec, "columns must be a sequence");
     if (seq == NULL)
         return -1;
-    JsonRow_clear_columns(self);
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
     if (n > 0xFFFF) {
         Py_DECREF(seq);

@@ -167,6 +167,8 @@ def test_c_walks_reject_bad_arguments() -> None:
     def interrupted(data: bytes) -> str:
         raise KeyboardInterrupt
 
+    with pytest.raises(TypeError, match="once"):
+        row.__init__([])  # type: ignore[misc]
     stops = accel.json_row([('"a":', accel.CALL, interrupted, _binary_render)])
     buf = b"\x00\x01t\x00\x00\x00\x02ok"
     assert row(buf, 0) == '{"a":<6f6b>}'
