@@ -26,13 +26,9 @@ from .lsn import format_lsn
 from .messages import Message
 from .relcache import Fused, RelationInfo
 from .rowcompile import ColumnRender, Render, compile_json_row
+from .rowcompile import quote as _quote
 from .transaction import RowChange, Transaction, TruncateChange
 from .values import ValueMode
-
-try:
-    from _json import encode_basestring as _quote  # type: ignore[import-not-found,unused-ignore]
-except ImportError:  # pragma: no cover - every CPython has it
-    from json.encoder import encode_basestring as _quote
 
 log = logging.getLogger(__name__)
 

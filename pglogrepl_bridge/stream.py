@@ -183,14 +183,15 @@ class ReplicationStream:
                     return
                 select.select([pgconn.socket], [], [], min(left, 0.1))
                 pgconn.consume_input()
-        while pgconn.is_busy():  # the CommandComplete of START_REPLICATION
-            left = deadline - time.monotonic()
-            if left <= 0:
+        while True:  # the CommandComplete of START_REPLICATION, then no more results
+            while pgconn.is_busy():  # never block in get_result: a hung server must not hang us
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                select.select([pgconn.socket], [], [], min(left, 0.1))
+                pgconn.consume_input()
+            if pgconn.get_result() is None:
                 return
-            select.select([pgconn.socket], [], [], min(left, 0.1))
-            pgconn.consume_input()
-        while pgconn.get_result() is not None:
-            pass
 
     def ack(self, end_lsn: int, *, cumulative: bool = False) -> None:
         """The transaction ending at ``end_lsn`` is durable downstream; it may be confirmed.

@@ -70,9 +70,10 @@ class RowChange:
         if at < 0:
             return None
         rel = self.relation
-        # the C walk directly (one Python frame less per row), else row_at's loop
+        # the C walk directly (one Python frame less per row); else row_at's loop (the
+        # explicit loaders send row_at straight there, without trying fast_row again)
         fast = rel.fast_row(self.raw, at)
-        return fast if fast is not None else rel.row_at(self.raw, at)
+        return fast if fast is not None else rel.row_at(self.raw, at, fused=rel.fused)
 
     @property
     def old(self) -> dict[str, Any] | None:
