@@ -8,6 +8,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <string.h>
+#include <structmember.h>
 
 #define KIND_TEXT 't'
 #define KIND_BINARY 'b'
@@ -160,6 +161,149 @@ typed_row(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 done:
     Py_DECREF(loaded);
     return row;
+}
+
+/* ---- RowChange construction ---------------------------------------------------------
+ *
+ * The assembler makes one RowChange per Insert/Update/Delete. In Python that is four frames
+ * (feed's branch, _row, the relation lookup, __init__'s six slot setters); here it is one
+ * call. bind_row_change reads the class's slot offsets once, from its member descriptors,
+ * so the object is the same one __init__ would build (a frozen slotted dataclass). */
+
+enum { F_OP, F_RELATION, F_RAW, F_NEW_AT, F_OLD_AT, F_OLD_KIND, N_FIELDS };
+
+static PyTypeObject *row_change_type = NULL;
+static Py_ssize_t row_offsets[N_FIELDS];
+static PyObject *op_insert, *op_update, *op_delete, *kind_key, *kind_old;
+
+/* bind_row_change(cls, fields): fields names the slots op, relation, raw, new_at, old_at and
+ * old_kind, in that order. */
+static PyObject *
+bind_row_change(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyType_Check(args[0]) || !PyTuple_Check(args[1]) ||
+        PyTuple_GET_SIZE(args[1]) != N_FIELDS) {
+        PyErr_SetString(PyExc_TypeError, "bind_row_change(cls, fields: 6-tuple)");
+        return NULL;
+    }
+    PyTypeObject *cls = (PyTypeObject *)args[0];
+    Py_ssize_t offsets[N_FIELDS];
+    for (int i = 0; i < N_FIELDS; i++) {
+        PyObject *descr = PyObject_GetAttr(args[0], PyTuple_GET_ITEM(args[1], i));
+        if (descr == NULL)
+            return NULL;
+        int ok = Py_IS_TYPE(descr, &PyMemberDescr_Type) &&
+                 ((PyMemberDescrObject *)descr)->d_common.d_type == cls &&
+                 ((PyMemberDescrObject *)descr)->d_member->type == T_OBJECT_EX &&
+                 !(((PyMemberDescrObject *)descr)->d_member->flags & READONLY);
+        if (ok)
+            offsets[i] = ((PyMemberDescrObject *)descr)->d_member->offset;
+        Py_DECREF(descr);
+        if (!ok) {
+            PyErr_Format(PyExc_TypeError, "%R is not an object slot of %s",
+                         PyTuple_GET_ITEM(args[1], i), cls->tp_name);
+            return NULL;
+        }
+    }
+    memcpy(row_offsets, offsets, sizeof(offsets));
+    Py_XSETREF(row_change_type, (PyTypeObject *)Py_NewRef(args[0]));
+    Py_RETURN_NONE;
+}
+
+static int
+set_slot(PyObject *obj, int field, PyObject *value)
+{
+    if (value == NULL)
+        return 0;
+    *(PyObject **)((char *)obj + row_offsets[field]) = value; /* steals the reference */
+    return 1;
+}
+
+/* row_change(relations, payload, pos) -> RowChange | None
+ *
+ * The Insert, Update or Delete whose relation id is at payload[pos:]. None for anything the
+ * Python path must look at: an unknown relation, a marker out of place, a bad old tuple. */
+static PyObject *
+row_change(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyDict_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "row_change(relations: dict, payload, pos)");
+        return NULL;
+    }
+    if (row_change_type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "row_change before bind_row_change");
+        return NULL;
+    }
+    PyObject *payload = args[1];
+    Py_ssize_t pos = PyLong_AsSsize_t(args[2]);
+    if (pos == -1 && PyErr_Occurred())
+        return NULL;
+    if (!PyBytes_CheckExact(payload))
+        Py_RETURN_NONE;
+    const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(payload);
+    Py_ssize_t len = PyBytes_GET_SIZE(payload);
+    if (pos < 1 || len - pos < 5)
+        Py_RETURN_NONE;
+    PyObject *key = PyLong_FromUnsignedLong(be32(data + pos));
+    if (key == NULL)
+        return NULL;
+    PyObject *relation = PyDict_GetItemWithError(args[0], key); /* borrowed */
+    Py_DECREF(key);
+    if (relation == NULL) {
+        if (PyErr_Occurred())
+            return NULL;
+        Py_RETURN_NONE;
+    }
+    int tag = data[0], marker = data[pos + 4];
+    Py_ssize_t at = pos + 5, new_at = -1, old_at = -1;
+    PyObject *op, *old_kind = Py_None;
+    if (tag == 'I' && marker == 'N') {
+        op = op_insert;
+        new_at = at;
+    }
+    else if (tag == 'U' && marker == 'N') {
+        op = op_update;
+        new_at = at;
+    }
+    else if ((tag == 'U' || tag == 'D') && (marker == 'K' || marker == 'O')) {
+        old_kind = marker == 'K' ? kind_key : kind_old;
+        old_at = at;
+        if (tag == 'D')
+            op = op_delete;
+        else {
+            /* the new tuple follows the old one, after an 'N' */
+            if (len - at < 2)
+                Py_RETURN_NONE;
+            Py_ssize_t p = at + 2, ncols = (data[at] << 8) | data[at + 1];
+            for (Py_ssize_t i = 0; i < ncols; i++) {
+                int kind;
+                Py_ssize_t start, size;
+                if (!next_value(data, len, &p, &kind, &start, &size) ||
+                    (kind != KIND_TEXT && kind != KIND_BINARY && kind != KIND_NULL &&
+                     kind != KIND_UNCHANGED))
+                    Py_RETURN_NONE;
+            }
+            if (p >= len || data[p] != 'N')
+                Py_RETURN_NONE;
+            op = op_update;
+            new_at = p + 1;
+        }
+    }
+    else
+        Py_RETURN_NONE;
+
+    PyObject *obj = row_change_type->tp_alloc(row_change_type, 0);
+    if (obj == NULL)
+        return NULL;
+    if (!set_slot(obj, F_OP, Py_NewRef(op)) || !set_slot(obj, F_RELATION, Py_NewRef(relation)) ||
+        !set_slot(obj, F_RAW, Py_NewRef(payload)) ||
+        !set_slot(obj, F_NEW_AT, PyLong_FromSsize_t(new_at)) ||
+        !set_slot(obj, F_OLD_AT, PyLong_FromSsize_t(old_at)) ||
+        !set_slot(obj, F_OLD_KIND, Py_NewRef(old_kind))) {
+        Py_DECREF(obj);
+        return NULL;
+    }
+    return obj;
 }
 
 /* ---- JsonRow: TupleData -> JSON object text ---------------------------------------- */
@@ -475,6 +619,10 @@ static PyTypeObject JsonRowType = {
 };
 
 static PyMethodDef methods[] = {
+    {"bind_row_change", (PyCFunction)(void (*)(void))bind_row_change, METH_FASTCALL,
+     PyDoc_STR("bind_row_change(cls, fields): where row_change puts each field")},
+    {"row_change", (PyCFunction)(void (*)(void))row_change, METH_FASTCALL,
+     PyDoc_STR("row_change(relations, payload, pos) -> RowChange | None")},
     {"typed_row", (PyCFunction)(void (*)(void))typed_row, METH_FASTCALL,
      PyDoc_STR("typed_row(template, load_text_row, load_binary_row, buf, pos) -> dict | None")},
     {NULL, NULL, 0, NULL},
@@ -492,6 +640,13 @@ PyMODINIT_FUNC
 PyInit__fastrow(void)
 {
     if (PyType_Ready(&JsonRowType) < 0)
+        return NULL;
+    op_insert = PyUnicode_InternFromString("insert");
+    op_update = PyUnicode_InternFromString("update");
+    op_delete = PyUnicode_InternFromString("delete");
+    kind_key = PyUnicode_InternFromString("K");
+    kind_old = PyUnicode_InternFromString("O");
+    if (!op_insert || !op_update || !op_delete || !kind_key || !kind_old)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)

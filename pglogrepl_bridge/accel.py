@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from .values import LoadRow
 
@@ -18,11 +18,14 @@ RowRender = Callable[[bytes, int], "str | None"]
 ColumnPlan = tuple[str | None, int, Callable[[bytes], str] | None, Callable[[bytes], str]]
 TypedRow = Callable[[dict[str, None], LoadRow, LoadRow, bytes, int], "dict[str, Any] | None"]
 
+T = TypeVar("T")
+
 # JsonRow column modes: how a text value becomes JSON
 QUOTE, RAW, CALL = 0, 1, 2
 
 typed_row: TypedRow | None = None
 json_row: Callable[[Sequence[ColumnPlan]], RowRender] | None = None
+_row_change: Callable[[dict[int, Any], bytes, int], Any] | None = None
 
 if os.environ.get("PGLOGREPL_BRIDGE_PURE_PYTHON", "") in ("", "0"):
     try:
@@ -32,3 +35,15 @@ if os.environ.get("PGLOGREPL_BRIDGE_PURE_PYTHON", "") in ("", "0"):
     else:
         typed_row = _fastrow.typed_row
         json_row = _fastrow.JsonRow
+        _row_change = _fastrow.row_change
+
+
+def row_change_maker(cls: type[T]) -> Callable[[dict[int, Any], bytes, int], T | None] | None:
+    """``(relations by id, payload, pos) -> cls | None``: one Insert/Update/Delete as ``cls``
+    (RowChange) without running its ``__init__`` (the C side writes its slots), None where
+    the Python path must look; or None without the accelerator."""
+    if _row_change is None:
+        return None
+    fields = ("op", "relation", "raw", "new_at", "old_at", "old_kind")
+    _fastrow.bind_row_change(cls, fields)
+    return _row_change

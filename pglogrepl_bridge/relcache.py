@@ -160,7 +160,7 @@ class RelationCache:
 
     def __init__(self, loaders: ValueLoaders | None = None) -> None:
         self.loaders = loaders if loaders is not None else ValueLoaders()
-        self._relations: dict[int, RelationInfo] = {}
+        self.by_id: dict[int, RelationInfo] = {}  # also read by accel's row maker
 
     def add_relation(self, msg: Relation) -> RelationInfo:
         cols = msg.columns
@@ -181,13 +181,13 @@ class RelationCache:
             ),
             fast_row=_fast_row(loaders, cols),
         )
-        self._relations[msg.relid] = info
+        self.by_id[msg.relid] = info
         return info
 
     def copy(self) -> RelationCache:
         """A cache with the same entries, to move on independently (entries are immutable)."""
         other = RelationCache(self.loaders)
-        other._relations = dict(self._relations)
+        other.by_id = dict(self.by_id)
         return other
 
     def add_type(self, msg: Type) -> None:
@@ -195,7 +195,7 @@ class RelationCache:
 
     def get(self, relid: int) -> RelationInfo:
         try:
-            return self._relations[relid]
+            return self.by_id[relid]
         except KeyError:
             raise DecodeError(
                 f"change for relation id {relid} before any Relation message describing it; "
@@ -204,7 +204,7 @@ class RelationCache:
             ) from None
 
     def __contains__(self, relid: int) -> bool:
-        return relid in self._relations
+        return relid in self.by_id
 
     def __len__(self) -> int:
-        return len(self._relations)
+        return len(self.by_id)

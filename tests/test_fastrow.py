@@ -10,8 +10,13 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from pglogrepl_bridge import accel
-from pglogrepl_bridge.decoder import _Bad, parse_tuple
+from pglogrepl_bridge.assembly import TransactionAssembler
+from pglogrepl_bridge.decoder import PgOutputDecoder, _Bad, parse_tuple
+from pglogrepl_bridge.errors import DecodeError
+from pglogrepl_bridge.messages import Column, Relation
+from pglogrepl_bridge.relcache import RelationCache
 from pglogrepl_bridge.rowcompile import ColumnRender, compile_json_row, compile_json_row_python
+from pglogrepl_bridge.transaction import RowChange
 
 needs_c = pytest.mark.skipif(accel.typed_row is None, reason="the C accelerator is not built")
 
@@ -165,3 +170,66 @@ def test_c_walks_reject_bad_arguments() -> None:
     assert row(buf, 0) == '{"a":<6f6b>}'
     with pytest.raises(KeyboardInterrupt):  # only Exception makes the walk step aside
         stops(buf, 0)
+
+
+def _relations() -> RelationCache:
+    cache = RelationCache()
+    cols = (Column("id", 23, -1, True), Column("v", 25, -1, False))
+    cache.add_relation(Relation(None, 7, "public", "t", "d", cols))
+    return cache
+
+
+@st.composite
+def _row_message(draw: st.DrawFn) -> bytes:
+    """Insert/Update/Delete messages, mostly well formed, some with wrong markers, unknown
+    relations, bad old tuples or cuts."""
+    tag = draw(st.sampled_from(b"IUDIUDX"))
+    relid = draw(st.sampled_from([7, 7, 7, 8]))
+    out = bytearray([tag]) + struct.pack("!I", relid)
+    marker = draw(st.sampled_from(b"NNKOKOZ"))
+    out.append(marker)
+    out += draw(_tuple_bytes())[1]
+    if draw(st.booleans()):
+        out.append(draw(st.sampled_from(b"NNNZ")))
+        out += draw(_tuple_bytes())[1]
+    cut = draw(st.one_of(st.none(), st.none(), st.integers(1, len(out))))  # feed drops b""
+    return bytes(out[:cut] if cut is not None else out)
+
+
+@needs_c
+@settings(max_examples=500)
+@given(_row_message())
+@example(b"U\x00\x00\x00\x07K\x00\x01t\x00\x00\x00\x011N\x00\x01n")
+@example(b"D\x00\x00\x00\x07O\x00\x01t\x00\x00\x00\x011")
+@example(b"I\x00\x00\x00\x08N\x00\x00")
+def test_row_change_equals_the_python_path(payload: bytes) -> None:
+    asm = TransactionAssembler(_relations())
+    maker = accel.row_change_maker(RowChange)
+    assert maker is not None
+    fast = maker(asm.relations.by_id, payload, 1)
+    try:
+        slow = asm._row(payload, 1, 0, PgOutputDecoder())
+    except DecodeError:
+        assert fast is None
+        return
+    # well formed: the C side must have made it, field for field the same
+    assert fast == slow and type(fast) is RowChange
+    assert (fast.op, fast.new_at, fast.old_at, fast.old_kind) == (
+        slow.op,
+        slow.new_at,
+        slow.old_at,
+        slow.old_kind,
+    )
+    assert fast.relation is slow.relation and fast.raw is payload
+
+
+@needs_c
+def test_row_change_binds_only_object_slots() -> None:
+    assert accel.row_change_maker(RowChange) is not None
+
+    class Plain:  # the same names, but class attributes, not slots
+        op = relation = raw = new_at = old_at = old_kind = None
+
+    with pytest.raises(TypeError, match="not an object slot"):
+        accel.row_change_maker(Plain)
+    assert accel.row_change_maker(RowChange) is not None  # bound back for the other tests
