@@ -1,7 +1,8 @@
-/* Optional C accelerator for the two per-column walks over pgoutput TupleData.
+/* Optional C accelerator for the per-row hot paths: the walks over pgoutput TupleData (to
+ * JSON, to typed values) and the assembler's Insert/Update/Delete branch.
  *
- * Both have pure-Python equivalents (rowcompile.py, relcache.py) that produce the same
- * results; the package runs without this module. Neither function ever raises for bad
+ * Each has a pure-Python equivalent (rowcompile.py, relcache.py, assembly.py) that produces
+ * the same results; the package runs without this module. No function here raises for bad
  * input bytes: anything irregular returns None and the caller takes its careful Python path,
  * which names the problem. Every length is checked against the buffer before it is used.
  */

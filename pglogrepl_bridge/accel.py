@@ -1,4 +1,5 @@
-"""The optional C walks over TupleData (``_fastrow.c``), or None where they are not built.
+"""The optional C hot paths (``_fastrow.c``), or None where they are not built: the walks
+over a row's TupleData (to JSON, to typed values) and the assembler's row-change branch.
 
 pip builds the extension when a C compiler is at hand; without one the package is pure
 Python, and every caller has a Python path that gives the same results (the tests hold the
