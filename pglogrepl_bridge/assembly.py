@@ -206,8 +206,7 @@ class TransactionAssembler:
             txn = self._open
             if txn is None:
                 raise DecodeError("row change outside a transaction", msg_type="DML", lsn=lsn)
-            change = None if _make_row is None else _make_row(self.relations.by_id, payload, 1)
-            txn.changes.append(change or self._row(payload, 1, lsn, self._decoder))
+            txn.changes.append(self._row(payload, 1, lsn, self._decoder))
             return None
         msg = self._decoder.decode(payload, lsn)
         return self._handlers[type(msg)](msg, lsn)
@@ -221,9 +220,12 @@ class TransactionAssembler:
         rels: RelationCache | None = None,
     ) -> RowChange:
         """Insert, Update or Delete as a RowChange over the message bytes."""
+        rels = rels if rels is not None else self.relations  # an empty cache is falsy
+        if _make_row is not None and (change := _make_row(rels.by_id, payload, pos)) is not None:
+            return change  # the C row maker; None leaves the message to the code below
         tag = payload[0]
         try:
-            rel = (rels or self.relations).get(_u32(payload, pos)[0])
+            rel = rels.get(_u32(payload, pos)[0])
             marker = payload[pos + 4]
             at = pos + 5
             if tag == 0x49 and marker == 0x4E:  # Insert 'N'
@@ -314,7 +316,7 @@ class TransactionAssembler:
         lsn: int,
         rels: RelationCache | None = None,
     ) -> Event | None:
-        rels = rels or self.relations
+        rels = rels if rels is not None else self.relations  # an empty cache is falsy
         change: Change
         if isinstance(msg, Relation):
             rels.add_relation(msg)
