@@ -220,27 +220,16 @@ set_slot(PyObject *obj, int field, PyObject *value)
     return 1;
 }
 
-/* row_change(relations, payload, pos) -> RowChange | None
- *
- * The Insert, Update or Delete whose relation id is at payload[pos:]. None for anything the
- * Python path must look at: an unknown relation, a marker out of place, a bad old tuple. */
+/* The Insert, Update or Delete whose relation id is at payload[pos:] (payload: bytes), as a
+ * new RowChange; None for anything the Python path must look at (an unknown relation, a
+ * marker out of place, a bad old tuple); NULL with an exception set. */
 static PyObject *
-row_change(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+make_row(PyObject *relations, PyObject *payload, Py_ssize_t pos)
 {
-    if (nargs != 3 || !PyDict_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "row_change(relations: dict, payload, pos)");
-        return NULL;
-    }
     if (row_change_type == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "row_change before bind_row_change");
         return NULL;
     }
-    PyObject *payload = args[1];
-    Py_ssize_t pos = PyLong_AsSsize_t(args[2]);
-    if (pos == -1 && PyErr_Occurred())
-        return NULL;
-    if (!PyBytes_CheckExact(payload))
-        Py_RETURN_NONE;
     const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(payload);
     Py_ssize_t len = PyBytes_GET_SIZE(payload);
     if (pos < 1 || len - pos < 5)
@@ -248,7 +237,7 @@ row_change(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     PyObject *key = PyLong_FromUnsignedLong(be32(data + pos));
     if (key == NULL)
         return NULL;
-    PyObject *relation = PyDict_GetItemWithError(args[0], key); /* borrowed */
+    PyObject *relation = PyDict_GetItemWithError(relations, key); /* borrowed */
     Py_DECREF(key);
     if (relation == NULL) {
         if (PyErr_Occurred())
@@ -305,6 +294,66 @@ row_change(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     return obj;
+}
+
+/* row_change(relations, payload, pos) -> RowChange | None: make_row for the assembler. */
+static PyObject *
+row_change(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyDict_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "row_change(relations: dict, payload, pos)");
+        return NULL;
+    }
+    Py_ssize_t pos = PyLong_AsSsize_t(args[2]);
+    if (pos == -1 && PyErr_Occurred())
+        return NULL;
+    if (!PyBytes_CheckExact(args[1]))
+        Py_RETURN_NONE;
+    return make_row(args[0], args[1], pos);
+}
+
+/* put_row(relations, changes, message) -> bool
+ *
+ * The stream's fast path, for a CopyData message as psycopg hands it over (any buffer): when
+ * it is an XLogData ('w', 24 header bytes) carrying an Insert, Update or Delete that make_row
+ * takes, the RowChange over its payload is appended to changes (the open transaction's list)
+ * and the answer is True. False leaves the message untouched for the general path. Per row
+ * this saves the header unpacking, the payload slice and the assembler's Python frames. */
+#define XLOG_HEADER 25
+static PyObject *
+put_row(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyDict_Check(args[0]) || !PyList_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "put_row(relations: dict, changes: list, message)");
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[2], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *data = (const unsigned char *)view.buf;
+    if (view.len < XLOG_HEADER + 6 || data[0] != 'w' ||
+        (data[XLOG_HEADER] != 'I' && data[XLOG_HEADER] != 'U' && data[XLOG_HEADER] != 'D')) {
+        PyBuffer_Release(&view);
+        Py_RETURN_FALSE;
+    }
+    PyObject *payload = PyBytes_FromStringAndSize((const char *)data + XLOG_HEADER,
+                                                  view.len - XLOG_HEADER);
+    PyBuffer_Release(&view);
+    if (payload == NULL)
+        return NULL;
+    PyObject *row = make_row(args[0], payload, 1);
+    Py_DECREF(payload);
+    if (row == NULL)
+        return NULL;
+    if (row == Py_None) {
+        Py_DECREF(row);
+        Py_RETURN_FALSE;
+    }
+    int failed = PyList_Append(args[1], row);
+    Py_DECREF(row);
+    if (failed)
+        return NULL;
+    Py_RETURN_TRUE;
 }
 
 /* ---- JsonRow: TupleData -> JSON object text ---------------------------------------- */
@@ -624,6 +673,8 @@ static PyMethodDef methods[] = {
      PyDoc_STR("bind_row_change(cls, fields): where row_change puts each field")},
     {"row_change", (PyCFunction)(void (*)(void))row_change, METH_FASTCALL,
      PyDoc_STR("row_change(relations, payload, pos) -> RowChange | None")},
+    {"put_row", (PyCFunction)(void (*)(void))put_row, METH_FASTCALL,
+     PyDoc_STR("put_row(relations, changes, message) -> bool")},
     {"typed_row", (PyCFunction)(void (*)(void))typed_row, METH_FASTCALL,
      PyDoc_STR("typed_row(template, load_text_row, load_binary_row, buf, pos) -> dict | None")},
     {NULL, NULL, 0, NULL},

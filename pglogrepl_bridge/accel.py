@@ -27,6 +27,8 @@ QUOTE, RAW, CALL = 0, 1, 2
 typed_row: TypedRow | None = None
 json_row: Callable[[Sequence[ColumnPlan]], RowRender] | None = None
 _row_change: Callable[[dict[int, Any], bytes, int], Any] | None = None
+PutRow = Callable[[dict[int, Any], list[Any], Any], bool]
+_put_row: PutRow | None = None
 
 if os.environ.get("PGLOGREPL_BRIDGE_PURE_PYTHON", "") in ("", "0"):
     try:
@@ -37,6 +39,7 @@ if os.environ.get("PGLOGREPL_BRIDGE_PURE_PYTHON", "") in ("", "0"):
         typed_row = _fastrow.typed_row
         json_row = _fastrow.JsonRow
         _row_change = _fastrow.row_change
+        _put_row = _fastrow.put_row
 
 
 def row_change_maker(cls: type[T]) -> Callable[[dict[int, Any], bytes, int], T | None] | None:
@@ -48,3 +51,12 @@ def row_change_maker(cls: type[T]) -> Callable[[dict[int, Any], bytes, int], T |
     fields = ("op", "relation", "raw", "new_at", "old_at", "old_kind")
     _fastrow.bind_row_change(cls, fields)
     return _row_change
+
+
+def row_putter(cls: type[T]) -> PutRow | None:
+    """``(relations by id, changes, CopyData message) -> bool``: the row maker for a whole
+    XLogData message, appending the ``cls`` it makes to ``changes``; False where the message
+    must take the general path (it is not a row change, or the row maker declines it)."""
+    if row_change_maker(cls) is None:
+        return None
+    return _put_row

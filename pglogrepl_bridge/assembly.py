@@ -67,6 +67,7 @@ _ROW_TAGS = frozenset(b"IUD")
 _OLD: dict[int, Literal["K", "O"]] = {0x4B: "K", 0x4F: "O"}
 # With the C accelerator, the row change of a message in one call (None: see _row)
 _make_row = accel.row_change_maker(RowChange)
+_put_row = accel.row_putter(RowChange)
 
 
 class SpilledChanges(Sequence[Change]):
@@ -160,6 +161,19 @@ class TransactionAssembler:
             CommitPrepared: self._commit_prepared,
             RollbackPrepared: self._rollback_prepared,
         }
+
+    #: ``(relations.by_id, open_changes, CopyData message) -> bool``: a reader's shortcut
+    #: past ``feed`` for a row change (the C row maker on the whole XLogData message); False
+    #: means ``feed`` must take the message. None without the accelerator.
+    put_row = staticmethod(_put_row) if _put_row is not None else None
+
+    @property
+    def open_changes(self) -> list[Change] | None:
+        """Where ``put_row`` may append a row change now: the open transaction's list. None
+        inside a stream or between transactions, where every message goes through ``feed``."""
+        if self._open is None or self._stream_xid is not None:
+            return None
+        return self._open.changes
 
     @property
     def in_transaction(self) -> bool:

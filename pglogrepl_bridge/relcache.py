@@ -160,7 +160,8 @@ class RelationCache:
 
     def __init__(self, loaders: ValueLoaders | None = None) -> None:
         self.loaders = loaders if loaders is not None else ValueLoaders()
-        self.by_id: dict[int, RelationInfo] = {}  # also read by accel's row maker
+        # updated in place, never replaced: the C row maker holds on to it
+        self.by_id: dict[int, RelationInfo] = {}
 
     def add_relation(self, msg: Relation) -> RelationInfo:
         cols = msg.columns
@@ -187,7 +188,7 @@ class RelationCache:
     def copy(self) -> RelationCache:
         """A cache with the same entries, to move on independently (entries are immutable)."""
         other = RelationCache(self.loaders)
-        other.by_id = dict(self.by_id)
+        other.by_id.update(self.by_id)
         return other
 
     def add_type(self, msg: Type) -> None:

@@ -43,6 +43,12 @@ log = logging.getLogger(__name__)
 
 _XLOG_HEAD = struct.Struct("!QQq")
 _KEEPALIVE = struct.Struct("!Qq?")
+#: After a burst, the reader pauses before it looks again, so that the walsender fills the
+#: socket meanwhile: once the receive window is shut its sends only queue, a fraction of the
+#: cost of sending each message into an open window (measured: its CPU time fell by a third).
+#: The pause grows with the burst, so a trickle of small transactions keeps its latency.
+PAUSE_PER_MESSAGE = 10e-6
+MAX_PAUSE = 0.01
 
 #: Highest pgoutput protocol version per server major version.
 _PROTO_BY_MAJOR = {14: 2, 15: 3, 16: 4}
@@ -403,22 +409,33 @@ class ReplicationStream:
         assert self._conn is not None
         conn = self._conn
         pgconn = conn.pgconn
-        feed = self.assembler.feed
+        assembler = self.assembler
+        feed = assembler.feed
+        # Row changes inside a plain transaction, most of the stream, can skip feed: put_row
+        # appends them to the open transaction (rows) in one call. Everything else, and any
+        # row put_row declines, goes through feed, after which rows is looked up again.
+        put_row = assembler.put_row
+        by_id = assembler.relations.by_id
+        rows = None
         tracker = self.feedback
         interval = self.options.status_interval
         sock = pgconn.socket
         until = self.options.until_lsn
         drained = 0
+        burst = 0  # messages since the loop last waited for the server
         while not self._stopping:
             nbytes, data = pgconn.get_copy_data(1)
             if nbytes > 0:
                 drained += 1
-                tag = data[0]
-                if tag == 0x77:  # 'w' XLogData
+                if rows is not None and put_row(by_id, rows, data):  # type: ignore[misc]
+                    pass
+                elif (tag := data[0]) == 0x77:  # 'w' XLogData
                     start = _XLOG_HEAD.unpack_from(data, 1)[0]
                     if start > tracker.received:
                         tracker.received = start
                     event = feed(bytes(data[25:]), start)
+                    if put_row is not None:
+                        rows = assembler.open_changes
                     if event is not None:
                         yield from self._deliver(event)
                         if until is not None and tracker.flushed >= until:
@@ -426,10 +443,14 @@ class ReplicationStream:
                 elif tag == 0x6B:  # 'k' keepalive
                     wal_end, _sent, reply = _KEEPALIVE.unpack_from(data, 1)
                     with self._lock:
-                        tracker.keepalive(wal_end, self.assembler.oldest_pending_lsn)
+                        tracker.keepalive(wal_end, assembler.oldest_pending_lsn)
                     if reply:
                         self._send_status(conn)
                 if drained & 1023 == 0:
+                    if data[0] == 0x77:  # the shortcut leaves the received position to here
+                        start = _XLOG_HEAD.unpack_from(data, 1)[0]
+                        if start > tracker.received:
+                            tracker.received = start
                     if self._rewind_to is not None:
                         raise _Rewind
                     if time.monotonic() - self._last_status > interval:
@@ -452,11 +473,13 @@ class ReplicationStream:
             if until is not None and tracker.inflight:
                 timeout = min(timeout, 0.005)  # the last acks may come from another thread
             if drained:
-                # In a burst: read on at once if more is there; else let the walsender fill
-                # the socket for a moment, so we wake per batch rather than per message.
+                # In a burst: read on at once if more is there; else pause (MAX_PAUSE), so
+                # that we wake per batch rather than per message.
+                burst += drained
                 if not select.select([sock], [], [], 0)[0]:
-                    time.sleep(0.001)
+                    time.sleep(min(MAX_PAUSE, burst * PAUSE_PER_MESSAGE))
             else:
+                burst = 0
                 select.select([sock], [], [], timeout)
             drained = 0
             pgconn.consume_input()
