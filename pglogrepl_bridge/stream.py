@@ -29,7 +29,14 @@ from psycopg.pq import ExecStatus
 
 from . import admin
 from .assembly import TransactionAssembler
-from .connection import Conn, SystemInfo, connect, identify_system, server_error
+from .connection import (
+    Conn,
+    SystemInfo,
+    connect,
+    identify_system,
+    limit_receive_buffer,
+    server_error,
+)
 from .errors import BridgeError, ConfigError, ReplicationError, ServerUnavailableError
 from .feedback import FeedbackTracker
 from .lsn import Lsn, format_lsn
@@ -88,6 +95,9 @@ class StreamOptions:
     max_backoff: float = 30.0
     #: extra GUCs for the walsender session, e.g. {"logical_decoding_work_mem": "64kB"}
     session_settings: dict[str, str] = field(default_factory=dict)
+    #: SO_RCVBUF of the replication socket: None fixes a small one for a server on this
+    #: host (see connection.limit_receive_buffer), 0 keeps the kernel's autotuning
+    recv_buffer: int | None = None
 
 
 class ReplicationStream:
@@ -249,6 +259,7 @@ class ReplicationStream:
                 format_lsn(start),
                 self.proto_version,
             )
+            limit_receive_buffer(conn, opts.recv_buffer)
             cur = conn.execute(query)
             if cur.pgresult is None or cur.pgresult.status != ExecStatus.COPY_BOTH:
                 raise ReplicationError("START_REPLICATION did not enter COPY_BOTH mode")

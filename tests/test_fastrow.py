@@ -245,3 +245,52 @@ def test_row_change_binds_only_object_slots() -> None:
     with pytest.raises(TypeError, match="not an object slot"):
         accel.row_change_maker(Plain)
     assert accel.row_change_maker(RowChange) is not None  # bound back for the other tests
+
+
+@needs_c
+@settings(max_examples=500)
+@given(_row_message(), st.sampled_from([b"w", b"w", b"w", b"k"]), st.integers(0, 3))
+@example(b"I\x00\x00\x00\x07N\x00\x02t\x00\x00\x00\x011n", b"w", 0)
+def test_put_row_equals_the_python_path(payload: bytes, kind: bytes, cut: int) -> None:
+    """put_row on a whole CopyData message (a memoryview, as psycopg gives it) appends what
+    feed would, or declines and leaves the message to feed."""
+    header = kind + struct.pack("!QQq", 1, 2, 3)
+    message = memoryview(header[: len(header) - cut] + payload)
+    asm = TransactionAssembler(_relations())
+    rows: list[object] = ["before"]
+    assert asm.put_row is not None
+    taken = asm.put_row(asm.relations.by_id, rows, message)
+    if kind != b"w" or cut:
+        assert not taken and rows == ["before"]
+        return
+    try:
+        with _python_rows():
+            slow = asm._row(payload, 1, 0, PgOutputDecoder())
+    except DecodeError:
+        assert not taken and rows == ["before"]
+        return
+    assert taken and rows[0] == "before" and len(rows) == 2
+    fast = rows[1]
+    assert type(fast) is RowChange and fast == slow
+    assert (fast.op, fast.new_at, fast.old_at, fast.old_kind) == (
+        slow.op,
+        slow.new_at,
+        slow.old_at,
+        slow.old_kind,
+    )
+    assert fast.raw == payload and type(fast.raw) is bytes
+
+
+def test_open_changes_only_inside_a_plain_transaction() -> None:
+    """Where the stream may put rows directly: the open transaction's list, and nowhere else."""
+    asm = TransactionAssembler(_relations())
+    assert asm.open_changes is None
+    asm.feed(b"B" + struct.pack("!QqI", 100, 0, 9), 1)
+    rows = asm.open_changes
+    assert rows is not None and rows == []
+    asm.feed(b"I\x00\x00\x00\x07N\x00\x02t\x00\x00\x00\x011n", 2)
+    assert len(rows) == 1 and asm.open_changes is rows
+    txn = asm.feed(b"C\x00" + struct.pack("!QQq", 100, 120, 0), 3)
+    assert txn is not None and asm.open_changes is None
+    asm.feed(b"S" + struct.pack("!IB", 11, 1), 4)  # Stream Start: rows go to the stream
+    assert asm.open_changes is None

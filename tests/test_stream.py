@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -12,7 +14,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pglogrepl_bridge.connection import connect
+from pglogrepl_bridge import connection
+from pglogrepl_bridge.connection import connect, same_host
 from pglogrepl_bridge.embedded import PostgresServer
 from pglogrepl_bridge.errors import ConfigError, ReplicationError
 from pglogrepl_bridge.stream import ReplicationStream, max_proto_version
@@ -235,6 +238,42 @@ def test_role_without_replication_privilege(pg: PostgresServer, pg_conn: Conn) -
     with pytest.raises(ConfigError, match="lacks the REPLICATION privilege") as info:
         connect(dsn, replication=True)
     assert "sekrit-pw" not in str(info.value)
+
+
+@pytest.mark.parametrize(("recv_buffer", "expected"), [(None, 80_000), (30_000, 60_000), (0, None)])
+def test_receive_buffer_is_fixed_for_a_server_on_this_host(
+    pg: PostgresServer,
+    pg_conn: Conn,
+    monkeypatch: pytest.MonkeyPatch,
+    recv_buffer: int | None,
+    expected: int | None,
+) -> None:
+    monkeypatch.setattr(connection, "LOCAL_RECEIVE_BUFFER", 40_000)
+    src = make_source(pg_conn)
+    stream = ReplicationStream(pg.dsn, src.options(recv_buffer=recv_buffer))
+    try:
+        stream.start()
+        assert stream._conn is not None
+        with socket.socket(fileno=os.dup(stream._conn.pgconn.socket)) as sock:
+            if sock.family == socket.AF_UNIX:
+                pytest.skip("the server is reached over a Unix socket")
+            size = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    finally:
+        stream.close()
+    if expected is None:  # the kernel's own, autotuned buffer
+        assert size not in (60_000, 80_000)
+    else:
+        assert size == expected  # Linux doubles what it is asked for
+
+
+def test_same_host() -> None:
+    assert same_host("127.0.0.1", "127.0.0.1")
+    assert same_host("10.1.2.3", "127.0.0.2")  # any loopback peer
+    assert same_host("10.1.2.3", "10.1.2.3")  # our own address
+    assert same_host("::1", "::1")
+    assert not same_host("10.1.2.3", "10.1.2.4")
+    assert not same_host("fe80::1%eth0", "fe80::2%eth0")
+    assert not same_host("", "not an address")
 
 
 def test_wrong_password_never_printed(pg: PostgresServer) -> None:
