@@ -19,8 +19,11 @@ from .dsn import redact_dsn, validate_dsn
 from .errors import BridgeError, ConfigError, ReplicationError, ServerUnavailableError
 from .lsn import Lsn
 
-#: GUCs for the walsender's session: value text output in the shapes psycopg's loaders parse.
+#: GUCs for the walsender's session: value text output in the shapes psycopg's loaders parse,
+#: and in UTF-8 (pgoutput converts text and names to the client encoding; the loaders read
+#: UTF-8), whatever the DSN or PGCLIENTENCODING ask for.
 SESSION_SETTINGS = {
+    "client_encoding": "UTF8",
     "datestyle": "ISO",
     "intervalstyle": "postgres",
     "extra_float_digits": "3",

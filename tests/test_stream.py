@@ -266,6 +266,22 @@ def test_receive_buffer_is_fixed_for_a_server_on_this_host(
         assert size == expected  # Linux doubles what it is asked for
 
 
+def test_text_arrives_as_utf8_whatever_the_client_encoding(
+    pg: PostgresServer, pg_conn: Conn
+) -> None:
+    """pgoutput converts text to the session's client_encoding: the stream asks for UTF8, so
+    a LATIN1 (or any) setting in the DSN or PGCLIENTENCODING changes nothing."""
+    src = make_source(pg_conn)
+    pg_conn.execute(f"INSERT INTO {src.table} VALUES (1, 'café €')")
+    dsn = psycopg.conninfo.make_conninfo(pg.dsn, client_encoding="LATIN1")
+    consumer = Consumer(ReplicationStream(dsn, src.options())).start()
+    try:
+        txns = consumer.take(1)
+    finally:
+        consumer.stop()
+    assert txns[0].changes[0].new == {"id": 1, "v": "café €"}  # type: ignore[union-attr]
+
+
 def test_same_host() -> None:
     assert same_host("127.0.0.1", "127.0.0.1")
     assert same_host("10.1.2.3", "127.0.0.2")  # any loopback peer
