@@ -6,8 +6,9 @@
             stream.ack(txn.end_lsn)
 
 Reads are non-blocking ``get_copy_data`` calls that drain everything buffered before waiting
-on the socket. Status updates report what ``FeedbackTracker`` allows: never more than the
-consumer acknowledged. The connection is re-established with backoff when it drops, and
+on the socket, with a pause after a burst (MAX_PAUSE) so the walsender batches its sends.
+Status updates report what ``FeedbackTracker`` allows: never more than the consumer
+acknowledged. The connection is re-established with backoff when it drops, and
 resumes where the consumer's acknowledgements left off, without delivering a transaction twice.
 """
 
@@ -50,12 +51,20 @@ log = logging.getLogger(__name__)
 
 _XLOG_HEAD = struct.Struct("!QQq")
 _KEEPALIVE = struct.Struct("!Qq?")
+
 #: After a burst, the reader pauses before it looks again, so that the walsender fills the
 #: socket meanwhile: once the receive window is shut its sends only queue, a fraction of the
-#: cost of sending each message into an open window (measured: its CPU time fell by a third).
+#: cost of sending each message into an open window (its CPU time fell by a third in the
+#: benchmark, see benchmarks/RESULTS.md).
 #: The pause grows with the burst, so a trickle of small transactions keeps its latency.
 PAUSE_PER_MESSAGE = 10e-6
 MAX_PAUSE = 0.01
+
+
+def pause_after(burst: int) -> float:
+    """Seconds to pause once ``burst`` messages have been read and the socket ran dry."""
+    return min(MAX_PAUSE, burst * PAUSE_PER_MESSAGE)
+
 
 #: Highest pgoutput protocol version per server major version.
 _PROTO_BY_MAJOR = {14: 2, 15: 3, 16: 4}
@@ -488,7 +497,7 @@ class ReplicationStream:
                 # that we wake per batch rather than per message.
                 burst += drained
                 if not select.select([sock], [], [], 0)[0]:
-                    time.sleep(min(MAX_PAUSE, burst * PAUSE_PER_MESSAGE))
+                    time.sleep(pause_after(burst))
             else:
                 burst = 0
                 select.select([sock], [], [], timeout)

@@ -18,7 +18,7 @@ from pglogrepl_bridge import connection
 from pglogrepl_bridge.connection import connect, same_host
 from pglogrepl_bridge.embedded import PostgresServer
 from pglogrepl_bridge.errors import ConfigError, ReplicationError
-from pglogrepl_bridge.stream import ReplicationStream, max_proto_version
+from pglogrepl_bridge.stream import MAX_PAUSE, ReplicationStream, max_proto_version, pause_after
 
 from .streamkit import Conn, Consumer, ids_of, make_source, wait_for
 
@@ -280,6 +280,14 @@ def test_text_arrives_as_utf8_whatever_the_client_encoding(
     finally:
         consumer.stop()
     assert txns[0].changes[0].new == {"id": 1, "v": "café €"}  # type: ignore[union-attr]
+
+
+def test_pause_after_a_burst_grows_with_it() -> None:
+    """A lone small transaction costs microseconds of latency; a bulk load pauses long enough
+    for the walsender to batch its sends, but never more than MAX_PAUSE."""
+    assert pause_after(3) < 0.0001
+    assert pause_after(100) < pause_after(500) <= MAX_PAUSE
+    assert pause_after(10**6) == MAX_PAUSE == 0.01
 
 
 def test_same_host() -> None:
