@@ -83,17 +83,17 @@ def limit_receive_buffer(conn: Conn, size: int | None = None) -> bool:
     """
     if size == 0:
         return False
-    with socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:
-        if sock.family not in (socket.AF_INET, socket.AF_INET6):
-            return False
-        try:
+    try:
+        with socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:
+            if sock.family not in (socket.AF_INET, socket.AF_INET6):
+                return False
             if size is None:
                 if not same_host(sock.getsockname()[0], sock.getpeername()[0]):
                     return False
                 size = LOCAL_RECEIVE_BUFFER
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
-        except OSError:  # a tuning, not a requirement: the connection's own errors come next
-            return False
+    except OSError:  # a tuning, not a requirement: the connection's own errors come next
+        return False
     return True
 
 

@@ -443,12 +443,13 @@ class ReplicationStream:
         until = self.options.until_lsn
         drained = 0
         burst = 0  # messages since the loop last waited for the server
+        last_row = None  # the last message put_row took
         while not self._stopping:
             nbytes, data = pgconn.get_copy_data(1)
             if nbytes > 0:
                 drained += 1
                 if rows is not None and put_row(by_id, rows, data):  # type: ignore[misc]
-                    pass
+                    last_row = data  # its position is noted once per read, below
                 elif (tag := data[0]) == 0x77:  # 'w' XLogData
                     start = _XLOG_HEAD.unpack_from(data, 1)[0]
                     if start > tracker.received:
@@ -467,15 +468,16 @@ class ReplicationStream:
                     if reply:
                         self._send_status(conn)
                 if drained & 1023 == 0:
-                    if data[0] == 0x77:  # the shortcut leaves the received position to here
-                        start = _XLOG_HEAD.unpack_from(data, 1)[0]
-                        if start > tracker.received:
-                            tracker.received = start
                     if self._rewind_to is not None:
                         raise _Rewind
                     if time.monotonic() - self._last_status > interval:
                         self._send_status(conn)
                 continue
+            if last_row is not None:  # put_row leaves the received position to here
+                start = _XLOG_HEAD.unpack_from(last_row, 1)[0]
+                if start > tracker.received:
+                    tracker.received = start
+                last_row = None
             if nbytes < 0:
                 self._end_of_copy(conn)
             if not drained and self._on_idle is not None:
