@@ -467,12 +467,7 @@ class ReplicationStream:
                         tracker.keepalive(wal_end, assembler.oldest_pending_lsn)
                     if reply:
                         self._send_status(conn)
-                if drained & 1023 == 0:
-                    if self._rewind_to is not None:
-                        raise _Rewind
-                    if time.monotonic() - self._last_status > interval:
-                        self._send_status(conn)
-                continue
+                continue  # what is buffered first; the checks below run once per read
             if last_row is not None:  # put_row leaves the received position to here
                 start = _XLOG_HEAD.unpack_from(last_row, 1)[0]
                 if start > tracker.received:
