@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: test lint demo bench bench-smoke clean
 
-$(STAMP): pyproject.toml setup.py pglogrepl_bridge/_fastrow.c
+$(STAMP): pyproject.toml setup.py pglogrepl_bridge/pgoutput/_fastrow.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
@@ -31,4 +31,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/decode_bench.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .pg-report.json build pglogrepl_bridge/*.so
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .pg-report.json build pglogrepl_bridge/pgoutput/*.so

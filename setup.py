@@ -5,6 +5,10 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         # optional: without a C compiler the package installs and runs as pure Python
-        Extension("pglogrepl_bridge._fastrow", ["pglogrepl_bridge/_fastrow.c"], optional=True)
+        Extension(
+            "pglogrepl_bridge.pgoutput._fastrow",
+            ["pglogrepl_bridge/pgoutput/_fastrow.c"],
+            optional=True,
+        )
     ]
 )

@@ -32,9 +32,10 @@ from pathlib import Path
 import psycopg
 
 import pglogrepl_bridge
-from pglogrepl_bridge import accel, admin
-from pglogrepl_bridge.embedded import PostgresServer, find_bindirs, postgres_server
 from pglogrepl_bridge.lsn import Lsn
+from pglogrepl_bridge.pgoutput import _accel as accel
+from pglogrepl_bridge.postgres import admin
+from pglogrepl_bridge.testing.postgres import PostgresServer, find_bindirs, postgres_server
 
 HERE = Path(__file__).resolve().parent
 PY = sys.executable

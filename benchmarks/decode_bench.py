@@ -22,9 +22,9 @@ from pathlib import Path
 import psycopg
 from bench import ROWS_PER_TXN, workload  # benchmarks/ is on sys.path when run as a script
 
-from pglogrepl_bridge.assembly import TransactionAssembler
-from pglogrepl_bridge.embedded import postgres_server
-from pglogrepl_bridge.transaction import RowChange, Transaction
+from pglogrepl_bridge.pgoutput.assembly import TransactionAssembler
+from pglogrepl_bridge.pgoutput.transaction import RowChange, Transaction
+from pglogrepl_bridge.testing.postgres import postgres_server
 
 
 def capture(version: int, changes: int) -> list[bytes]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 import threading
 
-from pglogrepl_bridge.replica import ReplicaNode, TcpReplica
+from pglogrepl_bridge.bridge.replica import ReplicaNode, TcpReplica
 
 
 def main() -> None:

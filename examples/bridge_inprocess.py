@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 import sys
 
-from pglogrepl_bridge.bridge import BridgeConfig, run_bridge
+from pglogrepl_bridge.bridge.replica import ReplicaNode, TcpReplica
+from pglogrepl_bridge.bridge.runner import BridgeConfig, run_bridge
 from pglogrepl_bridge.lsn import Lsn
-from pglogrepl_bridge.protocol import WalEntry
-from pglogrepl_bridge.replica import ReplicaNode, TcpReplica
-from pglogrepl_bridge.stream import StreamOptions
+from pglogrepl_bridge.postgres.stream import StreamOptions
+from pglogrepl_bridge.wire.protocol import WalEntry
 
 
 def show(entry: WalEntry) -> None:

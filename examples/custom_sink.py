@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 import sys
 
-from pglogrepl_bridge.jsonl import JsonRenderer
 from pglogrepl_bridge.lsn import Lsn
-from pglogrepl_bridge.stream import ReplicationStream, StreamOptions
-from pglogrepl_bridge.transaction import Transaction
+from pglogrepl_bridge.pgoutput.transaction import Transaction
+from pglogrepl_bridge.postgres.stream import ReplicationStream, StreamOptions
+from pglogrepl_bridge.render.jsonl import JsonRenderer
 
 
 class FileSink:

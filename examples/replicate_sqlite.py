@@ -9,8 +9,8 @@ import os
 import sys
 
 from pglogrepl_bridge.lsn import Lsn
-from pglogrepl_bridge.replicate import run_replicate
-from pglogrepl_bridge.stream import StreamOptions
+from pglogrepl_bridge.postgres.stream import StreamOptions
+from pglogrepl_bridge.sinks.replicate import run_replicate
 
 
 def main() -> None:

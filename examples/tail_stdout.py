@@ -11,8 +11,8 @@ import os
 import sys
 
 from pglogrepl_bridge.lsn import Lsn
-from pglogrepl_bridge.stream import ReplicationStream, StreamOptions
-from pglogrepl_bridge.transaction import RowChange
+from pglogrepl_bridge.pgoutput.transaction import RowChange
+from pglogrepl_bridge.postgres.stream import ReplicationStream, StreamOptions
 
 
 def main() -> None:

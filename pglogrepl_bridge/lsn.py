@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .errors import ConfigError
+from pglogrepl_bridge.errors import ConfigError
 
 _MAX = 0xFFFF_FFFF_FFFF_FFFF
 

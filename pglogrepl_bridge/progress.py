@@ -12,8 +12,8 @@ import threading
 import time
 from types import TracebackType
 
-from .lsn import format_lsn
-from .stream import ReplicationStream
+from pglogrepl_bridge.lsn import format_lsn
+from pglogrepl_bridge.postgres.stream import ReplicationStream
 
 log = logging.getLogger("pglogrepl_bridge.progress")
 

@@ -17,7 +17,7 @@ import psycopg
 import pytest
 from hypothesis import settings
 
-from pglogrepl_bridge.embedded import ENV_DSN, PostgresServer, find_bindirs, postgres_server
+from pglogrepl_bridge.testing.postgres import ENV_DSN, PostgresServer, find_bindirs, postgres_server
 
 # Shared 2-core machines stall now and then: no per-example deadlines (timing is the
 # benchmarks' job, not the tests').

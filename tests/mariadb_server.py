@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pymysql
 
-from pglogrepl_bridge.embedded import free_port
 from pglogrepl_bridge.errors import ServerUnavailableError
+from pglogrepl_bridge.testing.postgres import free_port
 
 ENV_URL = "PGLOGREPL_TEST_MARIADB_URL"
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 
-from pglogrepl_bridge.messages import (
+from pglogrepl_bridge.pgoutput.messages import (
     Begin,
     BeginPrepare,
     Commit,

@@ -12,10 +12,10 @@ from typing import Any
 
 import psycopg
 
-from pglogrepl_bridge import admin
 from pglogrepl_bridge.lsn import Lsn
-from pglogrepl_bridge.stream import ReplicationStream, StreamOptions
-from pglogrepl_bridge.transaction import Transaction
+from pglogrepl_bridge.pgoutput.transaction import Transaction
+from pglogrepl_bridge.postgres import admin
+from pglogrepl_bridge.postgres.stream import ReplicationStream, StreamOptions
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 _ids = itertools.count()

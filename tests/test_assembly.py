@@ -6,9 +6,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pglogrepl_bridge.assembly import TransactionAssembler
 from pglogrepl_bridge.errors import DecodeError
-from pglogrepl_bridge.messages import (
+from pglogrepl_bridge.pgoutput.assembly import TransactionAssembler
+from pglogrepl_bridge.pgoutput.messages import (
     Begin,
     Column,
     Commit,
@@ -24,9 +24,9 @@ from pglogrepl_bridge.messages import (
     TupleData,
     Type,
 )
-from pglogrepl_bridge.relcache import RelationCache
-from pglogrepl_bridge.transaction import Event, RowChange, Transaction
-from pglogrepl_bridge.values import ValueLoaders, ValueProblem
+from pglogrepl_bridge.pgoutput.relcache import RelationCache
+from pglogrepl_bridge.pgoutput.transaction import Event, RowChange, Transaction
+from pglogrepl_bridge.pgoutput.values import ValueLoaders, ValueProblem
 
 from .pgoutput_builders import encode
 

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from pglogrepl_bridge.bridge import BridgeConfig, BridgeStats, Network, run_bridge, tls_context
-from pglogrepl_bridge.embedded import PostgresServer
-from pglogrepl_bridge.protocol import Promotion, RequestFrom, VoteRequest
-from pglogrepl_bridge.replica import ReplicaNode, TcpReplica
+from pglogrepl_bridge.bridge.replica import ReplicaNode, TcpReplica
+from pglogrepl_bridge.bridge.network import Network, tls_context
+from pglogrepl_bridge.bridge.runner import BridgeConfig, BridgeStats, run_bridge
+from pglogrepl_bridge.testing.postgres import PostgresServer
+from pglogrepl_bridge.wire.protocol import Promotion, RequestFrom, VoteRequest
 
 from .streamkit import Conn, Source, make_source, wait_for
 

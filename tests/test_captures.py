@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from pglogrepl_bridge.assembly import TransactionAssembler
-from pglogrepl_bridge.messages import Message
-from pglogrepl_bridge.relcache import RelationCache
-from pglogrepl_bridge.transaction import Event, RowChange, Transaction, TruncateChange
-from pglogrepl_bridge.values import ValueLoaders
+from pglogrepl_bridge.pgoutput.assembly import TransactionAssembler
+from pglogrepl_bridge.pgoutput.messages import Message
+from pglogrepl_bridge.pgoutput.relcache import RelationCache
+from pglogrepl_bridge.pgoutput.transaction import Event, RowChange, Transaction, TruncateChange
+from pglogrepl_bridge.pgoutput.values import ValueLoaders
 
 CAPTURES = Path(__file__).resolve().parent / "data" / "captures"
 VERSIONS = [15, 16]

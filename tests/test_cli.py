@@ -16,11 +16,12 @@ from typer.main import get_command
 from typer.testing import CliRunner
 
 from pglogrepl_bridge import __version__
-from pglogrepl_bridge.cli import app
-from pglogrepl_bridge.embedded import PostgresServer, free_port, postgres_server
+from pglogrepl_bridge.cli import full_app
+from pglogrepl_bridge.testing.postgres import PostgresServer, free_port, postgres_server
 
 from .streamkit import Conn, make_source, wait_for
 
+app = full_app()
 runner = CliRunner()
 
 

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pglogrepl_bridge.decoder import PgOutputDecoder
 from pglogrepl_bridge.errors import DecodeError
-from pglogrepl_bridge.messages import (
+from pglogrepl_bridge.pgoutput.decoder import PgOutputDecoder
+from pglogrepl_bridge.pgoutput.messages import (
     Begin,
     BeginPrepare,
     Column,

@@ -12,7 +12,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pglogrepl_bridge.embedded import ENV_DSN, PostgresServer, find_bindirs, postgres_server
+from pglogrepl_bridge.testing.postgres import ENV_DSN, PostgresServer, find_bindirs, postgres_server
 
 
 def test_server_has_logical_settings(pg_conn: psycopg.Connection[tuple[object, ...]]) -> None:
@@ -99,7 +99,7 @@ def test_killed_owner_leaves_nothing_behind(tmp_path: Path) -> None:
     script = tmp_path / "owner.py"
     script.write_text(
         "import time\n"
-        "from pglogrepl_bridge.embedded import postgres_server\n"
+        "from pglogrepl_bridge.testing.postgres import postgres_server\n"
         "with postgres_server() as s:\n"
         "    print(s._cluster.root, flush=True)\n"
         "    time.sleep(600)\n"

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pglogrepl_bridge.embedded import PostgresServer
+from pglogrepl_bridge.testing.postgres import PostgresServer
 
 from .streamkit import Conn, make_source
 

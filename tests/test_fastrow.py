@@ -11,14 +11,19 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from pglogrepl_bridge import accel, assembly
-from pglogrepl_bridge.assembly import TransactionAssembler
-from pglogrepl_bridge.decoder import PgOutputDecoder, _Bad, parse_tuple
 from pglogrepl_bridge.errors import DecodeError
-from pglogrepl_bridge.messages import Column, Relation
-from pglogrepl_bridge.relcache import RelationCache
-from pglogrepl_bridge.rowcompile import ColumnRender, compile_json_row, compile_json_row_python
-from pglogrepl_bridge.transaction import RowChange
+from pglogrepl_bridge.pgoutput import _accel as accel
+from pglogrepl_bridge.pgoutput import assembly
+from pglogrepl_bridge.pgoutput.assembly import TransactionAssembler
+from pglogrepl_bridge.pgoutput.decoder import PgOutputDecoder, _Bad, parse_tuple
+from pglogrepl_bridge.pgoutput.messages import Column, Relation
+from pglogrepl_bridge.pgoutput.relcache import RelationCache
+from pglogrepl_bridge.pgoutput.transaction import RowChange
+from pglogrepl_bridge.render._jsoncompile import (
+    ColumnRender,
+    compile_json_row,
+    compile_json_row_python,
+)
 
 needs_c = pytest.mark.skipif(accel.typed_row is None, reason="the C accelerator is not built")
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pglogrepl_bridge.hub import Hub, Rewind, StepDown
-from pglogrepl_bridge.protocol import (
+from pglogrepl_bridge.wire.hub import Hub, Rewind, StepDown
+from pglogrepl_bridge.wire.protocol import (
     Acknowledge,
     FrameReader,
     Promotion,

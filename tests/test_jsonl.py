@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pglogrepl_bridge.jsonl import JsonRenderer, py_json
-from pglogrepl_bridge.messages import Column, Relation, TupleData
-from pglogrepl_bridge.relcache import RelationCache, RelationInfo
-from pglogrepl_bridge.transaction import Transaction
+from pglogrepl_bridge.pgoutput.messages import Column, Relation, TupleData
+from pglogrepl_bridge.pgoutput.relcache import RelationCache, RelationInfo
+from pglogrepl_bridge.pgoutput.transaction import Transaction
+from pglogrepl_bridge.render.jsonl import JsonRenderer, py_json
 
 from .pgoutput_builders import tuple_bytes
 from .test_captures import FIRST_ITEM_AS_TEXT, VERSIONS, replay

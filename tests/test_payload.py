@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from pglogrepl_bridge.errors import DecodeError
-from pglogrepl_bridge.payload import BincodeEncoder, encoder
-from pglogrepl_bridge.transaction import RowChange, Transaction
+from pglogrepl_bridge.pgoutput.transaction import RowChange, Transaction
+from pglogrepl_bridge.wire.payload import BincodeEncoder, encoder
 
 from .test_captures import FIRST_ITEM_AS_TEXT, VERSIONS, replay
 

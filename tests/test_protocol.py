@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pglogrepl_bridge.errors import ProtocolError
-from pglogrepl_bridge.protocol import (
+from pglogrepl_bridge.wire.protocol import (
     Acknowledge,
     FrameReader,
     Heartbeat,

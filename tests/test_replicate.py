@@ -20,11 +20,11 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
-from pglogrepl_bridge.embedded import PostgresServer
 from pglogrepl_bridge.lsn import Lsn
-from pglogrepl_bridge.replicate import run_replicate
-from pglogrepl_bridge.sqlsink import CHECKPOINT_TABLE, SinkError
-from pglogrepl_bridge.stream import StreamOptions
+from pglogrepl_bridge.postgres.stream import StreamOptions
+from pglogrepl_bridge.sinks.replicate import run_replicate
+from pglogrepl_bridge.sinks.sql import CHECKPOINT_TABLE, SinkError
+from pglogrepl_bridge.testing.postgres import PostgresServer
 
 from .mariadb_server import mariadb_server
 from .streamkit import Conn, last_commit_end

@@ -14,11 +14,16 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pglogrepl_bridge import connection
-from pglogrepl_bridge.connection import connect, same_host
-from pglogrepl_bridge.embedded import PostgresServer
 from pglogrepl_bridge.errors import ConfigError, ReplicationError
-from pglogrepl_bridge.stream import MAX_PAUSE, ReplicationStream, max_proto_version, pause_after
+from pglogrepl_bridge.postgres import connection
+from pglogrepl_bridge.postgres.connection import connect, same_host
+from pglogrepl_bridge.postgres.stream import (
+    MAX_PAUSE,
+    ReplicationStream,
+    max_proto_version,
+    pause_after,
+)
+from pglogrepl_bridge.testing.postgres import PostgresServer
 
 from .streamkit import Conn, Consumer, ids_of, make_source, wait_for
 
@@ -347,7 +352,7 @@ def test_sigterm_sends_final_status(pg: PostgresServer, pg_conn: Conn, tmp_path:
     script.write_text(
         textwrap.dedent(f"""
         import signal, sys
-        from pglogrepl_bridge.stream import ReplicationStream, StreamOptions
+        from pglogrepl_bridge.postgres.stream import ReplicationStream, StreamOptions
         stream = ReplicationStream({pg.dsn!r}, StreamOptions(slot={src.slot!r},
             publications=({src.publication!r},), status_interval=3600))
         seen = []

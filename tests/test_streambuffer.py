@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pglogrepl_bridge.streambuffer import StreamBuffer
+from pglogrepl_bridge.pgoutput.streambuffer import StreamBuffer
 
 ops = st.lists(
     st.one_of(

@@ -15,18 +15,18 @@ from typing import Any
 import psycopg
 import pytest
 
-from pglogrepl_bridge import accel
-from pglogrepl_bridge.assembly import TransactionAssembler
-from pglogrepl_bridge.jsonl import JsonRenderer
-from pglogrepl_bridge.relcache import RelationCache
-from pglogrepl_bridge.transaction import (
+from pglogrepl_bridge.pgoutput import _accel as accel
+from pglogrepl_bridge.pgoutput.assembly import TransactionAssembler
+from pglogrepl_bridge.pgoutput.relcache import RelationCache
+from pglogrepl_bridge.pgoutput.transaction import (
     Event,
     PreparedOutcome,
     PreparedTransaction,
     RowChange,
     Transaction,
 )
-from pglogrepl_bridge.values import ValueLoaders
+from pglogrepl_bridge.pgoutput.values import ValueLoaders
+from pglogrepl_bridge.render.jsonl import JsonRenderer
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 

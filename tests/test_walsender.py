@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from pglogrepl_bridge.errors import ConfigError, DecodeError
 from pglogrepl_bridge.lsn import Lsn, format_lsn
-from pglogrepl_bridge.walsender import (
+from pglogrepl_bridge.pgoutput.walsender import (
     PrimaryKeepalive,
     StandbyStatusUpdate,
     XLogData,

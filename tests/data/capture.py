@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psycopg
 
-from pglogrepl_bridge.embedded import find_bindirs, postgres_server
+from pglogrepl_bridge.testing.postgres import find_bindirs, postgres_server
 
 OUT = Path(__file__).resolve().parent / "captures"
 

@@ -1,0 +1,146 @@
+"""The ``slot``, ``publication`` and ``status`` commands: small administrative helpers."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from pglogrepl_bridge.cli.app import Dsn, Verbose, app, handled, setup_logging, stop_on_signals
+from pglogrepl_bridge.postgres import admin
+from pglogrepl_bridge.postgres.connection import connect
+
+slot_app = typer.Typer(help="Create, drop and list replication slots.", no_args_is_help=True)
+pub_app = typer.Typer(help="Create, drop and list publications.", no_args_is_help=True)
+app.add_typer(slot_app, name="slot")
+app.add_typer(pub_app, name="publication")
+
+
+# -- slots, publications, status -------------------------------------------------------------
+
+
+@slot_app.command("create")
+def slot_create(
+    name: Annotated[str, typer.Argument(help="Slot name.")],
+    dsn: Dsn = "",
+    two_phase: Annotated[
+        bool, typer.Option("--two-phase", help="Decode PREPARE (PG 15+).")
+    ] = False,
+    failover: Annotated[
+        bool, typer.Option("--failover", help="Synchronise to standbys (PG 17+).")
+    ] = False,
+    verbose: Verbose = False,
+) -> None:
+    """Create a pgoutput logical replication slot."""
+    setup_logging(verbose)
+    with handled(), connect(dsn, replication=True) as conn:
+        lsn = admin.create_slot(conn, name, two_phase=two_phase, failover=failover)
+        typer.echo(f"created slot {name} at {lsn}")
+
+
+@slot_app.command("drop")
+def slot_drop(
+    name: Annotated[str, typer.Argument(help="Slot name.")],
+    dsn: Dsn = "",
+    wait: Annotated[bool, typer.Option("--wait", help="Wait while the slot is in use.")] = False,
+    verbose: Verbose = False,
+) -> None:
+    """Drop a replication slot."""
+    setup_logging(verbose)
+    with handled(), connect(dsn, replication=True) as conn:
+        admin.drop_slot(conn, name, wait=wait)
+        typer.echo(f"dropped slot {name}")
+
+
+@slot_app.command("list")
+def slot_list(dsn: Dsn = "", verbose: Verbose = False) -> None:
+    """List replication slots with their positions and lag."""
+    setup_logging(verbose)
+    with handled(), connect(dsn, replication=False) as conn:
+        Console().print(_slots_table(admin.list_slots(conn)))
+
+
+@pub_app.command("create")
+def publication_create(
+    name: Annotated[str, typer.Argument(help="Publication name.")],
+    dsn: Dsn = "",
+    table: Annotated[
+        list[str],
+        typer.Option("--table", help="schema.name to publish (repeatable); none: FOR ALL TABLES."),
+    ] = [],  # noqa: B006
+    verbose: Verbose = False,
+) -> None:
+    """Create a publication, FOR ALL TABLES or for named tables."""
+    setup_logging(verbose)
+    with handled(), connect(dsn, replication=False) as conn:
+        admin.create_publication(conn, name, tuple(table))
+        typer.echo(f"created publication {name}")
+
+
+@pub_app.command("drop")
+def publication_drop(
+    name: Annotated[str, typer.Argument(help="Publication name.")],
+    dsn: Dsn = "",
+    verbose: Verbose = False,
+) -> None:
+    """Drop a publication."""
+    setup_logging(verbose)
+    with handled(), connect(dsn, replication=False) as conn:
+        admin.drop_publication(conn, name)
+        typer.echo(f"dropped publication {name}")
+
+
+@pub_app.command("list")
+def publication_list(dsn: Dsn = "", verbose: Verbose = False) -> None:
+    """List publications and their tables."""
+    setup_logging(verbose)
+    with handled(), connect(dsn, replication=False) as conn:
+        table = Table("publication", "all tables", "tables")
+        for pub in admin.list_publications(conn):
+            table.add_row(pub.name, "yes" if pub.all_tables else "no", ", ".join(pub.tables))
+        Console().print(table)
+
+
+def _slots_table(slots: list[admin.SlotInfo]) -> Any:
+    table = Table(
+        "slot", "active", "pid", "confirmed", "restart", "lag bytes", "wal_status", "safe_wal_size"
+    )
+    for s in slots:
+        table.add_row(
+            s.name,
+            "yes" if s.active else "no",
+            str(s.active_pid or ""),
+            str(s.confirmed_flush_lsn or ""),
+            str(s.restart_lsn or ""),
+            "" if s.lag_bytes is None else f"{s.lag_bytes:,}",
+            s.wal_status or "",
+            "" if s.safe_wal_size is None else f"{s.safe_wal_size:,}",
+        )
+    return table
+
+
+@app.command()
+def status(
+    dsn: Dsn = "",
+    watch: Annotated[bool, typer.Option("--watch", help="Refresh every --interval.")] = False,
+    interval: Annotated[float, typer.Option("--interval", min=0.2)] = 2.0,
+    verbose: Verbose = False,
+) -> None:
+    """Each slot: active or not, confirmed and restart LSNs, lag in bytes, WAL status."""
+    setup_logging(verbose)
+    with handled(), connect(dsn, replication=False) as conn:
+        if not watch:
+            Console().print(_slots_table(admin.list_slots(conn)))
+            return
+        stopped = {"now": False}
+        with (
+            stop_on_signals(lambda: stopped.update(now=True)),
+            Live(_slots_table(admin.list_slots(conn)), refresh_per_second=4) as live,
+        ):
+            while not stopped["now"]:
+                time.sleep(interval)
+                live.update(_slots_table(admin.list_slots(conn)))

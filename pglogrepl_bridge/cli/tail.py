@@ -1,0 +1,198 @@
+"""``tail``: print a publication's changes as they commit (pretty, JSON Lines, or nothing)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import replace
+from enum import StrEnum
+from typing import Annotated
+
+import typer
+
+from pglogrepl_bridge.cli.app import (
+    Binary,
+    CreateSlot,
+    Dsn,
+    MetricsPort,
+    ProtoVersion,
+    Publications,
+    Slot,
+    StartLsn,
+    Streaming,
+    Temporary,
+    UntilLsn,
+    Verbose,
+    app,
+    handled,
+    parse_lsn,
+    report_problem,
+    setup_logging,
+    stop_on_signals,
+    stream_options,
+)
+from pglogrepl_bridge.errors import ConfigError
+from pglogrepl_bridge.lsn import Lsn
+from pglogrepl_bridge.pgoutput.transaction import Change, RowChange, Transaction, TruncateChange
+from pglogrepl_bridge.postgres.stream import ReplicationStream, StreamOptions
+from pglogrepl_bridge.progress import Progress
+from pglogrepl_bridge.render.jsonl import JsonRenderer
+
+
+class Format(StrEnum):
+    pretty = "pretty"
+    jsonl = "jsonl"
+    null = "null"
+
+
+class Values(StrEnum):
+    typed = "typed"
+    text = "text"
+
+
+class Op(StrEnum):
+    insert = "insert"
+    update = "update"
+    delete = "delete"
+    truncate = "truncate"
+    message = "message"
+
+
+def change_filter(tables: list[str], ops: list[Op]) -> Callable[[Change], bool] | None:
+    if not tables and not ops:
+        return None
+    wanted_tables = {t if "." in t else f"public.{t}" for t in tables}
+    wanted_ops = {o.value for o in ops}
+
+    def keep(change: Change) -> bool:
+        op: str
+        names: set[str]
+        if isinstance(change, RowChange):
+            op, names = change.op, {change.relation.qualified_name}
+        elif isinstance(change, TruncateChange):
+            op, names = "truncate", {r.qualified_name for r in change.relations}
+        else:
+            op, names = "message", set()
+        if wanted_ops and op not in wanted_ops:
+            return False
+        return not wanted_tables or op == "message" or bool(names & wanted_tables)
+
+    return keep
+
+
+@app.command()
+def tail(
+    slot: Slot,
+    publication: Publications,
+    dsn: Dsn = "",
+    create_slot: CreateSlot = False,
+    temporary: Temporary = False,
+    start_lsn: StartLsn = None,
+    until_lsn: UntilLsn = None,
+    proto_version: ProtoVersion = None,
+    binary: Binary = False,
+    streaming: Streaming = None,
+    fmt: Annotated[
+        Format | None,
+        typer.Option(
+            "--format",
+            help="pretty (default on a terminal), jsonl (default otherwise) "
+            "or null (decode and convert every value, then discard).",
+        ),
+    ] = None,
+    values: Annotated[
+        Values, typer.Option("--values", help="typed: JSON types; text: PostgreSQL's text.")
+    ] = Values.typed,
+    no_ack: Annotated[
+        bool, typer.Option("--no-ack", help="Peek: confirm nothing to the slot.")
+    ] = False,
+    table: Annotated[
+        list[str], typer.Option("--table", help="Only changes to schema.name (repeatable).")
+    ] = [],  # noqa: B006 - typer reads the default, never mutates it
+    op: Annotated[list[Op], typer.Option("--op", help="Only these operations (repeatable).")] = [],  # noqa: B006
+    messages: Annotated[
+        bool, typer.Option("--messages/--no-messages", help="Include logical decoding messages.")
+    ] = True,
+    metrics_port: MetricsPort = None,
+    verbose: Verbose = False,
+) -> None:
+    """Print the changes of a publication as they commit."""
+    setup_logging(verbose)
+    with handled():
+        if values is Values.text and binary:
+            raise ConfigError("--values text needs the text format: drop --binary")
+        until = parse_lsn(until_lsn, "--until-lsn")
+        options = stream_options(
+            slot,
+            publication,
+            create_slot=create_slot,
+            temporary=temporary,
+            start_lsn=start_lsn,
+            proto_version=proto_version,
+            binary=binary,
+            streaming=streaming,
+            no_ack=no_ack,
+            values=values.value,
+            messages=messages,
+        )
+        out_format = fmt or (Format.pretty if sys.stdout.isatty() else Format.jsonl)
+        run_tail(
+            dsn, options, out_format, values.value, change_filter(table, op), until, metrics_port
+        )
+
+
+def _pretty_printer() -> Callable[[Transaction, list[Change]], None]:
+    """rich is imported for the pretty format only: every other run would pay for it."""
+    from rich.console import Console
+
+    from pglogrepl_bridge.render.pretty import print_transaction
+
+    console = Console(highlight=False, soft_wrap=True)
+    return lambda txn, changes: print_transaction(console, txn, changes)
+
+
+def run_tail(
+    dsn: str,
+    options: StreamOptions,
+    out_format: Format,
+    values: str,
+    keep: Callable[[Change], bool] | None,
+    until: Lsn | None,
+    metrics_port: int | None = None,
+) -> int:
+    """The tail loop; returns how many transactions were printed."""
+    renderer = JsonRenderer(values)  # type: ignore[arg-type]
+    show = _pretty_printer() if out_format is Format.pretty else None
+    write = sys.stdout.write
+    flush = sys.stdout.flush
+    printed = 0
+    if until is not None:
+        options = replace(options, until_lsn=until)
+    stream = ReplicationStream(dsn, options, on_problem=report_problem)
+    live = out_format is Format.null and sys.stderr.isatty()
+    with (
+        stream,
+        stop_on_signals(stream.stop),
+        Progress(stream, live=live, metrics_port=metrics_port),
+    ):
+        txn: Transaction
+        for txn in stream:
+            if out_format is Format.null:
+                for change in txn.changes:
+                    if type(change) is RowChange:
+                        _ = change.new, change.old  # every value converted, then discarded
+                printed += 1
+            elif out_format is Format.jsonl:
+                changes = txn.changes if keep is None else [c for c in txn.changes if keep(c)]
+                if keep is None or changes:
+                    write(renderer.transaction(txn, map(renderer.change, changes)))
+                    write("\n")
+                    flush()
+                    printed += 1
+            elif show is not None:  # pretty
+                changes = list(txn.changes if keep is None else filter(keep, txn.changes))
+                if keep is None or changes:
+                    show(txn, changes)
+                    printed += 1
+            stream.ack(txn.end_lsn)
+    return printed

@@ -1,0 +1,62 @@
+"""The optional C hot paths (``_fastrow.c``), or None where they are not built: the walks
+over a row's TupleData (to JSON, to typed values) and the assembler's row-change branch.
+
+pip builds the extension when a C compiler is at hand; without one the package is pure
+Python, and every caller has a Python path that gives the same results (the tests hold the
+two to each other). ``PGLOGREPL_BRIDGE_PURE_PYTHON=1`` runs without it, to compare or to
+rule it out.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from pglogrepl_bridge.pgoutput.values import LoadRow
+
+RowRender = Callable[[bytes, int], "str | None"]
+ColumnPlan = tuple[str | None, int, Callable[[bytes], str] | None, Callable[[bytes], str]]
+TypedRow = Callable[[dict[str, None], LoadRow, LoadRow, bytes, int], "dict[str, Any] | None"]
+
+T = TypeVar("T")
+
+# JsonRow column modes: how a text value becomes JSON
+QUOTE, RAW, CALL = 0, 1, 2
+
+typed_row: TypedRow | None = None
+json_row: Callable[[Sequence[ColumnPlan]], RowRender] | None = None
+_row_change: Callable[[dict[int, Any], bytes, int], Any] | None = None
+PutRow = Callable[[dict[int, Any], list[Any], Any], bool]
+_put_row: PutRow | None = None
+
+if os.environ.get("PGLOGREPL_BRIDGE_PURE_PYTHON", "") in ("", "0"):
+    try:
+        from pglogrepl_bridge.pgoutput import _fastrow
+    except ImportError:  # not built: the pure-Python paths
+        pass
+    else:
+        typed_row = _fastrow.typed_row
+        json_row = _fastrow.JsonRow
+        _row_change = _fastrow.row_change
+        _put_row = _fastrow.put_row
+
+
+def row_change_maker(cls: type[T]) -> Callable[[dict[int, Any], bytes, int], T | None] | None:
+    """``(relations by id, payload, pos) -> cls | None``: one Insert/Update/Delete as ``cls``
+    (RowChange) without running its ``__init__`` (the C side writes its slots), None where
+    the Python path must look; or None without the accelerator."""
+    if _row_change is None:
+        return None
+    fields = ("op", "relation", "raw", "new_at", "old_at", "old_kind")
+    _fastrow.bind_row_change(cls, fields)
+    return _row_change
+
+
+def row_putter(cls: type[T]) -> PutRow | None:
+    """``(relations by id, changes, CopyData message) -> bool``: the row maker for a whole
+    XLogData message, appending the ``cls`` it makes to ``changes``; False where the message
+    must take the general path (it is not a row change, or the row maker declines it)."""
+    if row_change_maker(cls) is None:
+        return None
+    return _put_row

@@ -1,0 +1,182 @@
+"""Slots and publications: create, drop, list. Used by the CLI and by tests.
+
+Statements are composed with psycopg.sql (identifiers quoted), never by string pasting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from pglogrepl_bridge.errors import ConfigError
+from pglogrepl_bridge.lsn import Lsn
+from pglogrepl_bridge.postgres.connection import Conn, server_error
+
+
+@dataclass(frozen=True, slots=True)
+class SlotInfo:
+    name: str
+    plugin: str | None
+    slot_type: str
+    database: str | None
+    temporary: bool
+    active: bool
+    active_pid: int | None
+    restart_lsn: Lsn | None
+    confirmed_flush_lsn: Lsn | None
+    wal_status: str | None
+    safe_wal_size: int | None
+    two_phase: bool
+    lag_bytes: int | None
+
+
+def _lsn(value: Any) -> Lsn | None:
+    return None if value is None else Lsn.parse(str(value))
+
+
+def list_slots(conn: Conn) -> list[SlotInfo]:
+    """Every replication slot, with how far it lags behind the current WAL position."""
+    rows = conn.execute(
+        "SELECT slot_name, plugin, slot_type, database, temporary, active, active_pid, "
+        "restart_lsn::text, confirmed_flush_lsn::text, wal_status, safe_wal_size, two_phase, "
+        "pg_wal_lsn_diff(pg_current_wal_lsn(), coalesce(confirmed_flush_lsn, restart_lsn))::bigint "
+        "FROM pg_replication_slots ORDER BY slot_name"
+    ).fetchall()
+    return [
+        SlotInfo(
+            name=r[0],
+            plugin=r[1],
+            slot_type=r[2],
+            database=r[3],
+            temporary=r[4],
+            active=r[5],
+            active_pid=r[6],
+            restart_lsn=_lsn(r[7]),
+            confirmed_flush_lsn=_lsn(r[8]),
+            wal_status=r[9],
+            safe_wal_size=r[10],
+            two_phase=r[11],
+            lag_bytes=r[12],
+        )
+        for r in rows
+    ]
+
+
+def get_slot(conn: Conn, name: str) -> SlotInfo | None:
+    return next((s for s in list_slots(conn) if s.name == name), None)
+
+
+def create_slot(
+    conn: Conn,
+    name: str,
+    *,
+    temporary: bool = False,
+    two_phase: bool = False,
+    failover: bool = False,
+) -> Lsn:
+    """Create a pgoutput slot over a replication connection; returns its consistent point.
+
+    A TEMPORARY slot lives only as long as this connection: create it on the connection that
+    will stream from it.
+    """
+    major = conn.info.server_version // 10000
+    if two_phase and major < 15:
+        raise ConfigError(f"two_phase slots need PostgreSQL 15 or later (server: {major})")
+    if failover and major < 17:
+        raise ConfigError(f"failover slots need PostgreSQL 17 or later (server: {major})")
+    options = [sql.SQL("SNAPSHOT 'nothing'")] if major >= 15 else []
+    if two_phase:
+        options.append(sql.SQL("TWO_PHASE true"))
+    if failover:
+        options.append(sql.SQL("FAILOVER true"))
+    query = sql.SQL("CREATE_REPLICATION_SLOT {name} {temp} LOGICAL pgoutput").format(
+        name=sql.Identifier(name), temp=sql.SQL("TEMPORARY" if temporary else "")
+    )
+    if options:
+        query = sql.SQL("{} ({})").format(query, sql.SQL(", ").join(options))
+    elif major < 15:
+        query = sql.SQL("{} NOEXPORT_SNAPSHOT").format(query)
+    try:
+        row = conn.execute(query).fetchone()
+    except psycopg.errors.DuplicateObject:
+        raise ConfigError(f"replication slot {name!r} already exists: use it, or drop it") from None
+    except psycopg.Error as exc:
+        raise server_error(exc, slot=name, publications=()) from None
+    assert row is not None
+    return Lsn.parse(str(row[1]))
+
+
+def drop_slot(conn: Conn, name: str, *, wait: bool = False) -> None:
+    query = sql.SQL("DROP_REPLICATION_SLOT {}{}").format(
+        sql.Identifier(name), sql.SQL(" WAIT" if wait else "")
+    )
+    try:
+        conn.execute(query)
+    except psycopg.Error as exc:
+        raise server_error(exc, slot=name, publications=()) from None
+
+
+@dataclass(frozen=True, slots=True)
+class PublicationInfo:
+    name: str
+    all_tables: bool
+    tables: tuple[str, ...]
+
+
+def list_publications(conn: Conn) -> list[PublicationInfo]:
+    rows = conn.execute(
+        "SELECT p.pubname, p.puballtables, "
+        "coalesce(array_agg(t.schemaname || '.' || t.tablename ORDER BY 1) "
+        "FILTER (WHERE t.tablename IS NOT NULL), '{}') "
+        "FROM pg_publication p LEFT JOIN pg_publication_tables t ON t.pubname = p.pubname "
+        "GROUP BY 1, 2 ORDER BY 1"
+    ).fetchall()
+    return [PublicationInfo(r[0], r[1], tuple(r[2])) for r in rows]
+
+
+def missing_publications(conn: Conn, names: tuple[str, ...]) -> list[str]:
+    existing = {r[0] for r in conn.execute("SELECT pubname FROM pg_publication").fetchall()}
+    return [n for n in names if n not in existing]
+
+
+def create_publication(conn: Conn, name: str, tables: tuple[str, ...] = ()) -> None:
+    """FOR ALL TABLES when no tables are named; tables are ``schema.name`` or ``name``."""
+    target: sql.Composable = sql.SQL("FOR ALL TABLES")
+    if tables:
+        idents = sql.SQL(", ").join(sql.Identifier(*t.split(".", 1)) for t in tables)
+        target = sql.SQL("FOR TABLE {}").format(idents)
+    try:
+        conn.execute(sql.SQL("CREATE PUBLICATION {} {}").format(sql.Identifier(name), target))
+    except psycopg.errors.DuplicateObject:
+        raise ConfigError(f"publication {name!r} already exists") from None
+    except psycopg.errors.UndefinedTable as exc:
+        raise ConfigError(f"cannot create publication {name!r}: {exc}".strip()) from None
+
+
+def drop_publication(conn: Conn, name: str) -> None:
+    try:
+        conn.execute(sql.SQL("DROP PUBLICATION {}").format(sql.Identifier(name)))
+    except psycopg.errors.UndefinedObject:
+        raise ConfigError(f"publication {name!r} does not exist") from None
+
+
+def publication_names_option(names: tuple[str, ...]) -> str:
+    """pgoutput's ``publication_names``: a comma-separated list of quoted identifiers."""
+    return ",".join('"' + n.replace('"', '""') + '"' for n in names)
+
+
+def last_commit_lsn(conn: Conn, slot: str, publications: tuple[str, ...]) -> Lsn | None:
+    """End LSN of the last transaction the slot would deliver now (peeked: nothing consumed).
+
+    The value for --until-lsn to stop after everything committed so far; it decodes what the
+    slot holds, so it costs what a pass over that WAL costs.
+    """
+    row = conn.execute(
+        "SELECT max(lsn)::text FROM pg_logical_slot_peek_binary_changes(%s, NULL, NULL, "
+        "'proto_version', '1', 'publication_names', %s) WHERE substr(data, 1, 1) = 'C'",
+        (slot, publication_names_option(publications)),
+    ).fetchone()
+    return None if row is None or row[0] is None else Lsn.parse(row[0])

@@ -1,0 +1,310 @@
+"""``AsyncReplicationStream``: the same stream on psycopg's async connection, for asyncio.
+
+    async with AsyncReplicationStream(dsn, options) as stream:
+        async for txn in stream:
+            await sink.apply(txn)
+            stream.ack(txn.end_lsn)
+
+The same options, the same session (``pgoutput.session``), the same start-up steps
+(``postgres.startup``) and the same contract as ``ReplicationStream``: only the waiting
+differs. The socket is watched with the event loop's ``add_reader``, so other tasks run
+while the stream waits; ``ack`` may be called from any task or thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import select
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.pq import ExecStatus
+
+from pglogrepl_bridge.errors import BridgeError, ReplicationError
+from pglogrepl_bridge.pgoutput.transaction import Event, Transaction
+from pglogrepl_bridge.pgoutput.values import ValueProblem
+from pglogrepl_bridge.postgres.connection import (
+    SESSION_SETTINGS,
+    connection_error,
+    limit_receive_buffer,
+    server_error,
+)
+from pglogrepl_bridge.postgres.dsn import validate_dsn
+from pglogrepl_bridge.postgres.options import StreamOptions
+from pglogrepl_bridge.postgres.startup import StartPlan, start_steps
+from pglogrepl_bridge.postgres.stream import (
+    Disconnected,
+    _Rewind,
+    _short,
+    _StreamBase,
+    as_bridge_error,
+    pause_after,
+)
+
+log = logging.getLogger(__name__)
+
+AsyncConn = psycopg.AsyncConnection[tuple[Any, ...]]
+
+
+class AsyncReplicationStream(_StreamBase):
+    """Logical replication from one slot, as transactions, for asyncio.
+
+    Iterate it with ``async for`` for ``Transaction`` objects (``events()`` also yields
+    non-transactional messages and, if asked, prepares); call ``ack(txn.end_lsn)`` once a
+    transaction is durable downstream. ``on_idle`` (sync or async) runs when the stream has
+    caught up, as with ``ReplicationStream``.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        options: StreamOptions,
+        *,
+        on_problem: Callable[[ValueProblem], None] | None = None,
+        on_idle: Callable[[], Any] | None = None,
+    ) -> None:
+        super().__init__(dsn, options, on_problem=on_problem)
+        self._on_idle = on_idle
+        self._conn: AsyncConn | None = None
+
+    async def __aenter__(self) -> AsyncReplicationStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None
+
+    def ack(self, end_lsn: int, *, cumulative: bool = False) -> None:
+        """The transaction ending at ``end_lsn`` is durable downstream; it may be confirmed.
+
+        Queued and applied by the stream's task at its next wake-up (at once when it is the
+        caller), so any task or thread may call it.
+        """
+        self._acks.append((end_lsn, cumulative))
+
+    async def close(self) -> None:
+        """Send a final status update, end the copy and disconnect (idempotent)."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        with contextlib.suppress(psycopg.Error, OSError):
+            await self._send_status(conn)
+            await _end_copy(conn)
+        await conn.close()
+
+    async def _connect(self) -> AsyncConn:
+        validate_dsn(self.dsn)
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                self.dsn, autocommit=True, replication="database"
+            )
+        except psycopg.Error as exc:
+            raise connection_error(exc, self.dsn) from None
+        try:
+            settings = {**SESSION_SETTINGS, **self.options.session_settings}
+            for name, value in settings.items():
+                await conn.execute(
+                    sql.SQL("SET {} = {}").format(sql.Identifier(name), sql.Literal(value))
+                )
+        except psycopg.Error as exc:
+            await conn.close()
+            raise connection_error(exc, self.dsn) from None
+        return conn
+
+    async def start(self) -> None:
+        """Connect, check everything that can be checked, and issue START_REPLICATION."""
+        opts = self.options
+        conn = await self._connect()
+        try:
+            steps = start_steps(opts, conn.info.server_version, conn.info.backend_pid)
+            query = next(steps)
+            while True:
+                cur = await conn.execute(query)
+                rows = await cur.fetchall() if cur.description is not None else []
+                query = steps.send(rows)
+        except StopIteration as done:
+            plan: StartPlan = done.value
+        except psycopg.Error as exc:
+            await conn.close()
+            raise server_error(exc, slot=opts.slot, publications=opts.publications) from None
+        except BaseException:
+            await conn.close()
+            raise
+        try:
+            self._planned(plan)
+            limit_receive_buffer(conn, opts.recv_buffer)
+            cur = await conn.execute(plan.query)
+            if cur.pgresult is None or cur.pgresult.status != ExecStatus.COPY_BOTH:
+                raise ReplicationError("START_REPLICATION did not enter COPY_BOTH mode")
+        except psycopg.Error as exc:
+            await conn.close()
+            raise server_error(exc, slot=opts.slot, publications=opts.publications) from None
+        except BaseException:
+            await conn.close()
+            raise
+        self._conn = conn
+        self._last_status = time.monotonic()
+
+    def __aiter__(self) -> AsyncIterator[Transaction]:
+        return self._transactions()
+
+    async def _transactions(self) -> AsyncIterator[Transaction]:
+        async for event in self.events():
+            if isinstance(event, Transaction):
+                yield event
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Every event: transactions, non-transactional messages and, if asked, prepares."""
+        backoff = 0.1
+        while not self._stopping:
+            try:
+                if self._conn is None:
+                    await self.start()
+                    backoff = 0.1
+                async for event in self._run():
+                    yield event
+                return
+            except _Rewind:
+                await self._drop_connection()
+                self._take_rewind()
+            except (psycopg.Error, BridgeError, Disconnected) as exc:
+                if not self._retryable(exc):
+                    raise as_bridge_error(exc, self.options) from None
+                await self._drop_connection()
+                self.reconnects += 1
+                log.warning(
+                    "replication connection lost (%s); reconnecting in %.1fs", _short(exc), backoff
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.options.max_backoff)
+        await self.close()
+
+    async def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                await conn.close()
+        self._lost()
+
+    async def _run(self) -> AsyncIterator[Event]:
+        assert self._conn is not None
+        conn = self._conn
+        pgconn = conn.pgconn
+        get_copy_data = pgconn.get_copy_data
+        session = self.session
+        receive = session.receive
+        feedback = session.feedback
+        interval = self.options.status_interval
+        until = self.options.until_lsn
+        drained = 0
+        burst = 0
+        while not self._stopping:
+            nbytes, data = get_copy_data(1)
+            if nbytes > 0:
+                drained += 1
+                event = receive(data)
+                if event is not None:
+                    yield event
+                    self._apply_acks()  # the consumer's ack, made while we were suspended
+                    if until is not None and feedback.flushed >= until:
+                        break
+                continue
+            if nbytes < 0:
+                raise self._end_of_copy_error(pgconn.get_result())
+            self._apply_acks()
+            if not drained and self._on_idle is not None:
+                result = self._on_idle()
+                if asyncio.iscoroutine(result):
+                    await result
+                self._apply_acks()
+            if until is not None and session.done(until):
+                break
+            if self._rewind_to is not None:
+                raise _Rewind
+            now = time.monotonic()
+            if self._status_wanted(now):
+                await self._send_status(conn)
+            timeout = max(0.0, min(interval - (now - self._last_status), 0.25))
+            if until is not None and feedback.inflight:
+                timeout = min(timeout, 0.005)
+            if drained:
+                burst += drained
+                if not await _readable(pgconn.socket, 0):
+                    await asyncio.sleep(pause_after(burst))
+            else:
+                burst = 0
+                await _readable(pgconn.socket, timeout)
+            drained = 0
+            pgconn.consume_input()
+        await self.close()
+
+    async def _send_status(self, conn: AsyncConn) -> None:
+        pgconn = conn.pgconn
+        pgconn.put_copy_data(self._status_bytes())
+        while pgconn.flush() == 1:  # non-blocking: wait until the socket takes the rest
+            await _writable(pgconn.socket, 1.0)
+
+
+async def _wait(fd: int, timeout: float, *, write: bool) -> bool:
+    """Whether ``fd`` became ready within ``timeout`` seconds (0: just look)."""
+    if timeout <= 0:  # a zero-timeout poll never blocks: no need to involve the loop
+        ready_now = select.select([], [fd], [], 0) if write else select.select([fd], [], [], 0)
+        return bool(ready_now[0] or ready_now[1])
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    (loop.add_writer if write else loop.add_reader)(fd, wake)
+    try:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ready, timeout)
+        return ready.done()
+    finally:
+        (loop.remove_writer if write else loop.remove_reader)(fd)
+
+
+async def _readable(fd: int, timeout: float) -> bool:
+    return await _wait(fd, timeout, write=False)
+
+
+async def _writable(fd: int, timeout: float) -> bool:
+    return await _wait(fd, timeout, write=True)
+
+
+async def _end_copy(conn: AsyncConn, timeout: float = 5.0) -> None:
+    """CopyDone, then wait (bounded) for the server's end of the stream (see the sync one)."""
+    pgconn = conn.pgconn
+    pgconn.put_copy_end()
+    while pgconn.flush() == 1:
+        await _writable(pgconn.socket, 1.0)
+    deadline = time.monotonic() + timeout
+    while True:
+        nbytes, _ = pgconn.get_copy_data(1)
+        if nbytes < 0:
+            break
+        if nbytes == 0:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            await _readable(pgconn.socket, min(left, 0.1))
+            pgconn.consume_input()
+    while True:
+        while pgconn.is_busy():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            await _readable(pgconn.socket, min(left, 0.1))
+            pgconn.consume_input()
+        if pgconn.get_result() is None:
+            return

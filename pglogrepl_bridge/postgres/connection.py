@@ -1,0 +1,218 @@
+"""Connecting to PostgreSQL, and turning its failures into errors that say what to do.
+
+Every message goes through ``redact_dsn``: no password, ever.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from pglogrepl_bridge.errors import (
+    BridgeError,
+    ConfigError,
+    ReplicationError,
+    ServerUnavailableError,
+)
+from pglogrepl_bridge.lsn import Lsn
+from pglogrepl_bridge.postgres.dsn import redact_dsn, validate_dsn
+
+#: GUCs for the walsender's session: value text output in the shapes psycopg's loaders parse,
+#: and in UTF-8 (pgoutput converts text and names to the client encoding; the loaders read
+#: UTF-8), whatever the DSN or PGCLIENTENCODING ask for.
+SESSION_SETTINGS = {
+    "client_encoding": "UTF8",
+    "datestyle": "ISO",
+    "intervalstyle": "postgres",
+    "extra_float_digits": "3",
+    "bytea_output": "hex",
+}
+
+Conn = psycopg.Connection[tuple[Any, ...]]
+
+#: SO_RCVBUF for a connection to a server on this same host (Linux doubles it, to 128 KiB).
+LOCAL_RECEIVE_BUFFER = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class SystemInfo:
+    """IDENTIFY_SYSTEM, plus the server's major version."""
+
+    system_id: str
+    timeline: int
+    xlogpos: Lsn
+    dbname: str | None
+    server_version: int
+
+    @property
+    def major(self) -> int:
+        return self.server_version // 10000
+
+
+def connect(dsn: str, *, replication: bool, settings: dict[str, str] | None = None) -> Conn:
+    """A psycopg connection; ``replication`` makes it a walsender (replication=database)."""
+    validate_dsn(dsn)
+    kwargs: dict[str, Any] = {"autocommit": True}
+    if replication:
+        kwargs["replication"] = "database"
+    try:
+        conn = psycopg.connect(dsn, **kwargs)
+    except psycopg.Error as exc:
+        raise connection_error(exc, dsn) from None
+    try:
+        for name, value in {**SESSION_SETTINGS, **(settings or {})}.items():
+            conn.execute(sql.SQL("SET {} = {}").format(sql.Identifier(name), sql.Literal(value)))
+    except psycopg.Error as exc:
+        conn.close()
+        raise connection_error(exc, dsn) from None
+    return conn
+
+
+def limit_receive_buffer(conn: Conn, size: int | None = None) -> bool:
+    """Fix the socket's receive buffer, and with it the TCP receive window; True if done.
+
+    ``None``: LOCAL_RECEIVE_BUFFER, and only over TCP to this same host, where the walsender
+    shares our CPUs. There a small window shuts while we work through a batch: the
+    walsender's sends then just queue, and go out later in large segments, instead of each
+    message taking the whole TCP path on its own (in A/B runs of the benchmark, the
+    walsender's CPU time fell by about a tenth). Across a network the kernel's autotuning
+    stays, since a fixed window caps throughput at window / round trip. 0 leaves the
+    kernel's autotuning everywhere.
+    """
+    if size == 0:
+        return False
+    try:
+        with socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:
+            if sock.family not in (socket.AF_INET, socket.AF_INET6):
+                return False
+            if size is None:
+                if not same_host(sock.getsockname()[0], sock.getpeername()[0]):
+                    return False
+                size = LOCAL_RECEIVE_BUFFER
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+    except OSError:  # a tuning, not a requirement: the connection's own errors come next
+        return False
+    return True
+
+
+def same_host(local: str, peer: str) -> bool:
+    """Whether a TCP connection from ``local`` to ``peer`` stays on this machine."""
+    try:
+        return ipaddress.ip_address(peer).is_loopback or peer == local
+    except ValueError:
+        return False
+
+
+def identify_system(conn: Conn) -> SystemInfo:
+    row = conn.execute("IDENTIFY_SYSTEM").fetchone()
+    assert row is not None
+    return SystemInfo(
+        system_id=str(row[0]),
+        timeline=int(row[1]),
+        xlogpos=Lsn.parse(str(row[2])),
+        dbname=None if row[3] is None else str(row[3]),
+        server_version=conn.info.server_version,
+    )
+
+
+_ACTIVE_PID = re.compile(r"is active for PID (\d+)")
+
+
+def connection_error(exc: psycopg.Error, dsn: str) -> BridgeError:
+    """A connection-time failure, classified, with the fix."""
+    where = redact_dsn(dsn)
+    text = _first_line(exc)
+    low = text.lower()
+    if "password authentication failed" in low or "no password supplied" in low:
+        return ConfigError(
+            f"authentication failed for {where}: check the user and password "
+            "(PGPASSWORD, ~/.pgpass or the DSN)"
+        )
+    if (
+        "replication role" in low
+        or "permission denied to start wal" in low
+        or ("must be superuser or replication role" in low)
+    ):
+        return ConfigError(
+            f"the role lacks the REPLICATION privilege on {where}: "
+            "run ALTER ROLE <user> REPLICATION as a superuser"
+        )
+    if (
+        "for connection option" in low
+        or "invalid connection option" in low
+        or ("invalid uri" in low or 'missing "="' in low)
+    ):
+        return ConfigError(f"invalid connection string ({where}): {text.split(': ')[-1]}")
+    if "pg_hba.conf" in low:
+        return ConfigError(f"the server refuses this client ({text}): add a pg_hba.conf entry")
+    if "does not exist" in low and "database" in low:
+        return ConfigError(f"{text} on {where}: check dbname")
+    if any(
+        phrase in low
+        for phrase in (
+            "not yet accepting connections",
+            "is starting up",
+            "is shutting down",
+            "in recovery mode",
+            "too many clients",
+        )
+    ):
+        return ServerUnavailableError(f"{where}: {text} (temporary; retry)")
+    if (
+        "connection refused" in low
+        or "could not connect" in low
+        or "timeout" in low
+        or ("could not translate host name" in low)
+    ):
+        return ServerUnavailableError(
+            f"cannot connect to {where}: {text}. Is the server running and reachable?"
+        )
+    return ReplicationError(f"{where}: {text}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    # libpq quotes connection parameters in some messages; never let a password through
+    return re.sub(r"password=\S+", "password=***", text)
+
+
+def server_error(exc: psycopg.Error, *, slot: str, publications: tuple[str, ...]) -> BridgeError:
+    """A failure of a replication command or of the stream, classified, with the fix."""
+    text = _first_line(exc)
+    low = text.lower()
+    if "replication slot" in low and "does not exist" in low:
+        return ConfigError(
+            f"replication slot {slot!r} does not exist: create it with --create-slot or "
+            f"'pglogrepl-bridge slot create {slot}'"
+        )
+    match = _ACTIVE_PID.search(text)
+    if match:
+        return ReplicationError(
+            f"replication slot {slot!r} is in use by another process (PID {match.group(1)}): "
+            "stop that consumer, or use another slot"
+        )
+    if "publication" in low and "does not exist" in low:
+        return ConfigError(
+            f"{text}: create it with 'pglogrepl-bridge publication create' or "
+            "CREATE PUBLICATION, or fix --publication"
+        )
+    if "wal_level" in low:
+        return ConfigError(
+            "logical decoding needs wal_level = logical: set it in postgresql.conf "
+            "(ALTER SYSTEM SET wal_level = logical) and restart the server"
+        )
+    if "can no longer get changes" in low or "invalidated" in low:
+        return ReplicationError(
+            f"replication slot {slot!r} is invalidated (the WAL it needed was removed): "
+            "drop and re-create it, then resynchronise the consumer"
+        )
+    if "unrecognized" in low and ("option" in low or "parameter" in low):
+        return ConfigError(f"{text}: this server does not support that option")
+    return ReplicationError(f"replication failed: {text}")

@@ -1,0 +1,263 @@
+"""Transactions as one-line JSON objects: what ``tail --format jsonl`` prints and what the
+bridge's ``--payload json`` carries.
+
+Values are rendered straight from PostgreSQL's text output where its text is already the JSON
+we want (integers, json/jsonb, numeric as a string, bytea as ``\\x…``), and through psycopg's
+loaders where it is not (timestamps become ISO-8601, arrays become JSON arrays). Per relation,
+the renderers are chosen once.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+from datetime import date, datetime, time, timedelta
+from decimal import Decimal
+from typing import Any
+
+from psycopg.adapt import Transformer
+from psycopg.pq import Format
+
+from pglogrepl_bridge.lsn import format_lsn
+from pglogrepl_bridge.pgoutput.messages import Message
+from pglogrepl_bridge.pgoutput.relcache import Fused, RelationInfo
+from pglogrepl_bridge.pgoutput.transaction import RowChange, Transaction, TruncateChange
+from pglogrepl_bridge.pgoutput.values import ValueMode
+from pglogrepl_bridge.render._jsoncompile import ColumnRender, Render, compile_json_row
+from pglogrepl_bridge.render._jsoncompile import quote as _quote
+
+log = logging.getLogger(__name__)
+
+_INTS = {20, 21, 23, 26, 28, 5069}  # int8, int2, int4, oid, xid, xid8
+_FLOATS = {700, 701}
+_BOOL = 16
+_NUMERIC = 1700
+_JSONB = 3802
+_JSON = 114
+_ISO_TIMES = {1082, 1083, 1114, 1184, 1266}  # date, time, timestamp, timestamptz, timetz
+_ARRAYS_OF_JSON_VALUES = {
+    1005,
+    1007,
+    1016,
+    1028,
+    1021,
+    1022,
+    1231,
+    1000,
+    1009,
+    1015,
+    1014,
+    1001,
+    199,
+    3807,
+    2951,
+    1182,
+    1183,
+    1115,
+    1185,
+    1270,
+}
+_NON_FINITE = {b"NaN", b"Infinity", b"-Infinity"}
+_NO_OLD_NO_TOAST = ',"old":null,"unchanged_toast":[]}'
+
+
+def py_json(value: Any) -> str:
+    """A Python value (from a psycopg loader) as JSON text, following the tail rules."""
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else _quote(str(value))
+    if isinstance(value, str):
+        return _quote(value)
+    if isinstance(value, Decimal):
+        return _quote(str(value))
+    if isinstance(value, bytes | bytearray | memoryview):
+        return _quote("\\x" + bytes(value).hex())
+    if isinstance(value, datetime | date | time):
+        return _quote(value.isoformat())
+    if isinstance(value, list):
+        return "[" + ",".join(map(py_json, value)) + "]"
+    if isinstance(value, dict):
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+    if isinstance(value, timedelta):
+        return _quote(str(value))
+    return _quote(str(value))
+
+
+def _text(data: bytes) -> str:
+    return _quote(data.decode())
+
+
+def _int(data: bytes) -> str:
+    return data.decode()
+
+
+def _float(data: bytes) -> str:
+    return _quote(data.decode()) if data in _NON_FINITE else data.decode()
+
+
+def _bool(data: bytes) -> str:
+    return "true" if data == b"t" else "false"
+
+
+def _json_text(data: bytes) -> str:
+    text = data.decode()
+    # json (not jsonb) keeps the input's whitespace; a newline would break JSON Lines
+    if "\n" in text or "\r" in text:
+        return json.dumps(json.loads(text), separators=(",", ":"), ensure_ascii=False)
+    return text
+
+
+def _kept_as_text(render: Render) -> Render:
+    """A value that cannot be rendered (say, 'infinity' as a date) stays PostgreSQL's text."""
+
+    def careful(data: bytes) -> str:
+        try:
+            return render(data)
+        except Exception as exc:
+            log.warning("keeping the text of a value that cannot be converted: %s", exc)
+            return _quote(bytes(data).decode(errors="replace"))
+
+    return careful
+
+
+def _loaded(load: Callable[[bytes], Any]) -> Render:
+    return _kept_as_text(lambda data: py_json(load(data)))
+
+
+class _Shape:
+    """What rendering one relation needs, worked out once: compiled row renderers (all
+    columns, and key columns only) and the fixed text around the values."""
+
+    __slots__ = ("fused", "heads", "key_row", "keys", "row")
+
+    def __init__(self, renderer: JsonRenderer, rel: RelationInfo) -> None:
+        text = [renderer._text_renderer(c.type_oid) for c in rel.columns]
+        binary = [renderer._binary_renderer(c.type_oid) for c in rel.columns]
+        self.fused: Fused = tuple(
+            (c.name, t, b) for c, t, b in zip(rel.columns, text, binary, strict=True)
+        )
+        self.keys = {c.name: _quote(c.name) + ":" for c in rel.columns}
+        columns = [
+            ColumnRender(self.keys[c.name], t, b, quote_text=t is _text, raw_text=t is _int)
+            for c, t, b in zip(rel.columns, text, binary, strict=True)
+        ]
+        self.row = compile_json_row(columns)
+        self.key_row = compile_json_row(
+            [replace(col, included=c.is_key) for c, col in zip(rel.columns, columns, strict=True)]
+        )
+        where = f'"schema":{_quote(rel.namespace or "pg_catalog")},"table":{_quote(rel.name)}'
+        self.heads = {op: f'{{"op":"{op}",{where},"new":' for op in ("insert", "update", "delete")}
+
+
+class JsonRenderer:
+    """Renders transactions to JSON text; caches per-relation value renderers."""
+
+    def __init__(self, values: ValueMode = "typed") -> None:
+        self.values = values
+        self._transformer = Transformer()
+        self._shapes: dict[RelationInfo, _Shape] = {}
+
+    def _shape(self, rel: RelationInfo) -> _Shape:
+        shape = self._shapes.get(rel)
+        if shape is None:
+            shape = self._shapes[rel] = _Shape(self, rel)
+        return shape
+
+    def _text_renderer(self, oid: int) -> Render:
+        if self.values == "text":
+            return _text
+        if oid in _INTS:
+            return _int
+        if oid in _FLOATS:
+            return _float
+        if oid == _BOOL:
+            return _bool
+        if oid in (_JSONB, _JSON):
+            return _kept_as_text(_json_text)
+        if oid in _ISO_TIMES or oid in _ARRAYS_OF_JSON_VALUES:
+            return _loaded(self._transformer.get_loader(oid, Format.TEXT).load)
+        return _text  # numeric, bytea (hex output), uuid, text, and anything else
+
+    def _binary_renderer(self, oid: int) -> Render:
+        return _loaded(self._transformer.get_loader(oid, Format.BINARY).load)
+
+    def _careful(
+        self, rel: RelationInfo, raw: bytes, at: int, key_only: bool
+    ) -> tuple[str, list[str]]:
+        """Through RelationInfo.row_at: reports bad values, raises DecodeError where due."""
+        shape = self._shape(rel)
+        values = rel.row_at(raw, at, key_only=key_only, fused=shape.fused)
+        keys = shape.keys
+        body = ",".join(keys[k] + ("null" if v is None else v) for k, v in values.items())
+        toast = [] if key_only else list(rel.left_out(values))
+        return "{" + body + "}", toast
+
+    def row(self, rel: RelationInfo, raw: bytes, at: int, *, key_only: bool = False) -> str:
+        """The TupleData at ``raw[at:]`` as a JSON object (``null`` when ``at`` < 0)."""
+        if at < 0:
+            return "null"
+        shape = self._shape(rel)
+        done = (shape.key_row if key_only else shape.row)(raw, at)
+        return done if done is not None else self._careful(rel, raw, at, key_only)[0]
+
+    def change(self, change: RowChange | TruncateChange | Message) -> str:
+        if type(change) is RowChange:
+            rel = change.relation
+            shape = self._shapes.get(rel) or self._shape(rel)
+            raw = change.raw
+            at = change.new_at
+            toast: list[str] = []
+            if at < 0:
+                new: str | None = "null"
+            elif (new := shape.row(raw, at)) is None:
+                new, toast = self._careful(rel, raw, at, False)
+            elif change.old_at < 0:  # insert, or update of the same key: the hot path
+                return shape.heads[change.op] + new + _NO_OLD_NO_TOAST
+            at = change.old_at
+            if at < 0:
+                old: str | None = "null"
+            else:
+                key_only = change.old_kind == "K"
+                old = (shape.key_row if key_only else shape.row)(raw, at)
+                if old is None:
+                    old = self._careful(rel, raw, at, key_only)[0]
+            return (
+                f'{shape.heads[change.op]}{new},"old":{old},'
+                f'"unchanged_toast":[{",".join(map(_quote, toast))}]}}'
+            )
+        if isinstance(change, TruncateChange):
+            names = ",".join(_quote(r.qualified_name) for r in change.relations)
+            return (
+                f'{{"op":"truncate","relations":[{names}],'
+                f'"cascade":{py_json(change.cascade)},'
+                f'"restart_identity":{py_json(change.restart_identity)}}}'
+            )
+        assert isinstance(change, Message)
+        content = base64.b64encode(change.content).decode()
+        return (
+            f'{{"op":"message","prefix":{_quote(change.prefix)},"content":"{content}",'
+            f'"transactional":{py_json(change.transactional)}}}'
+        )
+
+    def transaction(self, txn: Transaction, changes: Iterable[str] | None = None) -> str:
+        """One line of JSON (no newline). ``changes`` overrides the rendered change list."""
+        body = ",".join(changes if changes is not None else map(self.change, txn.changes))
+        gid = "" if txn.gid is None else f',"gid":{_quote(txn.gid)}'
+        origin = "null" if txn.origin is None else _quote(txn.origin)
+        return (
+            f'{{"xid":{txn.xid},"lsn":"{format_lsn(txn.commit_lsn)}",'
+            f'"end_lsn":"{format_lsn(txn.end_lsn)}",'
+            f'"commit_time":"{txn.commit_time.isoformat()}","origin":{origin}{gid},'
+            f'"changes":[{body}]}}'
+        )

@@ -1,0 +1,505 @@
+"""Apply transactions to any SQLAlchemy database, exactly once, with SQLAlchemy Core only.
+
+A checkpoint table maps (source system id, slot) to the last applied end LSN and is written in
+the same target transaction as the changes, so after any crash the target and its checkpoint
+agree; the stream resumes from the checkpoint and skips what the target holds.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from operator import itemgetter
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+from pglogrepl_bridge.errors import BridgeError, ConfigError
+from pglogrepl_bridge.lsn import Lsn
+from pglogrepl_bridge.pgoutput.messages import Column, Message
+from pglogrepl_bridge.pgoutput.relcache import Fused, RelationInfo
+from pglogrepl_bridge.pgoutput.transaction import RowChange, Transaction, TruncateChange
+from pglogrepl_bridge.sinks.sqltypes import column_type, loaders
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_TABLE = "pglogrepl_bridge_checkpoint"
+TOMBSTONE_TABLE = "pglogrepl_bridge_tombstone"
+TS_COL = "_pglb_commit_ts"  # LWW: commit time (µs since the Unix epoch) of the row's last write
+NODE_COL = "_pglb_node"  # LWW: node id of the row's last write
+
+Conflict = Literal["source", "lww"]
+_KEY = "_pglb_key_"  # bind-parameter prefix for a row's old key in UPDATE/DELETE
+
+
+class SinkError(BridgeError):
+    """A transaction could not be applied; it was not acknowledged and will be retried."""
+
+
+@dataclass
+class _Target:
+    table: sa.Table
+    fused: Fused  # loaders giving Python values (for statements SQLAlchemy binds)
+    driver_fused: Fused  # the same, then the column type's bind processing: driver values
+    keys: tuple[str, ...]
+    key_params: tuple[tuple[str, str], ...]  # (key column, its old-key bind parameter)
+    statements: dict[tuple[str, tuple[str, ...]], _Statement] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Statement:
+    """A Core statement compiled once for the dialect, run with driver-ready parameters.
+
+    SQLAlchemy's per-row parameter processing (``construct_params``) was the largest cost of
+    ``replicate``; rows are already converted by ``_Target.driver_fused``, so they go to
+    ``exec_driver_sql`` as the tuples (or dicts) the driver's paramstyle wants."""
+
+    sql: str
+    params: Callable[[dict[str, Any]], Any]
+
+
+def target_name(rel: RelationInfo) -> str:
+    return rel.name if rel.namespace in ("public", "") else f"{rel.namespace}_{rel.name}"
+
+
+class SqlSink:
+    def __init__(
+        self,
+        url: str,
+        *,
+        source_id: str,
+        slot: str,
+        conflict: Conflict = "source",
+        node_id: int = 0,
+    ) -> None:
+        try:
+            self.engine = sa.create_engine(url)
+            self.dialect = self.engine.dialect.name
+        except (SQLAlchemyError, ImportError, ValueError) as exc:
+            raise ConfigError(f"invalid --target {_safe_url(url)}: {exc}") from None
+        self.url = _safe_url(url)
+        self.source_id = source_id
+        self.slot = slot
+        self.conflict = conflict
+        self.node_id = node_id
+        self.meta = sa.MetaData()
+        self.checkpoints = sa.Table(
+            CHECKPOINT_TABLE,
+            self.meta,
+            sa.Column("source_id", sa.String(64), primary_key=True),
+            sa.Column("slot", sa.String(64), primary_key=True),
+            sa.Column("end_lsn", sa.BigInteger, nullable=False),
+            sa.Column("updated_at", sa.DateTime, nullable=False),
+        )
+        self.tombstones = sa.Table(
+            TOMBSTONE_TABLE,
+            self.meta,
+            sa.Column("tbl", sa.String(128), primary_key=True),
+            sa.Column("row_key", sa.String(255), primary_key=True),
+            sa.Column(TS_COL, sa.BigInteger, nullable=False),
+            sa.Column(NODE_COL, sa.BigInteger, nullable=False),
+        )
+        self._targets: dict[RelationInfo, _Target] = {}
+        self._source_columns: dict[str, dict[str, Column]] = {}
+        try:
+            self.meta.create_all(self.engine, tables=[self.checkpoints, self.tombstones])
+        except SQLAlchemyError as exc:
+            raise SinkError(
+                f"cannot reach or write the target {self.url}: {_reason(exc)}"
+            ) from None
+
+    # -- checkpoint ------------------------------------------------------------------------
+
+    def checkpoint(self) -> Lsn | None:
+        """The end LSN of the last transaction this target holds from (source, slot)."""
+        query = sa.select(self.checkpoints.c.end_lsn).where(
+            self.checkpoints.c.source_id == self.source_id, self.checkpoints.c.slot == self.slot
+        )
+        try:
+            with self.engine.connect() as conn:
+                value = conn.execute(query).scalar()
+        except SQLAlchemyError as exc:
+            raise SinkError(f"cannot read the checkpoint from {self.url}: {_reason(exc)}") from None
+        return None if value is None else Lsn(int(value))
+
+    def _write_checkpoint(self, conn: sa.Connection, end_lsn: int) -> None:
+        cp = self.checkpoints
+        now = datetime.now(UTC).replace(tzinfo=None)
+        done = conn.execute(
+            sa.update(cp)
+            .where(cp.c.source_id == self.source_id, cp.c.slot == self.slot)
+            .values(end_lsn=end_lsn, updated_at=now)
+        )
+        if done.rowcount == 0:
+            conn.execute(
+                sa.insert(cp).values(
+                    source_id=self.source_id, slot=self.slot, end_lsn=end_lsn, updated_at=now
+                )
+            )
+
+    # -- apply -----------------------------------------------------------------------------
+
+    def apply(self, txns: Sequence[Transaction]) -> None:
+        """Apply a batch in one target transaction, with the checkpoint of its last member."""
+        if not txns:
+            return
+        try:
+            with self.engine.begin() as conn:
+                for txn in txns:
+                    self._apply_txn(conn, txn, grouped=True)
+                self._write_checkpoint(conn, int(txns[-1].end_lsn))  # a plain int for drivers
+        except SinkError:
+            raise
+        except SQLAlchemyError as exc:
+            # Find the exact row: apply again, row by row; it fails at the culprit.
+            self._pinpoint(txns, exc)
+
+    def _pinpoint(self, txns: Sequence[Transaction], first: SQLAlchemyError) -> None:
+        try:
+            with self.engine.begin() as conn:
+                for txn in txns:
+                    self._apply_txn(conn, txn, grouped=False)
+                raise _Rollback
+        except _Rollback:
+            pass
+        except SinkError:
+            raise
+        except SQLAlchemyError as exc:
+            raise SinkError(f"cannot write to the target {self.url}: {_reason(exc)}") from None
+        raise SinkError(f"cannot write to the target {self.url}: {_reason(first)}")
+
+    def _apply_txn(self, conn: sa.Connection, txn: Transaction, *, grouped: bool) -> None:
+        if self.conflict == "lww":
+            for change in txn.changes:
+                self._apply_lww(conn, txn, change)
+            return
+        for target, op, rows, change in self._groups(conn, txn, grouped):
+            try:
+                self._execute(conn, target, op, rows)
+            except DBAPIError as exc:
+                if grouped and len(rows) > 1:
+                    raise
+                raise SinkError(_row_error(target, op, change, exc)) from None
+
+    def _groups(
+        self, conn: sa.Connection, txn: Transaction, grouped: bool
+    ) -> Iterator[tuple[_Target, str, list[dict[str, Any]], Any]]:
+        """Consecutive changes of one shape (table, op, columns) become one executemany."""
+        rows: list[dict[str, Any]] = []
+        targets = self._targets
+        shape: tuple[Any, ...] = ()
+        target: _Target | None = None
+        op, last = "", None
+        for change in txn.changes:
+            if isinstance(change, Message):
+                continue
+            if isinstance(change, TruncateChange):
+                if rows and target is not None:
+                    yield target, op, rows, last
+                    rows = []
+                for rel in change.relations:
+                    yield self._target(conn, rel), "truncate", [{}], change
+                continue
+            this = targets.get(change.relation) or self._target(conn, change.relation)
+            row, row_shape = self._row(this, change)
+            if rows and target is not None and (row_shape != shape or not grouped):
+                yield target, op, rows, last
+                rows = []
+            shape, target, op, last = row_shape, this, change.op, change
+            rows.append(row)
+        if rows and target is not None:
+            yield target, op, rows, last
+
+    def _row(self, target: _Target, change: RowChange) -> tuple[dict[str, Any], tuple[Any, ...]]:
+        """The row's bind parameters (driver values; old key under _KEY names) and its shape:
+        rows of one shape share a statement. A full row's shape needs no column list."""
+        rel = change.relation
+        op = change.op
+        fused = target.driver_fused
+        if op == "delete":
+            key = rel.row_at(change.raw, change.old_at, key_only=True, fused=fused)
+            return {pk: key[k] for k, pk in target.key_params if k in key}, (target, op)
+        new = rel.row_at(change.raw, change.new_at, fused=fused)
+        full = len(new) == rel.ncols  # else unchanged-TOAST columns were left out
+        if op == "insert":
+            return new, (target, op) if full else (target, op, tuple(new))
+        if change.old_at >= 0:  # the key changed, or REPLICA IDENTITY FULL
+            key = rel.row_at(change.raw, change.old_at, key_only=True, fused=fused)
+        else:  # the key is in the new row
+            key = new
+        row = {pk: key[k] for k, pk in target.key_params if k in key}
+        row.update(new)
+        return row, (target, op) if full else (target, op, tuple(new))
+
+    def _execute(
+        self, conn: sa.Connection, target: _Target, op: str, rows: list[dict[str, Any]]
+    ) -> None:
+        table = target.table
+        if op == "truncate":
+            conn.execute(sa.delete(table))
+            return
+        stmt = self._statement(conn, target, op, tuple(rows[0]))
+        done = conn.exec_driver_sql(stmt.sql, list(map(stmt.params, rows)))
+        if op != "insert" and done.rowcount is not None and 0 <= done.rowcount < len(rows):
+            log.warning(
+                "%s on %s matched %d of %d rows (already absent in the target?)",
+                op,
+                table.name,
+                done.rowcount,
+                len(rows),
+            )
+
+    def _statement(
+        self, conn: sa.Connection, target: _Target, op: str, names: tuple[str, ...]
+    ) -> _Statement:
+        stmt = target.statements.get((op, names))
+        if stmt is not None:
+            return stmt
+        table = target.table
+        where = [table.c[k] == sa.bindparam(_KEY + k) for k in target.keys]
+        core: sa.Insert | sa.Update | sa.Delete
+        if op == "insert":
+            core = sa.insert(table).values({c: sa.bindparam(c) for c in names})
+        elif op == "delete":
+            core = sa.delete(table).where(*where)
+        else:
+            cols = [k for k in names if not k.startswith(_KEY)]
+            core = sa.update(table).where(*where).values({c: sa.bindparam(c) for c in cols})
+        compiled = core.compile(dialect=conn.dialect)
+        order = compiled.positiontup
+        params: Callable[[dict[str, Any]], Any]
+        escaped = dict(compiled.escaped_bind_names)  # odd column names, renamed for binding
+        if order is None and escaped:  # a named paramstyle
+            params = lambda row: {escaped.get(k, k): v for k, v in row.items()}  # noqa: E731
+        elif order is None:
+            params = dict
+        elif len(order) == 1:
+            only = order[0]
+            params = lambda row: (row[only],)  # noqa: E731
+        else:
+            params = itemgetter(*order)
+        stmt = target.statements[(op, names)] = _Statement(str(compiled), params)
+        return stmt
+
+    # -- last writer wins ------------------------------------------------------------------
+
+    def _apply_lww(self, conn: sa.Connection, txn: Transaction, change: Any) -> None:
+        if isinstance(change, Message):
+            return
+        if isinstance(change, TruncateChange):
+            for rel in change.relations:
+                conn.execute(sa.delete(self._target(conn, rel).table))
+            return
+        target = self._target(conn, change.relation)
+        table, rel = target.table, change.relation
+        version = (txn.timestamp_us, self.node_id)
+        old_at = change.old_at if change.old_at >= 0 else change.new_at
+        key = rel.row_at(change.raw, old_at, key_only=True, fused=target.fused)
+        if change.op != "delete":
+            new = rel.row_at(change.raw, change.new_at, fused=target.fused)
+            new_key = {k: new[k] for k in target.keys if k in new}
+            if new_key and new_key != key:  # a key change: the old key is deleted
+                self._lww_delete(conn, target, key, version)
+                key = new_key
+            if self._newer_exists(conn, target, key, version):
+                return
+            values = dict(new)
+            values.update({TS_COL: version[0], NODE_COL: version[1]})
+            where = [table.c[k] == v for k, v in key.items()]
+            if conn.execute(sa.update(table).where(*where).values(values)).rowcount == 0:
+                conn.execute(sa.insert(table).values({**key, **values}))
+            self._clear_tombstone(conn, table.name, key)
+        else:
+            self._lww_delete(conn, target, key, version)
+
+    def _lww_delete(
+        self, conn: sa.Connection, target: _Target, key: dict[str, Any], version: tuple[int, int]
+    ) -> None:
+        if self._newer_exists(conn, target, key, version):
+            return
+        table = target.table
+        conn.execute(sa.delete(table).where(*[table.c[k] == v for k, v in key.items()]))
+        self._clear_tombstone(conn, table.name, key)
+        conn.execute(
+            sa.insert(self.tombstones).values(
+                tbl=table.name, row_key=_key_text(key), **{TS_COL: version[0], NODE_COL: version[1]}
+            )
+        )
+
+    def _newer_exists(
+        self, conn: sa.Connection, target: _Target, key: dict[str, Any], version: tuple[int, int]
+    ) -> bool:
+        table, tomb = target.table, self.tombstones
+        row = conn.execute(
+            sa.select(table.c[TS_COL], table.c[NODE_COL]).where(
+                *[table.c[k] == v for k, v in key.items()]
+            )
+        ).first()
+        if row is None:
+            row = conn.execute(
+                sa.select(tomb.c[TS_COL], tomb.c[NODE_COL]).where(
+                    tomb.c.tbl == table.name, tomb.c.row_key == _key_text(key)
+                )
+            ).first()
+        return row is not None and row[0] is not None and (row[0], row[1]) >= version
+
+    def _clear_tombstone(self, conn: sa.Connection, name: str, key: dict[str, Any]) -> None:
+        tomb = self.tombstones
+        conn.execute(sa.delete(tomb).where(tomb.c.tbl == name, tomb.c.row_key == _key_text(key)))
+
+    # -- tables ----------------------------------------------------------------------------
+
+    def _target(self, conn: sa.Connection, rel: RelationInfo) -> _Target:
+        target = self._targets.get(rel)
+        if target is None:
+            target = self._targets[rel] = self._prepare(conn, rel)
+        return target
+
+    def _prepare(self, conn: sa.Connection, rel: RelationInfo) -> _Target:
+        """Create the table on first sight, or use the existing one; follow schema changes.
+
+        Binding uses the types this module maps, never reflected ones (reflection turns a
+        Uuid into CHAR(32), a JSON into LONGTEXT): only the column names are read back.
+        """
+        name = target_name(rel)
+        keys = rel.key_names or tuple(c.name for c in rel.columns)
+        inspector = sa.inspect(conn)
+        if inspector.has_table(name):
+            present = {c["name"] for c in inspector.get_columns(name)}
+        else:
+            self._create(conn, rel, name, keys)
+            present = {c.name for c in rel.columns} | (
+                {TS_COL, NODE_COL} if self.conflict == "lww" else set()
+            )
+        for col in rel.columns:
+            if col.name not in present:
+                self._add_column(
+                    conn, name, sa.Column(col.name, column_type(col, self.dialect, is_key=False))
+                )
+        if self.conflict == "lww":
+            for extra in (TS_COL, NODE_COL):
+                if extra not in present:
+                    self._add_column(conn, name, sa.Column(extra, sa.BigInteger))
+        self._note_schema(name, rel, present)
+        cols = [
+            sa.Column(
+                c.name,
+                column_type(c, self.dialect, is_key=c.name in keys),
+                primary_key=c.name in keys,
+            )
+            for c in rel.columns
+        ]
+        if self.conflict == "lww":
+            cols += [sa.Column(TS_COL, sa.BigInteger), sa.Column(NODE_COL, sa.BigInteger)]
+        table = sa.Table(name, sa.MetaData(), *cols)
+        fused = tuple((c.name, *loaders(c, self.dialect)) for c in rel.columns)
+        dialect = conn.dialect
+        driver_fused = tuple(
+            (
+                name,
+                _then_bind(tload, table.c[name].type, dialect),
+                _then_bind(bload, table.c[name].type, dialect),
+            )
+            for name, tload, bload in fused
+        )
+        return _Target(table, fused, driver_fused, keys, tuple((k, _KEY + k) for k in keys))
+
+    def _note_schema(self, name: str, rel: RelationInfo, present: set[str]) -> None:
+        """Report type changes and dropped columns seen in a re-sent Relation."""
+        before = self._source_columns.get(name)
+        now = {c.name: c for c in rel.columns}
+        self._source_columns[name] = now
+        dropped = (set(before) if before else present) - set(now) - {TS_COL, NODE_COL}
+        if dropped:
+            log.info(
+                "columns %s of %s are no longer sent by the source; kept, not written",
+                sorted(dropped),
+                name,
+            )
+        for col_name, col in now.items():
+            old = (before or {}).get(col_name)
+            if old is not None and (old.type_oid, old.type_modifier) != (
+                col.type_oid,
+                col.type_modifier,
+            ):
+                log.warning(
+                    "type of %s.%s changed in the source (oid %d → %d); the target column "
+                    "keeps its type, values are written as they come",
+                    name,
+                    col_name,
+                    old.type_oid,
+                    col.type_oid,
+                )
+
+    def _create(
+        self, conn: sa.Connection, rel: RelationInfo, name: str, keys: tuple[str, ...]
+    ) -> sa.Table:
+        cols = [
+            sa.Column(
+                c.name,
+                column_type(c, self.dialect, is_key=c.name in keys),
+                primary_key=c.name in keys,
+                autoincrement=False,
+            )
+            for c in rel.columns
+        ]
+        if self.conflict == "lww":
+            cols += [sa.Column(TS_COL, sa.BigInteger), sa.Column(NODE_COL, sa.BigInteger)]
+        table = sa.Table(name, sa.MetaData(), *cols)
+        table.create(conn)
+        log.info("created target table %s", name)
+        return table
+
+    def _add_column(self, conn: sa.Connection, table: str, column: sa.Column[Any]) -> None:
+        from alembic.migration import MigrationContext
+        from alembic.operations import Operations
+
+        Operations(MigrationContext.configure(conn)).add_column(table, column)
+        log.info("added column %s to target table %s", column.name, table)
+
+
+class _Rollback(Exception):
+    pass
+
+
+def _then_bind(
+    load: Callable[[bytes], Any], type_: sa.types.TypeEngine[Any], dialect: sa.Dialect
+) -> Callable[[bytes], Any]:
+    """``load``, then the bind processing SQLAlchemy would apply for this column type."""
+    process = type_.dialect_impl(dialect).bind_processor(dialect)
+    if process is None:
+        return load
+    return lambda data: process(load(data))
+
+
+def _key_text(key: dict[str, Any]) -> str:
+    return "|".join(f"{k}={v}" for k, v in sorted(key.items()))[:255]
+
+
+def _reason(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _row_error(target: _Target, op: str, change: Any, exc: BaseException) -> str:
+    key = ""
+    if isinstance(change, RowChange):
+        try:
+            key = f" key {change.key}"
+        except Exception:
+            key = ""
+    return (
+        f"cannot apply {op} to table {target.table.name}{key}: {_reason(exc)}. "
+        "The transaction was not acknowledged; fix the target and restart to retry it."
+    )
+
+
+def _safe_url(url: str) -> str:
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<invalid URL>"

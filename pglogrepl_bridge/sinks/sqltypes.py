@@ -1,0 +1,166 @@
+"""PostgreSQL column types → SQLAlchemy types per target dialect, and values to match.
+
+What each dialect cannot hold natively degrades without loss of meaning: arrays become JSON
+off PostgreSQL, numeric becomes its exact text on SQLite, aware timestamps become UTC.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime, time
+from decimal import Decimal
+from typing import Any
+
+import sqlalchemy as sa
+from psycopg.adapt import Transformer
+from psycopg.postgres import types as pgtypes
+from psycopg.pq import Format
+from sqlalchemy.dialects import mysql, postgresql
+
+from pglogrepl_bridge.pgoutput.messages import Column
+
+Adapt = Callable[[Any], Any]
+
+_SIMPLE: dict[str, Callable[[], sa.types.TypeEngine[Any]]] = {
+    "int2": sa.SmallInteger,
+    "int4": sa.Integer,
+    "int8": sa.BigInteger,
+    "oid": sa.BigInteger,
+    "bool": sa.Boolean,
+    "float4": lambda: sa.Float(precision=24),
+    "float8": sa.Double,
+    "text": sa.Text,
+    "name": lambda: sa.String(64),
+    "date": sa.Date,
+    "time": sa.Time,
+    "timetz": lambda: sa.Time(timezone=True),
+    "timestamp": sa.DateTime,
+    "timestamptz": lambda: sa.DateTime(timezone=True),
+    "uuid": sa.Uuid,
+    "bytea": sa.LargeBinary,
+}
+#: Types whose psycopg value is what SQLAlchemy wants; everything else is stored as text.
+MAPPED = {*_SIMPLE, "numeric", "varchar", "bpchar", "json", "jsonb"}
+
+
+def describe(oid: int) -> tuple[str | None, str | None]:
+    """(type name, None) for a built-in scalar; (None, element name) for a built-in array."""
+    info = pgtypes.get(oid)  # psycopg answers array OIDs with their element's TypeInfo
+    if info is None:
+        return None, None
+    if info.oid == oid:
+        return info.name, None
+    return None, info.name
+
+
+_MYSQL = ("mysql", "mariadb")
+
+
+def column_type(col: Column, dialect: str, *, is_key: bool) -> sa.types.TypeEngine[Any]:
+    made = _column_type(col, dialect, is_key=is_key)
+    if dialect in _MYSQL:
+        # MariaDB's defaults lose data: DATETIME/TIME drop microseconds, TEXT/BLOB stop at 64 KiB
+        if isinstance(made, sa.DateTime):
+            return mysql.DATETIME(fsp=6)
+        if isinstance(made, sa.Time):
+            return mysql.TIME(fsp=6)
+        if type(made) is sa.Text:
+            return mysql.LONGTEXT()
+        if isinstance(made, sa.LargeBinary):
+            return mysql.LONGBLOB()
+    return made
+
+
+def _column_type(col: Column, dialect: str, *, is_key: bool) -> sa.types.TypeEngine[Any]:
+    name, elem = describe(col.type_oid)
+    if elem is not None and elem in MAPPED:
+        if dialect == "postgresql":
+            inner = column_type(Column(col.name, _oid(elem), -1, False), dialect, is_key=False)
+            return postgresql.ARRAY(inner)
+        return sa.JSON()
+    if name == "numeric":
+        if dialect == "sqlite":
+            return sa.Text()  # exact: SQLite's NUMERIC affinity would round through a double
+        if col.type_modifier >= 4:
+            mod = col.type_modifier - 4
+            return sa.Numeric((mod >> 16) & 0xFFFF, mod & 0xFFFF)
+        return sa.Numeric(65, 30) if dialect in _MYSQL else sa.Numeric()
+    if name in ("varchar", "bpchar"):
+        length = col.type_modifier - 4 if col.type_modifier >= 4 else None
+        if length is None and dialect in _MYSQL and is_key:
+            length = 255
+        return sa.String(length) if length is not None else sa.Text()
+    if name in ("json", "jsonb"):
+        return postgresql.JSONB() if dialect == "postgresql" and name == "jsonb" else sa.JSON()
+    factory = _SIMPLE.get(name or "")
+    if factory is not None:
+        made = factory()
+        if isinstance(made, sa.Text) and is_key and dialect in _MYSQL:
+            return sa.String(255)  # MariaDB cannot index a TEXT key without a prefix length
+        return made
+    if is_key and dialect in _MYSQL:
+        return sa.String(255)
+    return sa.Text()  # anything unknown: PostgreSQL's text output
+
+
+def _oid(name: str) -> int:
+    info = pgtypes.get(name)
+    assert info is not None
+    return info.oid
+
+
+def _utc_naive(value: Any) -> Any:
+    if isinstance(value, datetime) and value.tzinfo is not None:
+        return value.astimezone(UTC).replace(tzinfo=None)
+    if isinstance(value, time) and value.tzinfo is not None:
+        return value.replace(tzinfo=None)
+    return value
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, bytes):
+        return "\\x" + value.hex()
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    if value is None or isinstance(value, bool | int | float | str | dict):
+        return value
+    return str(value)
+
+
+def loaders(col: Column, dialect: str) -> tuple[Adapt, Adapt]:
+    """(text loader, binary loader) giving the value this column's target type accepts."""
+    name, elem = describe(col.type_oid)
+    transformer = _TRANSFORMER
+    if (name in MAPPED) or (elem is not None and elem in MAPPED):
+        tload = transformer.get_loader(col.type_oid, Format.TEXT).load
+        bload = transformer.get_loader(col.type_oid, Format.BINARY).load
+        post: Adapt | None = None
+        if elem is not None and dialect != "postgresql":
+            post = _jsonable
+        elif name == "numeric" and dialect == "sqlite":
+            post = str
+        elif name in ("timestamptz", "timetz") and dialect != "postgresql":
+            post = _utc_naive
+        if post is not None:
+            return _then(tload, post), _then(bload, post)
+        return tload, bload
+    return _decode, _hex
+
+
+def _then(load: Adapt, post: Adapt) -> Adapt:
+    return lambda data: post(load(data))
+
+
+def _decode(data: bytes) -> str:
+    return bytes(data).decode()
+
+
+def _hex(data: bytes) -> str:
+    return "\\x" + bytes(data).hex()
+
+
+_TRANSFORMER = Transformer()

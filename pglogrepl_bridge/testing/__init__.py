@@ -1,0 +1,1 @@
+"""Throwaway PostgreSQL servers for tests, the demo and benchmarks (shipped: ``demo`` uses them)."""

@@ -1,0 +1,214 @@
+"""The bridge's bookkeeping, sans IO: which WalEntries each replica gets, what a quorum holds,
+and what to answer. Connections are opaque ids; time is passed in; frames are bytes.
+
+- Entries go to every replica in LSN order, at most ``window`` unacknowledged at a time.
+- A replica's acknowledgements are cumulative: it applies only ``lsn > last``, in order.
+- ``quorum_lsn`` is the highest LSN acknowledged by ``quorum`` distinct replicas; only that
+  may be confirmed to PostgreSQL.
+- The newest ``max_entries`` stay in a buffer for RequestFrom; older ones leave it once a
+  quorum holds them. A replay from before the buffer restarts the PostgreSQL stream, which
+  works as long as the slot was not confirmed past it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+from pglogrepl_bridge.wire.protocol import (
+    Acknowledge,
+    Heartbeat,
+    Promotion,
+    ReplicationMessage,
+    RequestFrom,
+    VoteRequest,
+    VoteResponse,
+    frame,
+)
+
+log = logging.getLogger(__name__)
+
+ConnId = Hashable
+
+
+@dataclass
+class Replica:
+    node_id: int | None = None
+    sent: int = 0  # highest LSN sent on this connection
+    acked: int = 0  # highest LSN it acknowledged (cumulative)
+
+
+@dataclass(frozen=True, slots=True)
+class Rewind:
+    """Restart the PostgreSQL stream after ``lsn``: a replica needs what the buffer dropped."""
+
+    lsn: int
+
+
+@dataclass(frozen=True, slots=True)
+class StepDown:
+    """Another node was promoted at ``term``: stop streaming (split-brain guard)."""
+
+    node_id: int
+    term: int
+
+
+Action = Rewind | StepDown
+
+
+@dataclass
+class Hub:
+    node_id: int
+    quorum: int
+    window: int = 1000
+    max_entries: int = 10_000
+    max_bytes: int = 64 * 1024 * 1024  # the replay buffer's other bound
+    term: int = 1
+    healthy: bool = True
+    _lsns: list[int] = field(default_factory=list)
+    _frames: list[bytes] = field(default_factory=list)
+    _bytes: int = 0
+    floor: int = 0  # every entry with lsn > floor is in the buffer
+    last_lsn: int = 0
+    replicas: dict[ConnId, Replica] = field(default_factory=dict)
+    acked_by_node: dict[int, int] = field(default_factory=dict)
+    voted: dict[int, int] = field(default_factory=dict)  # term -> candidate we voted for
+    outbox: dict[ConnId, list[bytes]] = field(default_factory=dict)
+
+    # -- entries ---------------------------------------------------------------------------
+
+    def publish(self, lsn: int, entry_frame: bytes) -> None:
+        if lsn <= self.last_lsn:
+            raise ValueError(f"WalEntry lsn {lsn} is not above the last one, {self.last_lsn}")
+        self._lsns.append(lsn)
+        self._frames.append(entry_frame)
+        self._bytes += len(entry_frame)
+        self.last_lsn = lsn
+        self._trim()
+
+    def reset_to(self, lsn: int) -> None:
+        """After a rewind, entries above ``lsn`` will be published again."""
+        cut = bisect.bisect_right(self._lsns, lsn)
+        self._bytes -= sum(map(len, self._frames[cut:]))
+        del self._lsns[cut:], self._frames[cut:]
+        self.last_lsn = max(lsn, self._lsns[-1] if self._lsns else self.floor)
+        for rep in self.replicas.values():
+            rep.sent = min(rep.sent, self.last_lsn)
+
+    @property
+    def backlog(self) -> int:
+        return len(self._lsns)
+
+    @property
+    def unconfirmed(self) -> int:
+        """Entries a quorum does not hold yet: the publisher waits while there are too many."""
+        return len(self._lsns) - bisect.bisect_right(self._lsns, self.quorum_lsn)
+
+    @property
+    def full(self) -> bool:
+        """Too much that a quorum does not hold yet: the publisher should wait."""
+        unconfirmed = self.unconfirmed
+        return unconfirmed >= self.max_entries or (unconfirmed > 1 and self._bytes > self.max_bytes)
+
+    def _trim(self) -> None:
+        """Keep the newest entries for replays, within ``max_entries`` and ``max_bytes``;
+        older ones go once a quorum has them."""
+        held = bisect.bisect_right(self._lsns, self.quorum_lsn)  # the most we may drop
+        cut = max(len(self._lsns) - self.max_entries, 0)
+        size = self._bytes - sum(map(len, self._frames[:cut]))
+        while cut < held and size > self.max_bytes:
+            size -= len(self._frames[cut])
+            cut += 1
+        cut = min(cut, held)
+        if cut:
+            self.floor = self._lsns[cut - 1]
+            self._bytes -= sum(map(len, self._frames[:cut]))
+            del self._lsns[:cut], self._frames[:cut]
+
+    # -- replicas --------------------------------------------------------------------------
+
+    def connect(self, conn: ConnId) -> None:
+        self.replicas[conn] = Replica(sent=self.floor, acked=0)
+        self.outbox[conn] = []
+
+    def disconnect(self, conn: ConnId) -> None:
+        self.replicas.pop(conn, None)
+        self.outbox.pop(conn, None)
+
+    @property
+    def quorum_lsn(self) -> int:
+        """Highest LSN that ``quorum`` distinct replicas acknowledged (0: none yet)."""
+        acks = sorted(self.acked_by_node.values(), reverse=True)
+        return acks[self.quorum - 1] if len(acks) >= self.quorum else 0
+
+    def pending(self, conn: ConnId) -> list[bytes]:
+        """Frames to write to ``conn`` now: answers first, then entries within the window."""
+        rep = self.replicas[conn]
+        out = self.outbox[conn]
+        self.outbox[conn] = []
+        start = bisect.bisect_right(self._lsns, rep.sent)
+        inflight = start - bisect.bisect_right(self._lsns, rep.acked)
+        room = self.window - max(inflight, 0)
+        if room > 0 and start < len(self._lsns):
+            stop = min(len(self._lsns), start + room)
+            out += self._frames[start:stop]
+            rep.sent = self._lsns[stop - 1]
+        return out
+
+    def heartbeat(self) -> bytes:
+        return frame(Heartbeat(self.node_id, self.last_lsn))
+
+    def receive(self, conn: ConnId, msg: ReplicationMessage) -> list[Action]:
+        rep = self.replicas[conn]
+        if isinstance(msg, Acknowledge):
+            self._ack(rep, msg.node_id, msg.lsn)
+        elif isinstance(msg, RequestFrom):
+            # it holds everything up to lsn: that counts as acknowledged
+            self._ack(rep, msg.node_id, msg.lsn)
+            if msg.lsn < self.floor:
+                log.warning(
+                    "replica %d asks to replay from %X, older than the buffer (%X): "
+                    "restarting the PostgreSQL stream",
+                    msg.node_id,
+                    msg.lsn,
+                    self.floor,
+                )
+                rep.sent = msg.lsn
+                return [Rewind(msg.lsn)]
+            rep.sent = msg.lsn  # resend from there, out of the buffer
+        elif isinstance(msg, VoteRequest):
+            self.outbox[conn].append(frame(self._vote(msg)))
+        elif isinstance(msg, Promotion):
+            if msg.node_id != self.node_id and msg.term >= self.term:
+                return [StepDown(msg.node_id, msg.term)]
+        elif isinstance(msg, Heartbeat):
+            log.warning(
+                "node %d sends heartbeats too: another master is alive (term %d here)",
+                msg.node_id,
+                self.term,
+            )
+        return []
+
+    def _ack(self, rep: Replica, node_id: int, lsn: int) -> None:
+        rep.node_id = node_id
+        rep.acked = max(rep.acked, lsn)
+        rep.sent = max(rep.sent, rep.acked)
+        self.acked_by_node[node_id] = max(self.acked_by_node.get(node_id, 0), lsn)
+        self._trim()
+
+    def _vote(self, req: VoteRequest) -> VoteResponse:
+        """While we stream we are the master: no vote for anyone. Otherwise, the usual rules:
+        the term is not older, one vote per term, the candidate is not behind us."""
+        if self.healthy:
+            return VoteResponse(req.node_id, self.node_id, req.term, False)
+        granted = (
+            req.term >= self.term
+            and self.voted.get(req.term, req.node_id) == req.node_id
+            and req.last_lsn >= self.last_lsn
+        )
+        if granted:
+            self.voted[req.term] = req.node_id
+            self.term = req.term
+        return VoteResponse(req.node_id, self.node_id, req.term, granted)
