@@ -48,3 +48,11 @@ class ProtocolError(BridgeError):
 
 class ReplicationError(BridgeError):
     """The replication stream failed (slot, publication, permissions, server settings)."""
+
+
+class SlotInUseError(ReplicationError):
+    """The slot is held by another walsender (SQLSTATE 55006): one consumer per slot."""
+
+
+class SinkError(BridgeError):
+    """A downstream store refused or lost a write; what was not committed is not confirmed."""

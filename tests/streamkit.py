@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import queue
 import threading
@@ -15,6 +16,7 @@ import psycopg
 from pglogrepl_bridge.lsn import Lsn
 from pglogrepl_bridge.pgoutput.transaction import Transaction
 from pglogrepl_bridge.postgres import admin
+from pglogrepl_bridge.postgres.aio import AsyncReplicationStream
 from pglogrepl_bridge.postgres.stream import ReplicationStream, StreamOptions
 
 Conn = psycopg.Connection[tuple[Any, ...]]
@@ -87,11 +89,25 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 15.0, what: str = "
     raise AssertionError(f"timed out waiting for {what or predicate}")
 
 
+AnyStream = ReplicationStream | AsyncReplicationStream
+#: the stream-contract tests run for both (a ``stream_cls`` fixture)
+STREAM_CLASSES = {"sync": ReplicationStream, "async": AsyncReplicationStream}
+
+
+def start_now(stream: AnyStream) -> None:
+    """``start()`` for either stream (for tests of what start refuses)."""
+    if isinstance(stream, AsyncReplicationStream):
+        asyncio.run(stream.start())
+    else:
+        stream.start()
+
+
 @dataclass
 class Consumer:
-    """Iterates a stream in a thread; the test takes transactions from ``received``."""
+    """Iterates a stream (sync, or async in its own event loop) in a thread; the test takes
+    transactions from ``received``."""
 
-    stream: ReplicationStream
+    stream: AnyStream
     received: queue.Queue[Transaction] = field(default_factory=queue.Queue)
     error: BaseException | None = None
     thread: threading.Thread | None = None
@@ -103,10 +119,18 @@ class Consumer:
 
     def _run(self) -> None:
         try:
-            for txn in self.stream:
-                self.received.put(txn)
+            if isinstance(self.stream, AsyncReplicationStream):
+                asyncio.run(self._run_async(self.stream))
+            else:
+                for txn in self.stream:
+                    self.received.put(txn)
         except BaseException as exc:  # reported to the test by take()/stop()
             self.error = exc
+
+    async def _run_async(self, stream: AsyncReplicationStream) -> None:
+        async with stream:
+            async for txn in stream:
+                self.received.put(txn)
 
     def take(self, n: int, timeout: float = 20.0) -> list[Transaction]:
         out = []

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from pglogrepl_bridge.bridge.replica import ReplicaNode, TcpReplica
 from pglogrepl_bridge.bridge.network import Network, tls_context
+from pglogrepl_bridge.bridge.replica import ReplicaNode, TcpReplica
 from pglogrepl_bridge.bridge.runner import BridgeConfig, BridgeStats, run_bridge
 from pglogrepl_bridge.testing.postgres import PostgresServer
 from pglogrepl_bridge.wire.protocol import Promotion, RequestFrom, VoteRequest

@@ -25,12 +25,29 @@ from pglogrepl_bridge.postgres.stream import (
 )
 from pglogrepl_bridge.testing.postgres import PostgresServer
 
-from .streamkit import Conn, Consumer, ids_of, make_source, wait_for
+from .streamkit import (
+    STREAM_CLASSES,
+    AnyStream,
+    Conn,
+    Consumer,
+    ids_of,
+    make_source,
+    start_now,
+    wait_for,
+)
 
 
-def test_streams_transactions_with_typed_values(pg: PostgresServer, pg_conn: Conn) -> None:
+@pytest.fixture(params=sorted(STREAM_CLASSES))
+def stream_cls(request: pytest.FixtureRequest) -> type[AnyStream]:
+    """The stream-contract tests run for the sync and the async stream alike."""
+    return STREAM_CLASSES[request.param]
+
+
+def test_streams_transactions_with_typed_values(
+    stream_cls: type[AnyStream], pg: PostgresServer, pg_conn: Conn
+) -> None:
     src = make_source(pg_conn)
-    consumer = Consumer(ReplicationStream(pg.dsn, src.options())).start()
+    consumer = Consumer(stream_cls(pg.dsn, src.options())).start()
     try:
         src.insert(1, 2)
         src.insert(3)
@@ -45,11 +62,11 @@ def test_streams_transactions_with_typed_values(pg: PostgresServer, pg_conn: Con
 
 
 def test_never_confirms_on_receipt_and_only_contiguous_acks(
-    pg: PostgresServer, pg_conn: Conn
+    stream_cls: type[AnyStream], pg: PostgresServer, pg_conn: Conn
 ) -> None:
     src = make_source(pg_conn)
     start = src.confirmed()
-    consumer = Consumer(ReplicationStream(pg.dsn, src.options())).start()
+    consumer = Consumer(stream_cls(pg.dsn, src.options())).start()
     try:
         for i in range(1, 4):
             src.insert(i)
@@ -70,10 +87,12 @@ def test_never_confirms_on_receipt_and_only_contiguous_acks(
         consumer.stop()
 
 
-def test_idle_slot_advances_past_unpublished_traffic(pg: PostgresServer, pg_conn: Conn) -> None:
+def test_idle_slot_advances_past_unpublished_traffic(
+    stream_cls: type[AnyStream], pg: PostgresServer, pg_conn: Conn
+) -> None:
     src = make_source(pg_conn)
     pg_conn.execute(f"CREATE TABLE {src.table}_other (id int)")
-    consumer = Consumer(ReplicationStream(pg.dsn, src.options())).start()
+    consumer = Consumer(stream_cls(pg.dsn, src.options())).start()
     try:
         src.insert(1)
         (t1,) = consumer.take(1)
@@ -88,10 +107,12 @@ def test_idle_slot_advances_past_unpublished_traffic(pg: PostgresServer, pg_conn
         consumer.stop()
 
 
-def test_no_ack_confirms_nothing(pg: PostgresServer, pg_conn: Conn) -> None:
+def test_no_ack_confirms_nothing(
+    stream_cls: type[AnyStream], pg: PostgresServer, pg_conn: Conn
+) -> None:
     src = make_source(pg_conn)
     start = src.confirmed()
-    consumer = Consumer(ReplicationStream(pg.dsn, src.options(no_ack=True))).start()
+    consumer = Consumer(stream_cls(pg.dsn, src.options(no_ack=True))).start()
     try:
         src.insert(1)
         (t1,) = consumer.take(1)
@@ -105,16 +126,16 @@ def test_no_ack_confirms_nothing(pg: PostgresServer, pg_conn: Conn) -> None:
 
 
 def test_resume_from_consumer_position_skips_what_it_holds(
-    pg: PostgresServer, pg_conn: Conn
+    stream_cls: type[AnyStream], pg: PostgresServer, pg_conn: Conn
 ) -> None:
     src = make_source(pg_conn)
     for i in range(1, 4):
         src.insert(i)
     # a peek stream sees all three; pretend the consumer durably holds the first two
-    peek = Consumer(ReplicationStream(pg.dsn, src.options(no_ack=True))).start()
+    peek = Consumer(stream_cls(pg.dsn, src.options(no_ack=True))).start()
     t1, t2, _t3 = peek.take(3)
     peek.stop()
-    consumer = Consumer(ReplicationStream(pg.dsn, src.options(start_lsn=t2.end_lsn))).start()
+    consumer = Consumer(stream_cls(pg.dsn, src.options(start_lsn=t2.end_lsn))).start()
     try:
         src.insert(4)
         txns = consumer.take(2)
@@ -126,16 +147,18 @@ def test_resume_from_consumer_position_skips_what_it_holds(
     assert t1.end_lsn < t2.end_lsn
 
 
-def test_without_position_resumes_from_the_slot(pg: PostgresServer, pg_conn: Conn) -> None:
+def test_without_position_resumes_from_the_slot(
+    stream_cls: type[AnyStream], pg: PostgresServer, pg_conn: Conn
+) -> None:
     src = make_source(pg_conn)
-    first = Consumer(ReplicationStream(pg.dsn, src.options())).start()
+    first = Consumer(stream_cls(pg.dsn, src.options())).start()
     src.insert(1)
     src.insert(2)
     t1, _t2 = first.take(2)
     first.stream.ack(t1.end_lsn)
     wait_for(lambda: src.confirmed() == t1.end_lsn, what="t1 confirmed")
     first.stop()
-    again = Consumer(ReplicationStream(pg.dsn, src.options())).start()
+    again = Consumer(stream_cls(pg.dsn, src.options())).start()
     try:
         assert ids_of(again.take(1)) == [2]  # unacknowledged: sent again; acknowledged: not
     finally:
@@ -143,11 +166,13 @@ def test_without_position_resumes_from_the_slot(pg: PostgresServer, pg_conn: Con
 
 
 @pytest.mark.parametrize("how", ["terminate", "restart"])
-def test_reconnects_without_loss_or_duplicates(pg: PostgresServer, pg_conn: Conn, how: str) -> None:
+def test_reconnects_without_loss_or_duplicates(
+    stream_cls: type[AnyStream], pg: PostgresServer, pg_conn: Conn, how: str
+) -> None:
     if how == "restart" and pg.kind != "local":
         pytest.skip("restarting needs a local cluster")
     src = make_source(pg_conn)
-    stream = ReplicationStream(pg.dsn, src.options())
+    stream = stream_cls(pg.dsn, src.options())
     consumer = Consumer(stream).start()
     got = []
     conn = pg_conn
@@ -183,16 +208,18 @@ def test_reconnects_without_loss_or_duplicates(pg: PostgresServer, pg_conn: Conn
     assert ids_of(got) == list(range(1, 9))
 
 
-def test_missing_slot(pg: PostgresServer, pg_conn: Conn) -> None:
+def test_missing_slot(stream_cls: type[AnyStream], pg: PostgresServer, pg_conn: Conn) -> None:
     src = make_source(pg_conn, slot=False)
-    stream = ReplicationStream(pg.dsn, src.options())
+    stream = stream_cls(pg.dsn, src.options())
     with pytest.raises(ConfigError, match=f"slot '{src.slot}' does not exist.*--create-slot"):
-        stream.start()
+        start_now(stream)
 
 
-def test_create_temporary_slot(pg: PostgresServer, pg_conn: Conn) -> None:
+def test_create_temporary_slot(
+    stream_cls: type[AnyStream], pg: PostgresServer, pg_conn: Conn
+) -> None:
     src = make_source(pg_conn, slot=False)
-    stream = ReplicationStream(pg.dsn, src.options(create_slot=True, temporary=True))
+    stream = stream_cls(pg.dsn, src.options(create_slot=True, temporary=True))
     consumer = Consumer(stream).start()
     try:
         wait_for(lambda: src.walsender_pid() is not None, what="temporary slot")
@@ -203,36 +230,40 @@ def test_create_temporary_slot(pg: PostgresServer, pg_conn: Conn) -> None:
     wait_for(lambda: src.confirmed() is None and src.walsender_pid() is None, what="slot gone")
 
 
-def test_missing_publication(pg: PostgresServer, pg_conn: Conn) -> None:
+def test_missing_publication(
+    stream_cls: type[AnyStream], pg: PostgresServer, pg_conn: Conn
+) -> None:
     src = make_source(pg_conn)
     opts = src.options()
-    stream = ReplicationStream(pg.dsn, type(opts)(slot=src.slot, publications=("nope",)))
+    stream = stream_cls(pg.dsn, type(opts)(slot=src.slot, publications=("nope",)))
     with pytest.raises(ConfigError, match="nope do not exist"):
-        stream.start()
+        start_now(stream)
 
 
-def test_slot_in_use(pg: PostgresServer, pg_conn: Conn) -> None:
+def test_slot_in_use(stream_cls: type[AnyStream], pg: PostgresServer, pg_conn: Conn) -> None:
     src = make_source(pg_conn)
-    consumer = Consumer(ReplicationStream(pg.dsn, src.options())).start()
+    consumer = Consumer(stream_cls(pg.dsn, src.options())).start()
     try:
         wait_for(lambda: src.walsender_pid() is not None, what="active slot")
         pid = src.walsender_pid()
         with pytest.raises(ReplicationError, match=f"in use by another process \\(PID {pid}\\)"):
-            ReplicationStream(pg.dsn, src.options(reconnect=False)).start()
+            start_now(stream_cls(pg.dsn, src.options(reconnect=False)))
     finally:
         consumer.stop()
 
 
-def test_unsupported_option_is_refused_before_streaming(pg: PostgresServer, pg_conn: Conn) -> None:
+def test_unsupported_option_is_refused_before_streaming(
+    stream_cls: type[AnyStream], pg: PostgresServer, pg_conn: Conn
+) -> None:
     src = make_source(pg_conn)
     best = max_proto_version(pg.version)
     with pytest.raises(ConfigError, match="proto_version 5 needs a newer server"):
-        ReplicationStream(pg.dsn, src.options(proto_version=5)).start()
+        start_now(stream_cls(pg.dsn, src.options(proto_version=5)))
     with pytest.raises(ConfigError, match="streaming needs proto_version 2"):
-        ReplicationStream(pg.dsn, src.options(proto_version=1, streaming=True)).start()
+        start_now(stream_cls(pg.dsn, src.options(proto_version=1, streaming=True)))
     if pg.version < 16:
         with pytest.raises(ConfigError, match="origin needs PostgreSQL 16"):
-            ReplicationStream(pg.dsn, src.options(origin="none")).start()
+            start_now(stream_cls(pg.dsn, src.options(origin="none")))
     assert best >= 3
 
 
@@ -272,14 +303,14 @@ def test_receive_buffer_is_fixed_for_a_server_on_this_host(
 
 
 def test_text_arrives_as_utf8_whatever_the_client_encoding(
-    pg: PostgresServer, pg_conn: Conn
+    stream_cls: type[AnyStream], pg: PostgresServer, pg_conn: Conn
 ) -> None:
     """pgoutput converts text to the session's client_encoding: the stream asks for UTF8, so
     a LATIN1 (or any) setting in the DSN or PGCLIENTENCODING changes nothing."""
     src = make_source(pg_conn)
     pg_conn.execute(f"INSERT INTO {src.table} VALUES (1, 'café €')")
     dsn = psycopg.conninfo.make_conninfo(pg.dsn, client_encoding="LATIN1")
-    consumer = Consumer(ReplicationStream(dsn, src.options())).start()
+    consumer = Consumer(stream_cls(dsn, src.options())).start()
     try:
         txns = consumer.take(1)
     finally:
@@ -320,7 +351,9 @@ def test_connection_refused() -> None:
     assert "topsecret" not in str(info.value)
 
 
-def test_invalidated_slot_is_refused(pg: PostgresServer, pg_conn: Conn) -> None:
+def test_invalidated_slot_is_refused(
+    stream_cls: type[AnyStream], pg: PostgresServer, pg_conn: Conn
+) -> None:
     src = make_source(pg_conn)
     src.insert(1)
     pg_conn.execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
@@ -343,7 +376,7 @@ def test_invalidated_slot_is_refused(pg: PostgresServer, pg_conn: Conn) -> None:
         pg_conn.execute("ALTER SYSTEM RESET max_slot_wal_keep_size")
         pg_conn.execute("SELECT pg_reload_conf()")
     with pytest.raises(ReplicationError, match=r"invalidated.*drop and re-create"):
-        ReplicationStream(pg.dsn, src.options()).start()
+        start_now(stream_cls(pg.dsn, src.options()))
 
 
 def test_sigterm_sends_final_status(pg: PostgresServer, pg_conn: Conn, tmp_path: Path) -> None:
@@ -401,14 +434,14 @@ def test_rewind_delivers_again_from_postgresql(pg: PostgresServer, pg_conn: Conn
 
 
 def test_two_phase_prepared_transaction_pins_the_slot_until_committed(
-    pg: PostgresServer, pg_conn: Conn
+    stream_cls: type[AnyStream], pg: PostgresServer, pg_conn: Conn
 ) -> None:
     src = make_source(pg_conn, slot=False)
     pg_conn.execute(
         "SELECT pg_create_logical_replication_slot(%s, 'pgoutput', false, true)", (src.slot,)
     )
     start = src.confirmed()
-    first = Consumer(ReplicationStream(pg.dsn, src.options(two_phase=True))).start()
+    first = Consumer(stream_cls(pg.dsn, src.options(two_phase=True))).start()
     try:
         pg_conn.execute("BEGIN")
         pg_conn.execute(f"INSERT INTO {src.table} VALUES (1, 'prepared')")
@@ -424,9 +457,7 @@ def test_two_phase_prepared_transaction_pins_the_slot_until_committed(
         first.stop()
     # a restart: the PREPARE is sent again, so COMMIT PREPARED still finds its changes. The
     # consumer's durable position skips t2, which the pinned slot could not confirm.
-    again = Consumer(
-        ReplicationStream(pg.dsn, src.options(two_phase=True, start_lsn=t2.end_lsn))
-    ).start()
+    again = Consumer(stream_cls(pg.dsn, src.options(two_phase=True, start_lsn=t2.end_lsn))).start()
     try:
         pg_conn.execute("COMMIT PREPARED 'pinned'")
         (txn,) = again.take(1)

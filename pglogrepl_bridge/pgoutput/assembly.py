@@ -67,7 +67,6 @@ _ROW_TAGS = frozenset(b"IUD")
 _OLD: dict[int, Literal["K", "O"]] = {0x4B: "K", 0x4F: "O"}
 # With the C accelerator, the row change of a message in one call (None: see _row)
 _make_row = accel.row_change_maker(RowChange)
-_put_row = accel.row_putter(RowChange)
 
 
 class SpilledChanges(Sequence[Change]):
@@ -140,6 +139,8 @@ class TransactionAssembler:
         self._open: _Open | None = None
         self._streams: dict[int, StreamBuffer] = {}
         self._stream_xid: int | None = None
+        # a streamed transaction's Origin arrives in its first block: kept until its commit
+        self._stream_origins: dict[int, str] = {}
         self._held: dict[str, _Held] = {}
         # lsn of the first message of each unfinished transaction: feedback must stay below
         self._pending_since: dict[object, int] = {}
@@ -162,15 +163,11 @@ class TransactionAssembler:
             RollbackPrepared: self._rollback_prepared,
         }
 
-    #: ``(relations.by_id, open_changes, CopyData message) -> bool``: a reader's shortcut
-    #: past ``feed`` for a row change (the C row maker on the whole XLogData message); False
-    #: means ``feed`` must take the message. None without the accelerator.
-    put_row = staticmethod(_put_row) if _put_row is not None else None
-
     @property
     def open_changes(self) -> list[Change] | None:
-        """Where ``put_row`` may append a row change now: the open transaction's list. None
-        inside a stream or between transactions, where every message goes through ``feed``."""
+        """Where ``ReplicationSession``'s C shortcut may append a row change now: the open
+        transaction's list. None inside a stream or between transactions, where every
+        message goes through ``feed``."""
         if self._open is None or self._stream_xid is not None:
             return None
         return self._open.changes
@@ -195,6 +192,7 @@ class TransactionAssembler:
         for buf in self._streams.values():
             buf.close()
         self._streams.clear()
+        self._stream_origins.clear()
         self._open = None
         self._stream_xid = None
         self._decoder.reset()
@@ -268,7 +266,9 @@ class TransactionAssembler:
         self._begin(msg.xid, lsn)
 
     def _on_origin(self, msg: Origin, lsn: int) -> None:
-        if self._open is not None:
+        if self._stream_xid is not None:
+            self._stream_origins[self._stream_xid] = msg.name
+        elif self._open is not None:
             self._open.origin = msg.name
 
     def _on_stream_start(self, msg: StreamStart, lsn: int) -> None:
@@ -282,8 +282,9 @@ class TransactionAssembler:
 
     def _on_stream_commit(self, msg: StreamCommit, lsn: int) -> Transaction:
         changes = self._replay(msg.xid, lsn)
+        origin = self._stream_origins.pop(msg.xid, None)
         return Transaction(
-            msg.xid, Lsn(msg.commit_lsn), Lsn(msg.end_lsn), msg.commit_timestamp, None, changes
+            msg.xid, Lsn(msg.commit_lsn), Lsn(msg.end_lsn), msg.commit_timestamp, origin, changes
         )
 
     def _on_prepare(self, msg: Prepare, lsn: int) -> PreparedTransaction | None:
@@ -292,7 +293,8 @@ class TransactionAssembler:
 
     def _on_stream_prepare(self, msg: StreamPrepare, lsn: int) -> PreparedTransaction | None:
         since = self._pending_since.get(("stream", msg.xid), lsn)
-        return self._prepared(msg, msg.xid, None, self._replay(msg.xid, lsn), since)
+        origin = self._stream_origins.pop(msg.xid, None)
+        return self._prepared(msg, msg.xid, origin, self._replay(msg.xid, lsn), since)
 
     def _begin(self, xid: int, lsn: int) -> None:
         if self._open is not None:
@@ -403,6 +405,7 @@ class TransactionAssembler:
         if msg.subxid == msg.xid:
             buf.close()
             del self._streams[msg.xid]
+            self._stream_origins.pop(msg.xid, None)
             self._pending_since.pop(("stream", msg.xid), None)
         else:
             buf.abort_subxact(msg.subxid)

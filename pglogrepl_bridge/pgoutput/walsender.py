@@ -67,7 +67,9 @@ def parse_copy_data(buf: bytes | memoryview) -> XLogData | PrimaryKeepalive:
     if tag == 0x77:  # 'w'
         if len(buf) < XLOGDATA_HEADER:
             raise DecodeError(
-                f"XLogData header needs {XLOGDATA_HEADER} bytes, got {len(buf)}", msg_type="XLogData", offset=1
+                f"XLogData header needs {XLOGDATA_HEADER} bytes, got {len(buf)}",
+                msg_type="XLogData",
+                offset=1,
             )
         start, end, sent = _XLOGDATA.unpack_from(buf, 1)
         return XLogData(start, end, sent, bytes(buf[XLOGDATA_HEADER:]))

@@ -37,14 +37,23 @@ def _lsn(value: Any) -> Lsn | None:
     return None if value is None else Lsn.parse(str(value))
 
 
+#: Every replication slot, with how far it lags behind the current WAL position.
+SLOTS_QUERY = (
+    "SELECT slot_name, plugin, slot_type, database, temporary, active, active_pid, "
+    "restart_lsn::text, confirmed_flush_lsn::text, wal_status, safe_wal_size, two_phase, "
+    "pg_wal_lsn_diff(pg_current_wal_lsn(), coalesce(confirmed_flush_lsn, restart_lsn))::bigint "
+    "FROM pg_replication_slots ORDER BY slot_name"
+)
+PUBLICATIONS_QUERY = "SELECT pubname FROM pg_publication"
+
+
 def list_slots(conn: Conn) -> list[SlotInfo]:
     """Every replication slot, with how far it lags behind the current WAL position."""
-    rows = conn.execute(
-        "SELECT slot_name, plugin, slot_type, database, temporary, active, active_pid, "
-        "restart_lsn::text, confirmed_flush_lsn::text, wal_status, safe_wal_size, two_phase, "
-        "pg_wal_lsn_diff(pg_current_wal_lsn(), coalesce(confirmed_flush_lsn, restart_lsn))::bigint "
-        "FROM pg_replication_slots ORDER BY slot_name"
-    ).fetchall()
+    return slots_from(conn.execute(SLOTS_QUERY).fetchall())
+
+
+def slots_from(rows: list[tuple[Any, ...]]) -> list[SlotInfo]:
+    """``SLOTS_QUERY``'s rows as SlotInfo."""
     return [
         SlotInfo(
             name=r[0],
@@ -66,7 +75,13 @@ def list_slots(conn: Conn) -> list[SlotInfo]:
 
 
 def get_slot(conn: Conn, name: str) -> SlotInfo | None:
-    return next((s for s in list_slots(conn) if s.name == name), None)
+    """The slot named ``name``, or None."""
+    return slot_from(name, conn.execute(SLOTS_QUERY).fetchall())
+
+
+def slot_from(name: str, rows: list[tuple[Any, ...]]) -> SlotInfo | None:
+    """The slot named ``name`` among ``SLOTS_QUERY``'s rows, or None."""
+    return next((s for s in slots_from(rows) if s.name == name), None)
 
 
 def create_slot(
@@ -82,7 +97,30 @@ def create_slot(
     A TEMPORARY slot lives only as long as this connection: create it on the connection that
     will stream from it.
     """
-    major = conn.info.server_version // 10000
+    query = create_slot_query(
+        name,
+        conn.info.server_version // 10000,
+        temporary=temporary,
+        two_phase=two_phase,
+        failover=failover,
+    )
+    try:
+        row = conn.execute(query).fetchone()
+    except psycopg.Error as exc:
+        raise server_error(exc, slot=name, publications=()) from None
+    assert row is not None
+    return Lsn.parse(str(row[1]))
+
+
+def create_slot_query(
+    name: str,
+    major: int,
+    *,
+    temporary: bool = False,
+    two_phase: bool = False,
+    failover: bool = False,
+) -> sql.Composed:
+    """CREATE_REPLICATION_SLOT for a pgoutput slot, in the syntax of this major version."""
     if two_phase and major < 15:
         raise ConfigError(f"two_phase slots need PostgreSQL 15 or later (server: {major})")
     if failover and major < 17:
@@ -99,14 +137,7 @@ def create_slot(
         query = sql.SQL("{} ({})").format(query, sql.SQL(", ").join(options))
     elif major < 15:
         query = sql.SQL("{} NOEXPORT_SNAPSHOT").format(query)
-    try:
-        row = conn.execute(query).fetchone()
-    except psycopg.errors.DuplicateObject:
-        raise ConfigError(f"replication slot {name!r} already exists: use it, or drop it") from None
-    except psycopg.Error as exc:
-        raise server_error(exc, slot=name, publications=()) from None
-    assert row is not None
-    return Lsn.parse(str(row[1]))
+    return query
 
 
 def drop_slot(conn: Conn, name: str, *, wait: bool = False) -> None:
@@ -138,7 +169,13 @@ def list_publications(conn: Conn) -> list[PublicationInfo]:
 
 
 def missing_publications(conn: Conn, names: tuple[str, ...]) -> list[str]:
-    existing = {r[0] for r in conn.execute("SELECT pubname FROM pg_publication").fetchall()}
+    """Those of ``names`` that are not publications of the connected database."""
+    return missing_from(names, conn.execute(PUBLICATIONS_QUERY).fetchall())
+
+
+def missing_from(names: tuple[str, ...], rows: list[tuple[Any, ...]]) -> list[str]:
+    """Those of ``names`` not among ``PUBLICATIONS_QUERY``'s rows."""
+    existing = {r[0] for r in rows}
     return [n for n in names if n not in existing]
 
 

@@ -20,6 +20,7 @@ from pglogrepl_bridge.errors import (
     ConfigError,
     ReplicationError,
     ServerUnavailableError,
+    SlotInUseError,
 )
 from pglogrepl_bridge.lsn import Lsn
 from pglogrepl_bridge.postgres.dsn import redact_dsn, validate_dsn
@@ -75,7 +76,9 @@ def connect(dsn: str, *, replication: bool, settings: dict[str, str] | None = No
     return conn
 
 
-def limit_receive_buffer(conn: Conn, size: int | None = None) -> bool:
+def limit_receive_buffer(
+    conn: Conn | psycopg.AsyncConnection[Any], size: int | None = None
+) -> bool:
     """Fix the socket's receive buffer, and with it the TCP receive window; True if done.
 
     ``None``: LOCAL_RECEIVE_BUFFER, and only over TCP to this same host, where the walsender
@@ -111,14 +114,20 @@ def same_host(local: str, peer: str) -> bool:
 
 
 def identify_system(conn: Conn) -> SystemInfo:
+    """IDENTIFY_SYSTEM over a replication connection."""
     row = conn.execute("IDENTIFY_SYSTEM").fetchone()
     assert row is not None
+    return system_info(row, conn.info.server_version)
+
+
+def system_info(row: tuple[Any, ...], server_version: int) -> SystemInfo:
+    """IDENTIFY_SYSTEM's row (systemid, timeline, xlogpos, dbname) as SystemInfo."""
     return SystemInfo(
         system_id=str(row[0]),
         timeline=int(row[1]),
         xlogpos=Lsn.parse(str(row[2])),
         dbname=None if row[3] is None else str(row[3]),
-        server_version=conn.info.server_version,
+        server_version=server_version,
     )
 
 
@@ -126,35 +135,36 @@ _ACTIVE_PID = re.compile(r"is active for PID (\d+)")
 
 
 def connection_error(exc: psycopg.Error, dsn: str) -> BridgeError:
-    """A connection-time failure, classified, with the fix."""
+    """A connection-time failure, classified, with the fix.
+
+    By SQLSTATE where the server sent one. libpq reports most connection failures as text
+    only (refused, timeout, authentication, pg_hba), and psycopg then has no SQLSTATE to
+    give: those are matched on libpq's messages, which are not translated by the server's
+    ``lc_messages``.
+    """
     where = redact_dsn(dsn)
     text = _first_line(exc)
     low = text.lower()
-    if "password authentication failed" in low or "no password supplied" in low:
+    code = exc.sqlstate or ""
+    if code == "28P01" or "password authentication failed" in low or "no password supplied" in low:
         return ConfigError(
             f"authentication failed for {where}: check the user and password "
             "(PGPASSWORD, ~/.pgpass or the DSN)"
         )
-    if (
-        "replication role" in low
-        or "permission denied to start wal" in low
-        or ("must be superuser or replication role" in low)
-    ):
+    if code == "42501" or "replication role" in low or "permission denied to start wal" in low:
         return ConfigError(
             f"the role lacks the REPLICATION privilege on {where}: "
             "run ALTER ROLE <user> REPLICATION as a superuser"
         )
-    if (
-        "for connection option" in low
-        or "invalid connection option" in low
-        or ("invalid uri" in low or 'missing "="' in low)
-    ):
+    if "for connection option" in low or "invalid connection option" in low:
         return ConfigError(f"invalid connection string ({where}): {text.split(': ')[-1]}")
-    if "pg_hba.conf" in low:
+    if "invalid uri" in low or 'missing "="' in low:
+        return ConfigError(f"invalid connection string ({where}): {text.split(': ')[-1]}")
+    if code == "28000" or "pg_hba.conf" in low:
         return ConfigError(f"the server refuses this client ({text}): add a pg_hba.conf entry")
-    if "does not exist" in low and "database" in low:
+    if code == "3D000" or ("does not exist" in low and "database" in low):
         return ConfigError(f"{text} on {where}: check dbname")
-    if any(
+    if code in ("57P03", "53300") or any(
         phrase in low
         for phrase in (
             "not yet accepting connections",
@@ -183,36 +193,54 @@ def _first_line(exc: BaseException) -> str:
     return re.sub(r"password=\S+", "password=***", text)
 
 
-def server_error(exc: psycopg.Error, *, slot: str, publications: tuple[str, ...]) -> BridgeError:
-    """A failure of a replication command or of the stream, classified, with the fix."""
+def server_error(
+    exc: psycopg.Error,
+    *,
+    slot: str,
+    publications: tuple[str, ...],
+    sqlstate: str | None = None,
+) -> BridgeError:
+    """A failure of a replication command or of the stream, classified by SQLSTATE, with the
+    fix. ``sqlstate`` is for errors read off a raw result (the end of a copy). Where one
+    code covers two causes (42704 for a missing slot or publication, 55000 for an
+    invalidated slot or wal_level), the message tells them apart."""
     text = _first_line(exc)
     low = text.lower()
-    if "replication slot" in low and "does not exist" in low:
+    code = sqlstate or exc.sqlstate or ""
+    if code == "42704" and "slot" in low:  # undefined_object
         return ConfigError(
             f"replication slot {slot!r} does not exist: create it with --create-slot or "
             f"'pglogrepl-bridge slot create {slot}'"
         )
-    match = _ACTIVE_PID.search(text)
-    if match:
-        return ReplicationError(
-            f"replication slot {slot!r} is in use by another process (PID {match.group(1)}): "
+    if code == "55006":  # object_in_use
+        match = _ACTIVE_PID.search(text)
+        pid = f" (PID {match.group(1)})" if match else ""
+        return SlotInUseError(
+            f"replication slot {slot!r} is in use by another process{pid}: "
             "stop that consumer, or use another slot"
         )
-    if "publication" in low and "does not exist" in low:
+    if code == "42704" and "publication" in low:
         return ConfigError(
             f"{text}: create it with 'pglogrepl-bridge publication create' or "
             "CREATE PUBLICATION, or fix --publication"
         )
-    if "wal_level" in low:
+    if code == "42710":  # duplicate_object
+        return ConfigError(f"replication slot {slot!r} already exists: use it, or drop it")
+    if code == "42501":  # insufficient_privilege
+        return ConfigError(
+            f"{text}: grant the role REPLICATION (ALTER ROLE <user> REPLICATION) or the "
+            "privileges it lacks"
+        )
+    if code == "55000" and "wal_level" in low:  # object_not_in_prerequisite_state
         return ConfigError(
             "logical decoding needs wal_level = logical: set it in postgresql.conf "
             "(ALTER SYSTEM SET wal_level = logical) and restart the server"
         )
-    if "can no longer get changes" in low or "invalidated" in low:
+    if code == "55000":
         return ReplicationError(
-            f"replication slot {slot!r} is invalidated (the WAL it needed was removed): "
-            "drop and re-create it, then resynchronise the consumer"
+            f"replication slot {slot!r} cannot be used ({text}): if it was invalidated, drop "
+            "and re-create it, then resynchronise the consumer"
         )
-    if "unrecognized" in low and ("option" in low or "parameter" in low):
+    if code in ("22023", "42601"):  # invalid_parameter_value, syntax_error
         return ConfigError(f"{text}: this server does not support that option")
     return ReplicationError(f"replication failed: {text}")

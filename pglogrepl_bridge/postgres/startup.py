@@ -19,7 +19,7 @@ from pglogrepl_bridge.postgres import admin
 from pglogrepl_bridge.postgres.connection import SystemInfo, system_info
 from pglogrepl_bridge.postgres.options import StreamOptions, max_proto_version
 
-Query = str | sql.Composable
+Query = str | sql.Composed
 Rows = list[tuple[Any, ...]]
 Steps = Generator[Query, Rows, "StartPlan"]
 

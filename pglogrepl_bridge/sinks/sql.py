@@ -17,7 +17,7 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from pglogrepl_bridge.errors import BridgeError, ConfigError
+from pglogrepl_bridge.errors import ConfigError, SinkError
 from pglogrepl_bridge.lsn import Lsn
 from pglogrepl_bridge.pgoutput.messages import Column, Message
 from pglogrepl_bridge.pgoutput.relcache import Fused, RelationInfo
@@ -33,10 +33,6 @@ NODE_COL = "_pglb_node"  # LWW: node id of the row's last write
 
 Conflict = Literal["source", "lww"]
 _KEY = "_pglb_key_"  # bind-parameter prefix for a row's old key in UPDATE/DELETE
-
-
-class SinkError(BridgeError):
-    """A transaction could not be applied; it was not acknowledged and will be retried."""
 
 
 @dataclass
