@@ -188,6 +188,12 @@ def main() -> None:
     ap.add_argument("--version", type=int, default=15)
     ap.add_argument("--smoke", action="store_true", help="2,000 changes, 1 round: checks only")
     ap.add_argument("--memory", action="store_true", help="the 1M-row transaction RSS check")
+    ap.add_argument(
+        "--baseline",
+        metavar="PYTHON",
+        help="also time another install's commands in the same rounds (e.g. a checkout of the "
+        "previous commit with its own venv): before/after figures under the same noise",
+    )
     args = ap.parse_args()
     if args.smoke:
         args.changes, args.rounds = 2_000, 1
@@ -197,7 +203,7 @@ def main() -> None:
         if args.memory:
             memory_check(pg, 200_000 if args.smoke else 1_000_000)
         else:
-            compare(pg, args.changes, args.rounds, versions[version])
+            compare(pg, args.changes, args.rounds, versions[version], args.baseline)
 
 
 def precompile() -> None:
@@ -209,8 +215,9 @@ def precompile() -> None:
     subprocess.run([PY, "-m", "compileall", "-q", str(package)], check=True, env=env)
 
 
-def compare(pg: PostgresServer, changes: int, rounds: int, bindir: Path) -> None:
-    cli = [PY, "-m", "pglogrepl_bridge"]
+def compare(
+    pg: PostgresServer, changes: int, rounds: int, bindir: Path, baseline: str | None = None
+) -> None:
     precompile()
     built = "built" if accel.json_row is not None else "NOT built (pure Python)"
     print(f"C accelerator: {built}", flush=True)
@@ -219,9 +226,14 @@ def compare(pg: PostgresServer, changes: int, rounds: int, bindir: Path) -> None
     replicas: list[subprocess.Popen[str]] = []
     ports: list[int] = []
 
-    def ours(*extra: str) -> Callable[[str, str, Lsn, Path], list[str]]:
+    def ours(*extra: str, python: str = PY) -> Callable[[str, str, Lsn, Path], list[str]]:
+        # -P: the baseline must not import this checkout's package from the working directory
+        isolate = ["-P"] if python != PY else []
         return lambda dsn, slot, end, d: [
-            *cli,
+            python,
+            *isolate,
+            "-m",
+            "pglogrepl_bridge",
             *extra,
             "--dsn",
             dsn,
@@ -292,6 +304,24 @@ def compare(pg: PostgresServer, changes: int, rounds: int, bindir: Path) -> None
             count_rows,
         ),
     ]
+    if baseline is not None:
+        tools += [
+            Tool("before: tail --format null", ours("tail", "--format", "null", python=baseline)),
+            Tool(
+                "before: tail --format jsonl",
+                ours("tail", "--format", "jsonl", python=baseline),
+                count_lines,
+            ),
+            Tool(
+                "before: replicate into SQLite",
+                lambda dsn, slot, end, d: [
+                    *ours("replicate", "--target", f"sqlite:///{d / 'target.db'}", python=baseline)(
+                        dsn, slot, end, d
+                    )
+                ],
+                count_rows,
+            ),
+        ]
     with psycopg.connect(pg.dsn, autocommit=True) as conn:
         for r in range(rounds):
             for i in range(len(tools)):

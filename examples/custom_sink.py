@@ -11,9 +11,7 @@ from __future__ import annotations
 import os
 import sys
 
-from pglogrepl_bridge.lsn import Lsn
-from pglogrepl_bridge.pgoutput.transaction import Transaction
-from pglogrepl_bridge.postgres.stream import ReplicationStream, StreamOptions
+from pglogrepl_bridge import Lsn, ReplicationStream, StreamOptions, Transaction
 from pglogrepl_bridge.render.jsonl import JsonRenderer
 
 

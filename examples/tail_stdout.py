@@ -10,9 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
-from pglogrepl_bridge.lsn import Lsn
-from pglogrepl_bridge.pgoutput.transaction import RowChange
-from pglogrepl_bridge.postgres.stream import ReplicationStream, StreamOptions
+from pglogrepl_bridge import Lsn, ReplicationStream, RowChange, StreamOptions
 
 
 def main() -> None:

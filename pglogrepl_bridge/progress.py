@@ -72,6 +72,7 @@ class Progress:
             self.metrics.server.shutdown()
 
     def snapshot(self) -> dict[str, int]:
+        """The counters and positions shown and exported now."""
         s = self.stream
         feedback = s.feedback
         end = max(feedback.received, feedback.idle_end)

@@ -37,9 +37,23 @@ def test_tail_stdout(pg: PostgresServer, pg_conn: Conn) -> None:
     ]
 
 
+def test_async_tail(pg: PostgresServer, pg_conn: Conn) -> None:
+    src = make_source(pg_conn)
+    src.insert(1, 2)
+    end = src.end()
+    result = run("async_tail.py", pg, src.slot, src.publication, str(end))
+    assert result.returncode == 0, result.stderr
+    assert [line.split()[1:3] for line in result.stdout.splitlines()] == [
+        ["insert", src.table],
+        ["insert", src.table],
+    ]
+    assert src.confirmed() == end  # acknowledged once printed
+
+
 def test_custom_sink(pg: PostgresServer, pg_conn: Conn, tmp_path: Path) -> None:
     src = make_source(pg_conn)
     src.insert(5)
+    end = src.end()
     out = tmp_path / "sink.jsonl"
     result = run(
         "custom_sink.py",
@@ -47,12 +61,12 @@ def test_custom_sink(pg: PostgresServer, pg_conn: Conn, tmp_path: Path) -> None:
         src.slot,
         src.publication,
         str(out),
-        str(src.end()),
+        str(end),
     )
     assert result.returncode == 0, result.stderr
     (line,) = out.read_text().splitlines()
     assert json.loads(line)["changes"][0]["new"] == {"id": 5, "v": "v5"}
-    assert src.confirmed() is not None
+    assert src.confirmed() == end  # the sink acknowledged what it wrote
 
 
 def test_replicate_sqlite(pg: PostgresServer, pg_conn: Conn, tmp_path: Path) -> None:

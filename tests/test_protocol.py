@@ -28,7 +28,7 @@ from pglogrepl_bridge.wire.protocol import (
     to_json,
 )
 
-# A copy of ../shared/vectors/replication-message-vectors.json (serde 1.0.152, bincode 1.3.3,
+# The golden vectors made by the real Rust crates (serde 1.0.152, bincode 1.3.3,
 # serde_json 1.0.87), so the tests run from a clean clone.
 VECTORS = json.loads(
     (Path(__file__).parent / "data" / "replication-message-vectors.json").read_text()

@@ -30,6 +30,7 @@ Address = tuple[str, int]
 
 
 def parse_address(text: str, option: str) -> Address:
+    """``HOST:PORT`` (IPv6 in brackets) from an option, or a ConfigError naming it."""
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"{option} {text!r}: write HOST:PORT, e.g. 127.0.0.1:7000")
@@ -72,6 +73,7 @@ class Network:
 
     @property
     def listen_address(self) -> Address | None:
+        """Where --listen actually listens (its port when 0 was asked)."""
         if self.listener is None:
             return None
         host, port = self.listener.getsockname()[:2]
@@ -87,6 +89,7 @@ class Network:
             self._wake_w.send(b"\0")
 
     def heartbeat_now(self) -> None:
+        """Send a heartbeat at the next turn of the loop, not at the interval."""
         self._heartbeat_due = 0.0
         self.wake()
 
@@ -267,6 +270,9 @@ class Network:
 
 
 def tls_context(server: bool, cert: str | None, key: str | None, ca: str | None) -> ssl.SSLContext:
+    """A TLS context for the replica links; a CA on the server side asks for client certificates
+    (mutual TLS).
+    """
     purpose = ssl.Purpose.CLIENT_AUTH if server else ssl.Purpose.SERVER_AUTH
     ctx = ssl.create_default_context(purpose, cafile=ca)
     if cert:

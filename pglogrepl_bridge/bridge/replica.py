@@ -28,6 +28,10 @@ from pglogrepl_bridge.wire.protocol import (
 
 @dataclass
 class ReplicaNode:
+    """A replica's protocol logic, sans-IO: applies a WalEntry only if its lsn is past the last
+    one, then acknowledges.
+    """
+
     node_id: int
     apply: Callable[[WalEntry], None] = lambda entry: None
     last_lsn: int = 0
@@ -72,6 +76,7 @@ class TcpReplica:
         self.connections = 0
 
     def listen(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
+        """Accept the bridge's connections on host:port (0: any free port); returns the address."""
         srv = socket.create_server((host, port))
         srv.settimeout(0.2)
         self._server = srv
@@ -81,6 +86,7 @@ class TcpReplica:
         return addr[0], addr[1]
 
     def dial(self, host: str, port: int) -> None:
+        """Connect to a bridge's --listen address (re-dialling when it drops)."""
         self._thread = threading.Thread(target=self._dial_loop, args=(host, port), daemon=True)
         self._thread.start()
 
@@ -160,6 +166,7 @@ class TcpReplica:
             conn.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
+        """Stop serving and close every connection."""
         self._stop.set()
         if self._server is not None:
             self._server.close()

@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class BridgeConfig:
+    """How the bridge reaches and paces its replicas; ``ack_quorum`` (default a majority of
+    ``replicas``) is how many must acknowledge before PostgreSQL is told.
+    """
+
     node_id: int = 1
     replicas: list[Address] = field(default_factory=list)
     listen: Address | None = None
@@ -41,6 +45,7 @@ class BridgeConfig:
     tls_server: ssl.SSLContext | None = None
 
     def quorum(self) -> int:
+        """Acknowledgements needed before a position is confirmed."""
         if self.ack_quorum is not None:
             return self.ack_quorum
         return len(self.replicas) // 2 + 1 if self.replicas else 1
@@ -48,6 +53,8 @@ class BridgeConfig:
 
 @dataclass
 class BridgeStats:
+    """What ``run_bridge`` did, and whether it stepped down for another master."""
+
     transactions: int = 0
     entries: int = 0
     empty: int = 0

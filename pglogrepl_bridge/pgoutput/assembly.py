@@ -125,6 +125,11 @@ class _Held:
 
 
 class TransactionAssembler:
+    """Turns pgoutput messages into whole transactions (see the module doc): plain, streamed
+    (buffered, spilled past ``spill_bytes``) and two-phase (held until COMMIT PREPARED, or
+    surfaced).
+    """
+
     def __init__(
         self,
         relations: RelationCache | None = None,
@@ -174,6 +179,7 @@ class TransactionAssembler:
 
     @property
     def in_transaction(self) -> bool:
+        """Whether some transaction is partly received (open, streamed or prepared)."""
         return self._open is not None or bool(self._streams) or bool(self._held)
 
     @property

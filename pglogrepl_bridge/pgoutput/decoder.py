@@ -170,6 +170,9 @@ class PgOutputDecoder:
         self.in_stream = False
 
     def decode(self, buf: bytes, lsn: int | None = None) -> PgOutputMessage:
+        """One pgoutput message (the XLogData payload) as its dataclass; ``lsn`` only locates
+        errors.
+        """
         if not buf:
             raise DecodeError("empty message", msg_type="(empty)", offset=0, lsn=lsn)
         parse = self._dispatch.get(buf[0])

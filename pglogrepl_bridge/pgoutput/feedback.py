@@ -16,10 +16,15 @@ from __future__ import annotations
 
 from collections import deque
 
+from pglogrepl_bridge.errors import ReplicationError
 from pglogrepl_bridge.pgoutput.walsender import StandbyStatusUpdate
 
 
 class FeedbackTracker:
+    """Which WAL position may be confirmed to PostgreSQL: the module's contract, as state. Owned by
+    ``ReplicationSession``.
+    """
+
     __slots__ = ("_acked", "_inflight", "flushed", "idle_end", "no_ack", "received")
 
     def __init__(self, start_lsn: int = 0, *, no_ack: bool = False) -> None:
@@ -32,20 +37,23 @@ class FeedbackTracker:
 
     @property
     def inflight(self) -> int:
+        """Transactions delivered and not yet confirmable."""
         return len(self._inflight)
 
     @property
     def last_delivered(self) -> int:
+        """The end LSN of the latest delivered transaction (or the confirmed position)."""
         return self._inflight[-1] if self._inflight else self.flushed
 
     def receive(self, wal_end: int) -> None:
+        """WAL up to ``wal_end`` arrived (reported as the write position, never confirmed)."""
         if wal_end > self.received:
             self.received = wal_end
 
     def deliver(self, end_lsn: int) -> None:
         """A transaction ending at ``end_lsn`` was handed to the consumer."""
         if self._inflight and end_lsn <= self._inflight[-1]:
-            raise ValueError(f"delivered end LSN {end_lsn} is not after the previous one")
+            raise ReplicationError(f"delivered end LSN {end_lsn} is not after the previous one")
         self._inflight.append(end_lsn)
 
     def ack(self, end_lsn: int, *, cumulative: bool = False) -> bool:

@@ -38,6 +38,10 @@ class TupleData:
 
 @dataclass(frozen=True, slots=True)
 class Column:
+    """One column of a Relation message: name, type OID and modifier, and whether it is part of the
+    replica identity key.
+    """
+
     name: str
     type_oid: int
     type_modifier: int
@@ -46,6 +50,8 @@ class Column:
 
 @dataclass(frozen=True, slots=True)
 class Begin:
+    """Begin: a transaction starts; ``final_lsn`` is its commit LSN."""
+
     final_lsn: int
     commit_timestamp: int
     xid: int
@@ -64,6 +70,8 @@ class Message:
 
 @dataclass(frozen=True, slots=True)
 class Commit:
+    """Commit: the transaction's commit LSN, end LSN and timestamp."""
+
     flags: int
     commit_lsn: int
     end_lsn: int
@@ -72,12 +80,16 @@ class Commit:
 
 @dataclass(frozen=True, slots=True)
 class Origin:
+    """Origin: the transaction came from replication origin ``name``."""
+
     commit_lsn: int
     name: str
 
 
 @dataclass(frozen=True, slots=True)
 class Relation:
+    """Relation: a table's description, sent before its first change and after schema changes."""
+
     xid: int | None
     relid: int
     namespace: str
@@ -88,6 +100,8 @@ class Relation:
 
 @dataclass(frozen=True, slots=True)
 class Type:
+    """Type: a custom type's OID and name (for a domain, its base type's)."""
+
     xid: int | None
     oid: int
     namespace: str
@@ -96,6 +110,8 @@ class Type:
 
 @dataclass(frozen=True, slots=True)
 class Insert:
+    """Insert: a new row."""
+
     xid: int | None
     relid: int
     new: TupleData
@@ -114,6 +130,8 @@ class Update:
 
 @dataclass(frozen=True, slots=True)
 class Delete:
+    """Delete: the old key ('K') or old row ('O')."""
+
     xid: int | None
     relid: int
     old_kind: Literal["K", "O"]
@@ -122,32 +140,42 @@ class Delete:
 
 @dataclass(frozen=True, slots=True)
 class Truncate:
+    """Truncate of ``relids``; ``options`` carries CASCADE and RESTART IDENTITY."""
+
     xid: int | None
     options: int
     relids: tuple[int, ...]
 
     @property
     def cascade(self) -> bool:
+        """TRUNCATE ... CASCADE."""
         return bool(self.options & TRUNCATE_CASCADE)
 
     @property
     def restart_identity(self) -> bool:
+        """TRUNCATE ... RESTART IDENTITY."""
         return bool(self.options & TRUNCATE_RESTART_IDENTITY)
 
 
 @dataclass(frozen=True, slots=True)
 class StreamStart:
+    """Stream Start: a block of an in-progress transaction follows."""
+
     xid: int
     first_segment: bool
 
 
 @dataclass(frozen=True, slots=True)
 class StreamStop:
+    """Stream Stop: the block ends."""
+
     pass
 
 
 @dataclass(frozen=True, slots=True)
 class StreamCommit:
+    """Stream Commit: a streamed transaction committed."""
+
     xid: int
     flags: int
     commit_lsn: int
@@ -167,6 +195,8 @@ class StreamAbort:
 
 @dataclass(frozen=True, slots=True)
 class BeginPrepare:
+    """Begin Prepare: a two-phase transaction starts."""
+
     prepare_lsn: int
     end_lsn: int
     prepare_timestamp: int
@@ -176,6 +206,8 @@ class BeginPrepare:
 
 @dataclass(frozen=True, slots=True)
 class Prepare:
+    """Prepare: PREPARE TRANSACTION ``gid``."""
+
     flags: int
     prepare_lsn: int
     end_lsn: int
@@ -186,6 +218,8 @@ class Prepare:
 
 @dataclass(frozen=True, slots=True)
 class CommitPrepared:
+    """Commit Prepared: COMMIT PREPARED ``gid``."""
+
     flags: int
     commit_lsn: int
     end_lsn: int
@@ -196,6 +230,8 @@ class CommitPrepared:
 
 @dataclass(frozen=True, slots=True)
 class RollbackPrepared:
+    """Rollback Prepared: ROLLBACK PREPARED ``gid``."""
+
     flags: int
     prepare_end_lsn: int
     rollback_end_lsn: int
@@ -207,6 +243,8 @@ class RollbackPrepared:
 
 @dataclass(frozen=True, slots=True)
 class StreamPrepare:
+    """Stream Prepare: a streamed transaction was prepared."""
+
     flags: int
     prepare_lsn: int
     end_lsn: int

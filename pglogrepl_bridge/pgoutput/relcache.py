@@ -40,6 +40,10 @@ def _no_fast_row(buf: bytes, pos: int) -> None:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class RelationInfo:
+    """One relation as the stream last described it (never from the catalog): names, key, and the
+    loaders chosen once for its columns by the type registry.
+    """
+
     relid: int
     namespace: str
     name: str
@@ -57,6 +61,7 @@ class RelationInfo:
     @property
     def qualified_name(self) -> str:
         # pgoutput sends an empty namespace for pg_catalog
+        """``schema.name``, with pg_catalog for pgoutput's empty namespace."""
         return f"{self.namespace or 'pg_catalog'}.{self.name}"
 
     def row_at(
@@ -146,6 +151,7 @@ class RelationInfo:
         return tuple(n for n in self.names if n not in values)
 
     def unchanged_toast(self, tup: TupleData) -> tuple[str, ...]:
+        """Names of the columns a tuple marks as unchanged TOAST ('u')."""
         if b"u" not in tup.kinds:
             return ()
         return tuple(n for n, k in zip(self.names, tup.kinds, strict=False) if k == 0x75)
@@ -172,6 +178,7 @@ class RelationCache:
         self.by_id: dict[int, RelationInfo] = {}
 
     def add_relation(self, msg: Relation) -> RelationInfo:
+        """Record (or replace, after a schema change) a Relation message."""
         cols = msg.columns
         loaders = self.loaders
         info = RelationInfo(
@@ -200,9 +207,11 @@ class RelationCache:
         return other
 
     def add_type(self, msg: Type) -> None:
+        """Record a Type message: a custom type's OID by name (a domain names its base type)."""
         self.loaders.note_type(msg.oid, msg.namespace, msg.name)
 
     def get(self, relid: int) -> RelationInfo:
+        """The relation ``relid``, or a DecodeError: a change never comes before its Relation."""
         try:
             return self.by_id[relid]
         except KeyError:

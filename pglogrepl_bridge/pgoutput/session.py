@@ -158,6 +158,7 @@ class ReplicationSession:
 
     @property
     def received_lsn(self) -> Lsn:
+        """The furthest WAL position received (reported as write)."""
         self._note_last_row()
         return Lsn(self.feedback.received)
 

@@ -47,6 +47,7 @@ class StreamBuffer:
 
     @property
     def spilled(self) -> bool:
+        """Whether the buffer moved to a temporary file."""
         return self._file is not None
 
     @property
@@ -60,6 +61,7 @@ class StreamBuffer:
         return [(lsn, payload) for _, lsn, payload in self._meta]
 
     def append(self, subxid: int, lsn: int, payload: bytes) -> None:
+        """Buffer one streamed message of subtransaction ``subxid``."""
         if payload[:1] in (b"R", b"Y"):
             self._meta.append((self.count, lsn, payload))
         if subxid not in self._first:
@@ -119,6 +121,7 @@ class StreamBuffer:
         yield from self._memory
 
     def close(self) -> None:
+        """Drop what is buffered (and its file)."""
         if self._file is not None:
             self._file.close()
             self._file = None

@@ -57,10 +57,12 @@ class RowChange:
 
     @property
     def schema(self) -> str:
+        """The relation's schema (pgoutput sends an empty one for pg_catalog)."""
         return self.relation.namespace or "pg_catalog"
 
     @property
     def table(self) -> str:
+        """The relation's name."""
         return self.relation.name
 
     @property
@@ -77,6 +79,7 @@ class RowChange:
 
     @property
     def old(self) -> dict[str, Any] | None:
+        """The old key (``old_kind`` 'K') or old row ('O'); None when PostgreSQL sent neither."""
         at = self.old_at
         if at < 0:
             return None
@@ -84,10 +87,12 @@ class RowChange:
 
     @property
     def new_tuple(self) -> TupleData | None:
+        """The new TupleData as sent (kinds and raw values), to convert yourself."""
         return None if self.new_at < 0 else read_tuple(self.raw, self.new_at)[0]
 
     @property
     def old_tuple(self) -> TupleData | None:
+        """The old TupleData as sent, or None."""
         return None if self.old_at < 0 else read_tuple(self.raw, self.old_at)[0]
 
     @property
@@ -113,6 +118,8 @@ _set_op, _set_relation, _set_raw, _set_new_at, _set_old_at, _set_old_kind = (
 
 @dataclass(frozen=True, slots=True)
 class TruncateChange:
+    """TRUNCATE of one or more relations, with its CASCADE and RESTART IDENTITY flags."""
+
     relations: tuple[RelationInfo, ...]
     cascade: bool
     restart_identity: bool
@@ -139,6 +146,7 @@ class Transaction:
 
     @property
     def commit_time(self) -> datetime:
+        """The commit time as an aware datetime (UTC)."""
         return pg_time_to_datetime(self.commit_timestamp)
 
     @property

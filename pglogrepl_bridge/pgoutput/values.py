@@ -76,12 +76,17 @@ class ValueLoaders:
             self._custom[oid] = f"{namespace}.{name}"
 
     def type_name(self, oid: int) -> str:
+        """The type's name as PostgreSQL or the stream named it."""
         info = builtin_types.get(oid)
         if info is not None:
             return info.name
         return self._custom.get(oid, str(oid)).split("#")[0]
 
-    def _effective_oid(self, oid: int) -> int:
+    def base_oid(self, oid: int) -> int:
+        """The OID whose meaning a value of ``oid`` has: a domain's base type (as the stream's
+        Type message or ``type_map`` says), else ``oid`` itself. The one answer that
+        ``RowChange`` values, the JSON renderer and the SQL sink all ask for, so a value
+        means the same thing everywhere."""
         qualified = self._custom.get(oid)
         if qualified is not None and qualified in self._type_map:
             base = builtin_types.get(self._type_map[qualified])
@@ -90,7 +95,8 @@ class ValueLoaders:
         return oid
 
     def text_loader(self, oid: int) -> Load:
-        oid = self._effective_oid(oid)
+        """The loader for text-format values of ``oid`` (through its base type for a domain)."""
+        oid = self.base_oid(oid)
         if self.mode == "text" or adapters.get_loader(oid, Format.TEXT) is None:
             return _text  # lossless mode; or enums, composites, types psycopg doesn't know
         loader: Load = self._transformer.get_loader(oid, Format.TEXT).load
@@ -98,7 +104,7 @@ class ValueLoaders:
 
     def binary_loader(self, oid: int) -> Load:
         """Binary values of a type psycopg has no binary loader for stay bytes."""
-        oid = self._effective_oid(oid)
+        oid = self.base_oid(oid)
         if self.mode == "text" or adapters.get_loader(oid, Format.BINARY) is None:
             return _raw
         loader: Load = self._transformer.get_loader(oid, Format.BINARY).load
@@ -114,12 +120,12 @@ class ValueLoaders:
         if fmt == Format.TEXT:
             chosen = [
                 oid if self.text_loader(oid) is not _text else builtin_types["text"].oid
-                for oid in map(self._effective_oid, oids)
+                for oid in map(self.base_oid, oids)
             ]
         else:
             chosen = [
                 oid if self.binary_loader(oid) is not _raw else builtin_types["bytea"].oid
-                for oid in map(self._effective_oid, oids)
+                for oid in map(self.base_oid, oids)
             ]
         transformer = Transformer()
         transformer.set_loader_types(chosen, fmt)

@@ -54,6 +54,7 @@ class StandbyStatusUpdate:
     reply_requested: bool = False
 
     def to_bytes(self) -> bytes:
+        """The CopyData message to send ('r')."""
         return _STATUS.pack(
             b"r", self.write_lsn, self.flush_lsn, self.apply_lsn, self.clock, self.reply_requested
         )
@@ -89,8 +90,10 @@ def pg_time_to_datetime(pg_us: int) -> datetime:
 
 
 def pg_time_to_unix_us(pg_us: int) -> int:
+    """A PostgreSQL timestamp (µs since 2000-01-01) as µs since the Unix epoch."""
     return pg_us + PG_EPOCH_OFFSET_US
 
 
 def unix_us_to_pg_time(unix_us: int) -> int:
+    """µs since the Unix epoch as a PostgreSQL timestamp (µs since 2000-01-01)."""
     return unix_us - PG_EPOCH_OFFSET_US

@@ -18,6 +18,8 @@ from pglogrepl_bridge.postgres.connection import Conn, server_error
 
 @dataclass(frozen=True, slots=True)
 class SlotInfo:
+    """A row of pg_replication_slots, with the lag behind the current WAL position."""
+
     name: str
     plugin: str | None
     slot_type: str
@@ -141,6 +143,7 @@ def create_slot_query(
 
 
 def drop_slot(conn: Conn, name: str, *, wait: bool = False) -> None:
+    """DROP_REPLICATION_SLOT (``wait``: until an active consumer lets go)."""
     query = sql.SQL("DROP_REPLICATION_SLOT {}{}").format(
         sql.Identifier(name), sql.SQL(" WAIT" if wait else "")
     )
@@ -152,12 +155,15 @@ def drop_slot(conn: Conn, name: str, *, wait: bool = False) -> None:
 
 @dataclass(frozen=True, slots=True)
 class PublicationInfo:
+    """A publication and the tables it covers."""
+
     name: str
     all_tables: bool
     tables: tuple[str, ...]
 
 
 def list_publications(conn: Conn) -> list[PublicationInfo]:
+    """Every publication with its tables."""
     rows = conn.execute(
         "SELECT p.pubname, p.puballtables, "
         "coalesce(array_agg(t.schemaname || '.' || t.tablename ORDER BY 1) "
@@ -194,6 +200,7 @@ def create_publication(conn: Conn, name: str, tables: tuple[str, ...] = ()) -> N
 
 
 def drop_publication(conn: Conn, name: str) -> None:
+    """DROP PUBLICATION, or a ConfigError when there is none."""
     try:
         conn.execute(sql.SQL("DROP PUBLICATION {}").format(sql.Identifier(name)))
     except psycopg.errors.UndefinedObject:

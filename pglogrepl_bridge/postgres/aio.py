@@ -80,6 +80,7 @@ class AsyncReplicationStream(_StreamBase):
 
     @property
     def connected(self) -> bool:
+        """Streaming from PostgreSQL right now."""
         return self._conn is not None
 
     def ack(self, end_lsn: int, *, cumulative: bool = False) -> None:

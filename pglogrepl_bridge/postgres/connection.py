@@ -54,6 +54,7 @@ class SystemInfo:
 
     @property
     def major(self) -> int:
+        """The server's major version (15, 16, ...)."""
         return self.server_version // 10000
 
 

@@ -129,6 +129,7 @@ class _StreamBase:
 
     @property
     def stopping(self) -> bool:
+        """Whether ``stop()`` was called."""
         return self._stopping
 
     def request_rewind(self, lsn: int) -> None:
@@ -151,14 +152,17 @@ class _StreamBase:
 
     @property
     def feedback(self) -> FeedbackTracker:
+        """The session's feedback bookkeeping (read-only for callers)."""
         return self.session.feedback
 
     @property
     def transactions(self) -> int:
+        """Transactions delivered so far."""
         return self.session.transactions
 
     @property
     def changes(self) -> int:
+        """Changes in the transactions delivered so far."""
         return self.session.changes
 
     def _planned(self, plan: StartPlan) -> None:
@@ -437,6 +441,7 @@ class Disconnected(Exception):
 
 
 def message_or(res: psycopg.pq.abc.PGresult | None) -> str:
+    """A result's error text, for messages."""
     if res is None:
         return "connection closed"
     return (res.error_message or b"").decode(errors="replace").strip() or str(res.status)

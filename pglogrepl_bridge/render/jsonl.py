@@ -142,8 +142,9 @@ class _Shape:
     __slots__ = ("fused", "heads", "key_row", "keys", "row")
 
     def __init__(self, renderer: JsonRenderer, rel: RelationInfo) -> None:
-        text = [renderer._text_renderer(c.type_oid) for c in rel.columns]
-        binary = [renderer._binary_renderer(c.type_oid) for c in rel.columns]
+        oids = [rel.loaders.base_oid(c.type_oid) for c in rel.columns]  # domains: their base
+        text = [renderer._text_renderer(oid) for oid in oids]
+        binary = [renderer._binary_renderer(oid) for oid in oids]
         self.fused: Fused = tuple(
             (c.name, t, b) for c, t, b in zip(rel.columns, text, binary, strict=True)
         )
@@ -212,6 +213,7 @@ class JsonRenderer:
         return done if done is not None else self._careful(rel, raw, at, key_only)[0]
 
     def change(self, change: RowChange | TruncateChange | Message) -> str:
+        """One change as a JSON object (text)."""
         if type(change) is RowChange:
             rel = change.relation
             shape = self._shapes.get(rel) or self._shape(rel)

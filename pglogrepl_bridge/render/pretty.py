@@ -25,6 +25,7 @@ def _columns(values: dict[str, Any]) -> str:
 
 
 def render_change(change: Change) -> Text:
+    """One change as rich text for the terminal."""
     line = Text("  ")
     if isinstance(change, RowChange):
         line.append(f"{change.op.upper():<8}", style=_OP_STYLE[change.op])
@@ -65,6 +66,7 @@ def render_change(change: Change) -> Text:
 
 
 def print_transaction(console: Console, txn: Transaction, changes: list[Change]) -> None:
+    """A transaction and its (filtered) changes on the console."""
     head = Text()
     head.append(f"xid {txn.xid}", style="bold")
     head.append(f"  {format_lsn(txn.end_lsn)}  {txn.commit_time.isoformat()}", style="dim")

@@ -25,6 +25,10 @@ DEFAULT_TARGET = "sqlite:///pglogrepl_bridge.db"
 
 @dataclass
 class ReplicateStats:
+    """What ``run_replicate`` did: transactions, changes, batches, and the positions it resumed
+    from and reached.
+    """
+
     transactions: int = 0
     changes: int = 0
     batches: int = 0

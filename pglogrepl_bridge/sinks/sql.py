@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from operator import itemgetter
 from typing import Any, Literal
@@ -57,11 +57,27 @@ class _Statement:
     params: Callable[[dict[str, Any]], Any]
 
 
+def base_columns(rel: RelationInfo) -> tuple[Column, ...]:
+    """The relation's columns with each type resolved by the one type registry: a domain
+    column is typed, created and bound as its base type."""
+    base = rel.loaders.base_oid
+    return tuple(
+        c if base(c.type_oid) == c.type_oid else replace(c, type_oid=base(c.type_oid))
+        for c in rel.columns
+    )
+
+
 def target_name(rel: RelationInfo) -> str:
+    """The target table's name for a relation (``schema_name`` outside public)."""
     return rel.name if rel.namespace in ("public", "") else f"{rel.namespace}_{rel.name}"
 
 
 class SqlSink:
+    """Applies transactions to any SQLAlchemy target, exactly once: each batch commits with its
+    checkpoint (source system, slot) in one target transaction, and only then may the stream
+    confirm it.
+    """
+
     def __init__(
         self,
         url: str,
@@ -362,6 +378,7 @@ class SqlSink:
         """
         name = target_name(rel)
         keys = rel.key_names or tuple(c.name for c in rel.columns)
+        columns = base_columns(rel)
         inspector = sa.inspect(conn)
         if inspector.has_table(name):
             present = {c["name"] for c in inspector.get_columns(name)}
@@ -370,7 +387,7 @@ class SqlSink:
             present = {c.name for c in rel.columns} | (
                 {TS_COL, NODE_COL} if self.conflict == "lww" else set()
             )
-        for col in rel.columns:
+        for col in columns:
             if col.name not in present:
                 self._add_column(
                     conn, name, sa.Column(col.name, column_type(col, self.dialect, is_key=False))
@@ -386,12 +403,12 @@ class SqlSink:
                 column_type(c, self.dialect, is_key=c.name in keys),
                 primary_key=c.name in keys,
             )
-            for c in rel.columns
+            for c in columns
         ]
         if self.conflict == "lww":
             cols += [sa.Column(TS_COL, sa.BigInteger), sa.Column(NODE_COL, sa.BigInteger)]
         table = sa.Table(name, sa.MetaData(), *cols)
-        fused = tuple((c.name, *loaders(c, self.dialect)) for c in rel.columns)
+        fused = tuple((c.name, *loaders(c, self.dialect)) for c in columns)
         dialect = conn.dialect
         driver_fused = tuple(
             (
@@ -440,7 +457,7 @@ class SqlSink:
                 primary_key=c.name in keys,
                 autoincrement=False,
             )
-            for c in rel.columns
+            for c in base_columns(rel)
         ]
         if self.conflict == "lww":
             cols += [sa.Column(TS_COL, sa.BigInteger), sa.Column(NODE_COL, sa.BigInteger)]

@@ -57,6 +57,9 @@ _MYSQL = ("mysql", "mariadb")
 
 
 def column_type(col: Column, dialect: str, *, is_key: bool) -> sa.types.TypeEngine[Any]:
+    """The SQLAlchemy column type for a PostgreSQL column on this dialect (through the type
+    registry's base type).
+    """
     made = _column_type(col, dialect, is_key=is_key)
     if dialect in _MYSQL:
         # MariaDB's defaults lose data: DATETIME/TIME drop microseconds, TEXT/BLOB stop at 64 KiB

@@ -62,6 +62,7 @@ class PostgresServer:
 
     @property
     def safe_dsn(self) -> str:
+        """The DSN without its password, for messages."""
         from pglogrepl_bridge.postgres.dsn import redact_dsn
 
         return redact_dsn(self.dsn)
@@ -133,6 +134,7 @@ def _major_version(bindir: Path) -> int | None:
 
 
 def free_port() -> int:
+    """A free loopback TCP port."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
@@ -189,6 +191,7 @@ class _LocalCluster:
         return subprocess.run(args, capture_output=True, text=True, timeout=120, **self._as_user())
 
     def start(self) -> None:
+        """Start the server and wait until it accepts connections."""
         if self.user is not None:
             os.chown(self.root, self.user.pw_uid, self.user.pw_gid)
             self._make_binaries_reachable()
@@ -287,6 +290,7 @@ class _LocalCluster:
         self.bindir = target / "bin"
 
     def stop(self) -> None:
+        """Stop the server and remove its data directory."""
         try:
             self._shutdown(signal.SIGQUIT, timeout=30)
         finally:
@@ -294,6 +298,7 @@ class _LocalCluster:
 
     @property
     def dsn(self) -> str:
+        """The libpq connection string of this server."""
         return (
             f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres "
             f"password={self.password}"

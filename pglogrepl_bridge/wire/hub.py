@@ -17,6 +17,7 @@ import logging
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
+from pglogrepl_bridge.errors import ProtocolError
 from pglogrepl_bridge.wire.protocol import (
     Acknowledge,
     Heartbeat,
@@ -35,6 +36,8 @@ ConnId = Hashable
 
 @dataclass
 class Replica:
+    """The hub's view of one replica connection: what it was sent and what it acknowledged."""
+
     node_id: int | None = None
     sent: int = 0  # highest LSN sent on this connection
     acked: int = 0  # highest LSN it acknowledged (cumulative)
@@ -60,6 +63,12 @@ Action = Rewind | StepDown
 
 @dataclass
 class Hub:
+    """The bridge's decisions, sans-IO: which entries each replica gets next (within its window),
+    what a quorum acknowledged (the slot's next confirmed position), and what to do about
+    RequestFrom, votes and Promotions. The network thread feeds it replies and sends what it
+    returns.
+    """
+
     node_id: int
     quorum: int
     window: int = 1000
@@ -80,8 +89,9 @@ class Hub:
     # -- entries ---------------------------------------------------------------------------
 
     def publish(self, lsn: int, entry_frame: bytes) -> None:
+        """Buffer the entry of the transaction ending at ``lsn``; replicas get it in order."""
         if lsn <= self.last_lsn:
-            raise ValueError(f"WalEntry lsn {lsn} is not above the last one, {self.last_lsn}")
+            raise ProtocolError(f"WalEntry lsn {lsn} is not above the last one, {self.last_lsn}")
         self._lsns.append(lsn)
         self._frames.append(entry_frame)
         self._bytes += len(entry_frame)
@@ -99,6 +109,7 @@ class Hub:
 
     @property
     def backlog(self) -> int:
+        """Entries published but not yet acknowledged by a quorum."""
         return len(self._lsns)
 
     @property
@@ -130,10 +141,14 @@ class Hub:
     # -- replicas --------------------------------------------------------------------------
 
     def connect(self, conn: ConnId) -> None:
+        """A replica connection came up (``conn`` is an opaque id)."""
         self.replicas[conn] = Replica(sent=self.floor, acked=0)
         self.outbox[conn] = []
 
     def disconnect(self, conn: ConnId) -> None:
+        """A replica connection went away; what it was sent but did not acknowledge is resent
+        later.
+        """
         self.replicas.pop(conn, None)
         self.outbox.pop(conn, None)
 
@@ -158,9 +173,11 @@ class Hub:
         return out
 
     def heartbeat(self) -> bytes:
+        """The Heartbeat to send now."""
         return frame(Heartbeat(self.node_id, self.last_lsn))
 
     def receive(self, conn: ConnId, msg: ReplicationMessage) -> list[Action]:
+        """A reply from replica ``conn``; returns what the bridge must do, if anything."""
         rep = self.replicas[conn]
         if isinstance(msg, Acknowledge):
             self._ack(rep, msg.node_id, msg.lsn)

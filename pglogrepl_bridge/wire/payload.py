@@ -128,6 +128,7 @@ class BincodeEncoder:
         )
 
     def transaction(self, txn: Transaction) -> bytes:
+        """One transaction as the bincode payload (docs/replication-message.md)."""
         index: dict[RelationInfo, int] = {}
         parts: list[bytes] = []
         append = parts.append
@@ -155,6 +156,7 @@ class BincodeEncoder:
 
 
 def encoder(fmt: PayloadFormat) -> Callable[[Transaction], bytes]:
+    """The WalEntry ``data`` encoder for ``fmt``: the JSON line or the compact bincode payload."""
     if fmt == "bincode":
         return BincodeEncoder().transaction
     renderer = JsonRenderer("typed")

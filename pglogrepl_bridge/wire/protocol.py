@@ -1,8 +1,7 @@
 """The downstream ``ReplicationMessage`` protocol: bincode 1.x and serde_json, byte for byte.
 
 The Rust side is ``enum ReplicationMessage`` with serde derive; variant and field order are the
-wire format (see ../shared/protocol/replication-message.md in the team notes and
-docs/replication-message.md here). Decoding is strict: every deviation raises
+wire format (see docs/replication-message.md). Decoding is strict: every deviation raises
 ``ProtocolError``. Pure code: no sockets.
 """
 
@@ -25,6 +24,11 @@ _LEN = struct.Struct("<I")
 
 @dataclass(frozen=True, slots=True)
 class WalEntry:
+    """One committed transaction for the replicas: ``lsn`` is its commit end LSN (what they
+    acknowledge), ``timestamp`` its commit time in µs since the Unix epoch (last-writer-wins),
+    ``data`` its payload.
+    """
+
     TAG: ClassVar[int] = 0
     node_id: int
     lsn: int
@@ -34,6 +38,10 @@ class WalEntry:
 
 @dataclass(frozen=True, slots=True)
 class Heartbeat:
+    """The master is alive and has sent everything up to ``lsn``; a node that misses these starts
+    an election.
+    """
+
     TAG: ClassVar[int] = 1
     node_id: int
     lsn: int
@@ -41,6 +49,8 @@ class Heartbeat:
 
 @dataclass(frozen=True, slots=True)
 class RequestFrom:
+    """A replica asks the master to resend every entry after ``lsn`` (it lost them, or is new)."""
+
     TAG: ClassVar[int] = 2
     node_id: int
     lsn: int
@@ -48,6 +58,10 @@ class RequestFrom:
 
 @dataclass(frozen=True, slots=True)
 class Acknowledge:
+    """A replica applied (durably) every entry up to ``lsn``; a quorum of these lets the slot
+    advance.
+    """
+
     TAG: ClassVar[int] = 3
     node_id: int
     lsn: int
@@ -55,6 +69,10 @@ class Acknowledge:
 
 @dataclass(frozen=True, slots=True)
 class VoteRequest:
+    """A candidate asks for a vote in ``term`` (its term + 1), saying how far its log reaches
+    (``last_lsn``).
+    """
+
     TAG: ClassVar[int] = 4
     node_id: int
     term: int
@@ -63,6 +81,8 @@ class VoteRequest:
 
 @dataclass(frozen=True, slots=True)
 class VoteResponse:
+    """A voter's answer to a VoteRequest of ``node_id`` in ``term``."""
+
     TAG: ClassVar[int] = 5
     node_id: int
     voter_id: int
@@ -72,6 +92,8 @@ class VoteResponse:
 
 @dataclass(frozen=True, slots=True)
 class Promotion:
+    """``node_id`` won the election of ``term``: nodes at that term or below step down."""
+
     TAG: ClassVar[int] = 6
     node_id: int
     term: int
@@ -116,6 +138,7 @@ _FRAMED_WAL_HEAD = struct.Struct("<IIIQQQ")  # frame length, then _WAL_HEAD
 
 
 def to_bincode(msg: ReplicationMessage) -> bytes:
+    """``msg`` as bincode 1.x bytes, exactly as the Rust side's serde derive writes it."""
     if type(msg) is WalEntry:  # the hot path: struct checks the ranges
         try:
             return _WAL_HEAD.pack(0, msg.node_id, msg.lsn, msg.timestamp, len(msg.data)) + bytes(
@@ -211,9 +234,13 @@ class FrameReader:
 
     @property
     def buffered(self) -> int:
+        """Bytes received but not yet a whole frame."""
         return len(self._buf)
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[ReplicationMessage]:
+        """Take bytes off the socket; return every message they complete (ProtocolError on
+        nonsense).
+        """
         buf = self._buf
         buf += data
         out: list[ReplicationMessage] = []
@@ -224,7 +251,7 @@ class FrameReader:
             if length > self.max_frame:
                 raise ProtocolError(
                     f"frame of {length} bytes exceeds the maximum of {self.max_frame}: "
-                    "the peer is not speaking this protocol, or raise --max-frame"
+                    "the peer is not speaking this protocol, or raise BridgeConfig.max_frame"
                 )
             if size - pos - 4 < length:
                 break

@@ -1,0 +1,32 @@
+"""Tail a publication with asyncio: the same stream and contract, without a thread.
+
+    PGLOGREPL_DSN="host=... dbname=..." python examples/async_tail.py SLOT PUBLICATION [UNTIL_LSN]
+
+Prints one line per row change and acknowledges each transaction once printed; other tasks
+run while the stream waits for the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+from pglogrepl_bridge import AsyncReplicationStream, Lsn, RowChange, StreamOptions
+
+
+async def main() -> None:
+    slot, publication = sys.argv[1], sys.argv[2]
+    until = Lsn.parse(sys.argv[3]) if len(sys.argv) > 3 else None
+    options = StreamOptions(slot=slot, publications=(publication,), until_lsn=until)
+    async with AsyncReplicationStream(os.environ.get("PGLOGREPL_DSN", ""), options) as stream:
+        async for txn in stream:
+            for change in txn.changes:
+                if isinstance(change, RowChange):
+                    print(f"{txn.end_lsn} {change.op} {change.table} {change.new or change.old}")
+            sys.stdout.flush()
+            stream.ack(txn.end_lsn)  # printed: it may be confirmed
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

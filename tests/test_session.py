@@ -1,0 +1,160 @@
+"""``ReplicationSession``, sans-IO: CopyData bytes in, events and status updates out.
+
+Messages are built from the PostgreSQL docs (``pgoutput_builders``), framed as the walsender
+frames them; no server is involved.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from pglogrepl_bridge import DecodeError, ReplicationSession, RowChange, Transaction
+from pglogrepl_bridge.pgoutput import _accel
+from pglogrepl_bridge.pgoutput.messages import (
+    Begin,
+    Column,
+    Commit,
+    Insert,
+    Origin,
+    PgOutputMessage,
+    Relation,
+    StreamCommit,
+    StreamStart,
+    StreamStop,
+    TupleData,
+)
+
+from .pgoutput_builders import encode
+
+_STATUS = struct.Struct("!cQQQq?")
+REL = Relation(None, 16384, "public", "t", "d", (Column("id", 23, -1, True),))
+
+
+def xlog(msg: PgOutputMessage, start: int) -> memoryview:
+    """One XLogData CopyData message, a memoryview as psycopg hands it over."""
+    return memoryview(b"w" + struct.pack("!QQq", start, start, 0) + encode(msg))
+
+
+def keepalive(wal_end: int, reply: bool = False) -> bytes:
+    return b"k" + struct.pack("!Qq?", wal_end, 0, reply)
+
+
+def insert(i: int, xid: int | None = None) -> Insert:
+    return Insert(xid, REL.relid, TupleData(b"t", (str(i).encode(),)))
+
+
+def txn(xid: int, start: int, *ids: int, origin: str | None = None) -> list[memoryview]:
+    """A plain transaction: Begin, (Origin), Relation, Inserts, Commit ending at start+100."""
+    msgs: list[PgOutputMessage] = [Begin(start + 90, 0, xid)]
+    if origin is not None:
+        msgs.append(Origin(start + 90, origin))
+    msgs += [REL, *(insert(i) for i in ids), Commit(0, start + 90, start + 100, 0)]
+    return [xlog(m, start + n) for n, m in enumerate(msgs)]
+
+
+def feed(session: ReplicationSession, frames: list[memoryview]) -> list[object]:
+    return [e for f in frames if (e := session.receive(f)) is not None]
+
+
+def status(session: ReplicationSession) -> tuple[int, int]:
+    _, write, flush, apply, _, _ = _STATUS.unpack(session.status_update(clock=1))
+    assert apply == flush
+    return write, flush
+
+
+@pytest.fixture(params=["c", "python"])
+def session(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> ReplicationSession:
+    """Both row paths: the C shortcut behind ``receive`` (where built) and the Python one."""
+    if request.param == "python":
+        monkeypatch.setattr("pglogrepl_bridge.pgoutput.session._put_row", None)
+    elif _accel.row_putter(RowChange) is None:
+        pytest.skip("C accelerator not built")
+    return ReplicationSession()
+
+
+def test_a_transaction_comes_out_whole_and_is_only_confirmed_once_acked(
+    session: ReplicationSession,
+) -> None:
+    (t,) = feed(session, txn(7, 1000, 1, 2, 3))
+    assert isinstance(t, Transaction) and (t.xid, t.end_lsn) == (7, 1100)
+    assert [c.new for c in t.changes if isinstance(c, RowChange)] == [
+        {"id": 1},
+        {"id": 2},
+        {"id": 3},
+    ]
+    write, flush = status(session)
+    assert write >= 1000 and flush == 0  # received, not confirmed
+    assert session.ack(t.end_lsn) and session.status_due
+    assert status(session) == (write, 1100) and not session.status_due
+
+
+def test_the_received_position_counts_rows_taken_by_the_shortcut(
+    session: ReplicationSession,
+) -> None:
+    frames = txn(7, 1000, 1, 2, 3)
+    feed(session, frames[:-1])  # everything but the Commit
+    assert session.received_lsn == 1000 + len(frames) - 2
+
+
+def test_a_keepalive_asking_for_a_reply_is_noted(session: ReplicationSession) -> None:
+    assert session.receive(keepalive(5000, reply=True)) is None
+    assert session.reply_requested
+    assert status(session) == (5000, 5000)  # idle: the slot may advance to walEnd
+    assert not session.reply_requested
+
+
+def test_what_the_consumer_holds_is_skipped() -> None:
+    session = ReplicationSession(start_lsn=1100)
+    assert feed(session, txn(7, 1000, 1)) == []  # ends at 1100: held already
+    (t,) = feed(session, txn(8, 2000, 2))
+    assert isinstance(t, Transaction) and t.xid == 8
+    assert status(session)[1] == 1100
+
+
+def test_after_a_lost_connection_resent_copies_are_skipped(session: ReplicationSession) -> None:
+    (t1,) = feed(session, txn(7, 1000, 1))
+    frames = txn(8, 2000, 2)
+    feed(session, frames[:3])  # t2 partly received when the connection drops
+    session.connection_lost()
+    assert feed(session, txn(7, 1000, 1)) == []  # delivered, unacknowledged: not again
+    (t2,) = feed(session, frames)
+    assert isinstance(t2, Transaction) and t2.xid == 8
+    session.ack(t1.end_lsn)
+    assert status(session)[1] == 1100
+
+
+def test_rewind_delivers_again(session: ReplicationSession) -> None:
+    (t1,) = feed(session, txn(7, 1000, 1))
+    assert len(feed(session, txn(8, 2000, 2))) == 1
+    session.ack(t1.end_lsn)
+    session.rewind(t1.end_lsn)
+    assert feed(session, txn(7, 1000, 1)) == []
+    (again,) = feed(session, txn(8, 2000, 2))
+    assert isinstance(again, Transaction) and again.xid == 8
+
+
+def test_a_streamed_transaction_keeps_its_origin(session: ReplicationSession) -> None:
+    msgs: list[PgOutputMessage] = [
+        StreamStart(9, True),
+        Origin(0, "upstream"),
+        Relation(9, REL.relid, "public", "t", "d", REL.columns),
+        Insert(9, REL.relid, TupleData(b"t", (b"5",))),
+        StreamStop(),
+        StreamCommit(9, 0, 3090, 3100, 0),
+    ]
+    (t,) = feed(session, [xlog(m, 3000 + n) for n, m in enumerate(msgs)])
+    (plain,) = feed(session, txn(10, 4000, 6, origin="upstream"))
+    assert isinstance(t, Transaction) and isinstance(plain, Transaction)
+    assert t.origin == plain.origin == "upstream"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"w\x00\x00", b"k\x00", b"x" + bytes(24), b"w" + bytes(24) + b"Z"],
+    ids=["empty", "short XLogData", "short keepalive", "unknown tag", "unknown message"],
+)
+def test_bad_copydata_is_a_decode_error(data: bytes) -> None:
+    with pytest.raises(DecodeError):
+        ReplicationSession().receive(data)
