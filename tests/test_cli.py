@@ -19,7 +19,7 @@ from pglogrepl_bridge import __version__
 from pglogrepl_bridge.cli import full_app
 from pglogrepl_bridge.testing.postgres import PostgresServer, free_port, postgres_server
 
-from .streamkit import Conn, make_source, wait_for
+from .streamkit import Conn, Source, make_source, wait_for
 
 app = full_app()
 runner = CliRunner()
@@ -37,7 +37,7 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 def _commands() -> list[list[str]]:
     root = get_command(app)
     out = []
-    for name, cmd in root.commands.items():  # type: ignore[attr-defined]
+    for name, cmd in root.commands.items():
         subs = getattr(cmd, "commands", None)
         if subs:
             out += [[name, sub] for sub in subs]
@@ -72,7 +72,7 @@ def test_help_lists_every_option(command: list[str]) -> None:
     assert result.exit_code == 0, result.output
     click_cmd = get_command(app)
     for part in command:
-        click_cmd = click_cmd.commands[part]  # type: ignore[attr-defined]
+        click_cmd = click_cmd.commands[part]
     for param in click_cmd.params:
         for opt in getattr(param, "opts", []):
             if opt.startswith("--"):
@@ -96,7 +96,7 @@ def test_unknown_option_is_a_usage_error() -> None:
 
 
 @pytest.fixture
-def source(pg: PostgresServer, pg_conn: Conn) -> Iterator[tuple[PostgresServer, object]]:
+def source(pg: PostgresServer, pg_conn: Conn) -> Iterator[tuple[PostgresServer, Source]]:
     yield pg, make_source(pg_conn)
 
 
@@ -106,21 +106,21 @@ def _tail(pg: PostgresServer, src: object, *extra: str) -> subprocess.CompletedP
         "--dsn",
         pg.dsn,
         "--slot",
-        src.slot,  # type: ignore[attr-defined]
+        src.slot,
         "--publication",
         src.publication,
         *extra,
-    )  # type: ignore[attr-defined]
+    )
 
 
 def _end(pg_conn: Conn, src: object) -> str:
-    return str(src.end())  # type: ignore[attr-defined]
+    return str(src.end())
 
 
-def test_tail_jsonl_until_lsn(source: tuple[PostgresServer, object], pg_conn: Conn) -> None:
+def test_tail_jsonl_until_lsn(source: tuple[PostgresServer, Source], pg_conn: Conn) -> None:
     pg, src = source
-    src.insert(1, 2)  # type: ignore[attr-defined]
-    pg_conn.execute(f"UPDATE {src.table} SET v = 'new' WHERE id = 1")  # type: ignore[attr-defined]
+    src.insert(1, 2)
+    pg_conn.execute(f"UPDATE {src.table} SET v = 'new' WHERE id = 1")
     result = _tail(pg, src, "--until-lsn", _end(pg_conn, src))
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]
@@ -131,10 +131,10 @@ def test_tail_jsonl_until_lsn(source: tuple[PostgresServer, object], pg_conn: Co
     assert again.returncode == 0 and again.stdout == ""
 
 
-def test_tail_filters_and_text_values(source: tuple[PostgresServer, object], pg_conn: Conn) -> None:
+def test_tail_filters_and_text_values(source: tuple[PostgresServer, Source], pg_conn: Conn) -> None:
     pg, src = source
-    src.insert(1)  # type: ignore[attr-defined]
-    pg_conn.execute(f"DELETE FROM {src.table}")  # type: ignore[attr-defined]
+    src.insert(1)
+    pg_conn.execute(f"DELETE FROM {src.table}")
     end = _end(pg_conn, src)
     result = _tail(pg, src, "--until-lsn", end, "--op", "delete", "--values", "text", "--no-ack")
     assert result.returncode == 0, result.stderr
@@ -143,19 +143,20 @@ def test_tail_filters_and_text_values(source: tuple[PostgresServer, object], pg_
         {
             "op": "delete",
             "schema": "public",
-            "table": src.table,  # type: ignore[attr-defined]
+            "table": src.table,
             "new": None,
             "old": {"id": "1"},
             "unchanged_toast": [],
         }
     ]
-    other = _tail(pg, src, "--until-lsn", end, "--table", "public.nope", "--format", "null")
+    # the same transaction, filtered out: jsonl prints a line only for what passes the filter
+    other = _tail(pg, src, "--until-lsn", end, "--table", "public.nope", "--format", "jsonl")
     assert other.returncode == 0 and other.stdout == ""
 
 
-def test_tail_pretty(source: tuple[PostgresServer, object], pg_conn: Conn) -> None:
+def test_tail_pretty(source: tuple[PostgresServer, Source], pg_conn: Conn) -> None:
     pg, src = source
-    src.insert(7)  # type: ignore[attr-defined]
+    src.insert(7)
     result = _tail(pg, src, "--until-lsn", _end(pg_conn, src), "--format", "pretty")
     assert result.returncode == 0, result.stderr
     assert "INSERT" in result.stdout and "id=7" in result.stdout
@@ -171,7 +172,7 @@ def test_tail_pretty(source: tuple[PostgresServer, object], pg_conn: Conn) -> No
         (["--temporary"], "--create-slot"),
     ],
 )
-def test_usage_errors(source: tuple[PostgresServer, object], args: list[str], message: str) -> None:
+def test_usage_errors(source: tuple[PostgresServer, Source], args: list[str], message: str) -> None:
     pg, src = source
     result = (
         _tail(pg, src, *args)
@@ -184,11 +185,11 @@ def test_usage_errors(source: tuple[PostgresServer, object], args: list[str], me
     assert len(result.stderr.strip().splitlines()) <= 3
 
 
-def test_unknown_slot_and_publication(source: tuple[PostgresServer, object]) -> None:
+def test_unknown_slot_and_publication(source: tuple[PostgresServer, Source]) -> None:
     pg, src = source
     result = cli(
         "tail", "--dsn", pg.dsn, "--slot", "no_such_slot", "--publication", src.publication
-    )  # type: ignore[attr-defined]
+    )
     assert result.returncode == 2
     assert "replication slot 'no_such_slot' does not exist" in result.stderr
     assert "--create-slot" in result.stderr
@@ -197,7 +198,7 @@ def test_unknown_slot_and_publication(source: tuple[PostgresServer, object]) -> 
         "--dsn",
         pg.dsn,
         "--slot",
-        src.slot,  # type: ignore[attr-defined]
+        src.slot,
         "--publication",
         "no_such_pub",
     )
@@ -214,9 +215,9 @@ def test_wrong_password_is_not_printed(pg: PostgresServer) -> None:
     assert "hunter2-wrong" not in verbose.stderr + verbose.stdout
 
 
-def test_dsn_from_environment(source: tuple[PostgresServer, object], pg_conn: Conn) -> None:
+def test_dsn_from_environment(source: tuple[PostgresServer, Source], pg_conn: Conn) -> None:
     pg, src = source
-    src.insert(3)  # type: ignore[attr-defined]
+    src.insert(3)
     env_run = subprocess.run(
         [
             sys.executable,
@@ -224,12 +225,12 @@ def test_dsn_from_environment(source: tuple[PostgresServer, object], pg_conn: Co
             "pglogrepl_bridge",
             "tail",
             "--slot",
-            src.slot,  # type: ignore[attr-defined]
+            src.slot,
             "--publication",
             src.publication,
             "--until-lsn",
             _end(pg_conn, src),
-        ],  # type: ignore[attr-defined]
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -272,7 +273,7 @@ def test_demo_runs_and_checks_the_copy() -> None:
     assert "copy equals the source" in result.stdout
 
 
-def test_metrics_and_clean_sigterm(source: tuple[PostgresServer, object], tmp_path: Path) -> None:
+def test_metrics_and_clean_sigterm(source: tuple[PostgresServer, Source], tmp_path: Path) -> None:
     pg, src = source
     port = free_port()
     proc = subprocess.Popen(
@@ -286,7 +287,7 @@ def test_metrics_and_clean_sigterm(source: tuple[PostgresServer, object], tmp_pa
             "--slot",
             src.slot,
             "--publication",
-            src.publication,  # type: ignore[attr-defined]
+            src.publication,
             "--target",
             f"sqlite:///{tmp_path / 'm.db'}",
             "--metrics-port",
@@ -296,8 +297,8 @@ def test_metrics_and_clean_sigterm(source: tuple[PostgresServer, object], tmp_pa
         text=True,
     )
     try:
-        src.insert(1, 2)  # type: ignore[attr-defined]
-        src.insert(3)  # type: ignore[attr-defined]
+        src.insert(1, 2)
+        src.insert(3)
 
         def scraped() -> bool:
             try:

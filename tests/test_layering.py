@@ -70,3 +70,23 @@ def test_public_api_is_importable_and_documented() -> None:
         value = getattr(pglogrepl_bridge, name)
         if name != "__version__" and isinstance(value, type):
             assert value.__doc__ and value.__module__.startswith("pglogrepl_bridge"), name
+
+
+def test_every_public_class_and_function_has_a_docstring() -> None:
+    """Public means not underscored, at module level or in a public class (h11 and psycopg
+    document every public class; ``help()`` is the first thing a user reads)."""
+    missing = []
+    for path in _modules():
+        tree = ast.parse(path.read_text())
+        stack: list[tuple[ast.AST, str]] = [(tree, "")]
+        while stack:
+            node, prefix = stack.pop()
+            for child in ast.iter_child_nodes(node):
+                if isinstance(child, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                    if child.name.startswith("_"):
+                        continue
+                    if ast.get_docstring(child) is None:
+                        missing.append(f"{path.relative_to(PACKAGE)}:{prefix}{child.name}")
+                    if isinstance(child, ast.ClassDef):
+                        stack.append((child, f"{prefix}{child.name}."))
+    assert not missing, missing

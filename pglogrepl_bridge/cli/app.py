@@ -125,6 +125,7 @@ def main_callback(
 
 
 def setup_logging(verbose: bool) -> None:
+    """Log to stderr (INFO with --verbose); progress lines always, for logs off a terminal."""
     _state["verbose"] = verbose
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
@@ -146,6 +147,7 @@ def fail(exc: BaseException) -> NoReturn:
 
 @contextmanager
 def handled() -> Iterator[None]:
+    """Any exception in the block becomes one error line and the exit code (see ``fail``)."""
     try:
         yield
     except typer.Exit:
@@ -155,6 +157,7 @@ def handled() -> Iterator[None]:
 
 
 def parse_lsn(text: str | None, option: str) -> Lsn | None:
+    """An ``X/Y`` option value as an Lsn, the option named in the error."""
     if text is None:
         return None
     try:
@@ -174,6 +177,7 @@ class Signals:
         self._previous: dict[int, Any] = {}
 
     def attach(self, stream: Any) -> None:
+        """Stop ``stream`` on SIGINT/SIGTERM (at once if one already arrived)."""
         self._stops.append(stream.stop)
         if self.received is not None:
             stream.stop()
@@ -220,6 +224,7 @@ def stream_options(
     streaming: bool | None,
     **extra: Any,
 ) -> StreamOptions:
+    """StreamOptions from the options every streaming command shares, checked."""
     if temporary and not create_slot:
         raise ConfigError("--temporary only makes sense with --create-slot")
     if not publications:
@@ -239,4 +244,5 @@ def stream_options(
 
 
 def report_problem(problem: object) -> None:
+    """Log a value that kept its text because it could not be converted."""
     log.warning("value kept as text: %s", problem)

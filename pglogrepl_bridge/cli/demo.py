@@ -50,6 +50,8 @@ TABLES = ("accounts", "orders")
 
 @dataclass
 class DemoResult:
+    """What the demo did and saw, for the summary and the tests."""
+
     transactions: int
     changes: int
     identical: bool
@@ -94,6 +96,7 @@ def _normal(value: Any) -> Any:
 
 
 def snapshot(engine: sa.Engine, table: str) -> list[tuple[Any, ...]]:
+    """A table's rows, normalised for comparing source and target."""
     import sqlalchemy as sa
 
     meta = sa.MetaData()
@@ -105,6 +108,7 @@ def snapshot(engine: sa.Engine, table: str) -> list[tuple[Any, ...]]:
 
 
 def run_demo(accounts: int = 12, console: Console | None = None) -> DemoResult:
+    """The whole story on a throwaway server: workload, tail, replicate, compare."""
     import sqlalchemy as sa
 
     console = console or Console(highlight=False)

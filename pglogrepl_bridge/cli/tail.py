@@ -40,17 +40,23 @@ from pglogrepl_bridge.render.jsonl import JsonRenderer
 
 
 class Format(StrEnum):
+    """How ``tail`` prints transactions."""
+
     pretty = "pretty"
     jsonl = "jsonl"
     null = "null"
 
 
 class Values(StrEnum):
+    """Typed values, or PostgreSQL's own text."""
+
     typed = "typed"
     text = "text"
 
 
 class Op(StrEnum):
+    """The change kinds ``--op`` filters on."""
+
     insert = "insert"
     update = "update"
     delete = "delete"
@@ -59,6 +65,7 @@ class Op(StrEnum):
 
 
 def change_filter(tables: list[str], ops: list[Op]) -> Callable[[Change], bool] | None:
+    """The predicate for --table/--op (None: keep everything)."""
     if not tables and not ops:
         return None
     wanted_tables = {t if "." in t else f"public.{t}" for t in tables}

@@ -34,6 +34,38 @@ class ValueProblem:
     error: str
 
 
+@dataclass(frozen=True, slots=True)
+class TypeFacts:
+    """What the registry knows of a built-in type: its name, and for an array the name of its
+    element type (then ``name`` is None); both None for a type psycopg does not know."""
+
+    name: str | None
+    element: str | None
+
+
+#: Type names whose text output is a JSON number as it is.
+INTEGER_TYPES = frozenset({"int2", "int4", "int8", "oid", "xid", "xid8"})
+FLOAT_TYPES = frozenset({"float4", "float8"})
+JSON_TYPES = frozenset({"json", "jsonb"})
+TEMPORAL_TYPES = frozenset({"date", "time", "timestamp", "timestamptz", "timetz"})
+#: Element types whose arrays become JSON arrays of JSON values (others: PostgreSQL's text).
+JSON_ARRAY_ELEMENTS = frozenset(
+    {*INTEGER_TYPES - {"xid", "xid8"}, *FLOAT_TYPES, *JSON_TYPES, *TEMPORAL_TYPES}
+    | {"numeric", "bool", "text", "varchar", "bpchar", "bytea", "uuid"}
+)
+
+
+def describe(oid: int) -> TypeFacts:
+    """The facts of a built-in type OID (resolve a domain with ``ValueLoaders.base_oid``
+    first). psycopg answers an array OID with its element's TypeInfo."""
+    info = builtin_types.get(oid)
+    if info is None:
+        return TypeFacts(None, None)
+    if info.oid == oid:
+        return TypeFacts(info.name, None)
+    return TypeFacts(None, info.name)
+
+
 def _text(data: bytes) -> str:
     return data.decode()
 

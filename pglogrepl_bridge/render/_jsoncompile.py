@@ -36,6 +36,8 @@ _u32 = struct.Struct("!I").unpack_from
 
 @dataclass(frozen=True, slots=True)
 class ColumnRender:
+    """How one column of a relation is rendered to JSON, and whether it is included."""
+
     key: str  # '"name":', already JSON
     text: Render  # PostgreSQL text → JSON value
     binary: Render  # binary send format → JSON value

@@ -26,41 +26,20 @@ from pglogrepl_bridge.lsn import format_lsn
 from pglogrepl_bridge.pgoutput.messages import Message
 from pglogrepl_bridge.pgoutput.relcache import Fused, RelationInfo
 from pglogrepl_bridge.pgoutput.transaction import RowChange, Transaction, TruncateChange
-from pglogrepl_bridge.pgoutput.values import ValueMode
+from pglogrepl_bridge.pgoutput.values import (
+    FLOAT_TYPES,
+    INTEGER_TYPES,
+    JSON_ARRAY_ELEMENTS,
+    JSON_TYPES,
+    TEMPORAL_TYPES,
+    ValueMode,
+    describe,
+)
 from pglogrepl_bridge.render._jsoncompile import ColumnRender, Render, compile_json_row
 from pglogrepl_bridge.render._jsoncompile import quote as _quote
 
 log = logging.getLogger(__name__)
 
-_INTS = {20, 21, 23, 26, 28, 5069}  # int8, int2, int4, oid, xid, xid8
-_FLOATS = {700, 701}
-_BOOL = 16
-_NUMERIC = 1700
-_JSONB = 3802
-_JSON = 114
-_ISO_TIMES = {1082, 1083, 1114, 1184, 1266}  # date, time, timestamp, timestamptz, timetz
-_ARRAYS_OF_JSON_VALUES = {
-    1005,
-    1007,
-    1016,
-    1028,
-    1021,
-    1022,
-    1231,
-    1000,
-    1009,
-    1015,
-    1014,
-    1001,
-    199,
-    3807,
-    2951,
-    1182,
-    1183,
-    1115,
-    1185,
-    1270,
-}
 _NON_FINITE = {b"NaN", b"Infinity", b"-Infinity"}
 _NO_OLD_NO_TOAST = ',"old":null,"unchanged_toast":[]}'
 
@@ -176,17 +155,19 @@ class JsonRenderer:
         return shape
 
     def _text_renderer(self, oid: int) -> Render:
+        """``oid`` is a base type (the registry resolved domains); its facts choose."""
         if self.values == "text":
             return _text
-        if oid in _INTS:
+        facts = describe(oid)
+        if facts.name in INTEGER_TYPES:
             return _int
-        if oid in _FLOATS:
+        if facts.name in FLOAT_TYPES:
             return _float
-        if oid == _BOOL:
+        if facts.name == "bool":
             return _bool
-        if oid in (_JSONB, _JSON):
+        if facts.name in JSON_TYPES:
             return _kept_as_text(_json_text)
-        if oid in _ISO_TIMES or oid in _ARRAYS_OF_JSON_VALUES:
+        if facts.name in TEMPORAL_TYPES or facts.element in JSON_ARRAY_ELEMENTS:
             return _loaded(self._transformer.get_loader(oid, Format.TEXT).load)
         return _text  # numeric, bytea (hex output), uuid, text, and anything else
 

@@ -17,6 +17,7 @@ from psycopg.postgres import types as pgtypes
 from psycopg.pq import Format
 from sqlalchemy.dialects import mysql, postgresql
 
+from pglogrepl_bridge.pgoutput import values
 from pglogrepl_bridge.pgoutput.messages import Column
 
 Adapt = Callable[[Any], Any]
@@ -44,13 +45,10 @@ MAPPED = {*_SIMPLE, "numeric", "varchar", "bpchar", "json", "jsonb"}
 
 
 def describe(oid: int) -> tuple[str | None, str | None]:
-    """(type name, None) for a built-in scalar; (None, element name) for a built-in array."""
-    info = pgtypes.get(oid)  # psycopg answers array OIDs with their element's TypeInfo
-    if info is None:
-        return None, None
-    if info.oid == oid:
-        return info.name, None
-    return None, info.name
+    """(type name, None) for a built-in scalar; (None, element name) for a built-in array:
+    the type registry's facts (``pgoutput.values.describe``)."""
+    facts = values.describe(oid)
+    return facts.name, facts.element
 
 
 _MYSQL = ("mysql", "mariadb")
