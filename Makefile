@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml setup.py pglogrepl_bridge/pgoutput/_fastrow.c
 test: lint
 	$(BIN)/python -m pytest
 
-## lint: ruff and mypy (strict on the package)
+## lint: ruff and mypy (strict, on the package and the tests)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check pglogrepl_bridge tests examples benchmarks

@@ -133,7 +133,7 @@ class Consumer:
                 self.received.put(txn)
 
     def take(self, n: int, timeout: float = 20.0) -> list[Transaction]:
-        out = []
+        out: list[Transaction] = []
         deadline = time.monotonic() + timeout
         while len(out) < n:
             if self.error is not None:

@@ -42,13 +42,13 @@ def start_bridge(pg: PostgresServer, src: Source, config: BridgeConfig) -> Runni
     holder: list[Network] = []
     result: list[BridgeStats | BaseException] = []
 
+    def on_ready(network: Network) -> None:
+        holder.append(network)
+        ready.set()
+
     def run() -> None:
         try:
-            result.append(
-                run_bridge(
-                    pg.dsn, src.options(), config, ready=lambda n: (holder.append(n), ready.set())
-                )
-            )
+            result.append(run_bridge(pg.dsn, src.options(), config, ready=on_ready))
         except BaseException as exc:
             result.append(exc)
             ready.set()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,7 +40,9 @@ def replay(version: int, name: str, **kwargs: object) -> tuple[list[Event], Tran
     return events, asm
 
 
-def rows(txn: Event) -> list[tuple[str, str, object, object, tuple[str, ...]]]:
+def rows(
+    txn: Event,
+) -> list[tuple[str, str, dict[str, Any] | None, dict[str, Any] | None, tuple[str, ...]]]:
     assert isinstance(txn, Transaction)
     return [
         (c.op, c.table, c.new, c.old, c.unchanged_toast)

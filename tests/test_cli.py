@@ -9,6 +9,7 @@ import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -37,7 +38,8 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 def _commands() -> list[list[str]]:
     root = get_command(app)
     out = []
-    for name, cmd in root.commands.items():
+    commands: dict[str, Any] = root.commands  # type: ignore[attr-defined]  # a group
+    for name, cmd in commands.items():
         subs = getattr(cmd, "commands", None)
         if subs:
             out += [[name, sub] for sub in subs]
@@ -72,7 +74,7 @@ def test_help_lists_every_option(command: list[str]) -> None:
     assert result.exit_code == 0, result.output
     click_cmd = get_command(app)
     for part in command:
-        click_cmd = click_cmd.commands[part]
+        click_cmd = click_cmd.commands[part]  # type: ignore[attr-defined]  # a group
     for param in click_cmd.params:
         for opt in getattr(param, "opts", []):
             if opt.startswith("--"):
@@ -100,7 +102,7 @@ def source(pg: PostgresServer, pg_conn: Conn) -> Iterator[tuple[PostgresServer, 
     yield pg, make_source(pg_conn)
 
 
-def _tail(pg: PostgresServer, src: object, *extra: str) -> subprocess.CompletedProcess[str]:
+def _tail(pg: PostgresServer, src: Source, *extra: str) -> subprocess.CompletedProcess[str]:
     return cli(
         "tail",
         "--dsn",
@@ -113,7 +115,7 @@ def _tail(pg: PostgresServer, src: object, *extra: str) -> subprocess.CompletedP
     )
 
 
-def _end(pg_conn: Conn, src: object) -> str:
+def _end(pg_conn: Conn, src: Source) -> str:
     return str(src.end())
 
 

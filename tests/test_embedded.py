@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -15,8 +16,8 @@ import pytest
 from pglogrepl_bridge.testing.postgres import ENV_DSN, PostgresServer, find_bindirs, postgres_server
 
 
-def test_server_has_logical_settings(pg_conn: psycopg.Connection[tuple[object, ...]]) -> None:
-    settings = dict(
+def test_server_has_logical_settings(pg_conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+    settings: dict[str, str] = dict(
         pg_conn.execute(
             "SELECT name, setting FROM pg_settings WHERE name IN "
             "('wal_level','max_wal_senders','max_replication_slots','max_prepared_transactions')"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 from hypothesis import example, given, settings
@@ -82,7 +82,7 @@ _EDGES = [
 ]
 
 
-def _edges(test):  # type: ignore[no-untyped-def]
+def _edges(test: Callable[..., None]) -> Callable[..., None]:
     for case in _EDGES:
         test = example(case, None)(test)
     return test
@@ -111,15 +111,15 @@ def test_json_row_equals_the_python_walk(case: tuple[int, bytes], data: st.DataO
         assert c(buf, pos) == python(buf, pos)
 
 
-def _as_text(values: list[bytes | None]) -> tuple[object, ...]:
+def _as_text(values: Sequence[bytes | None]) -> tuple[object, ...]:
     return tuple(("text", v) for v in values)
 
 
-def _as_binary(values: list[bytes | None]) -> tuple[object, ...]:
+def _as_binary(values: Sequence[bytes | None]) -> tuple[object, ...]:
     return tuple(("binary", v) for v in values)
 
 
-def _one_too_many(values: list[bytes | None]) -> tuple[object, ...]:
+def _one_too_many(values: Sequence[bytes | None]) -> tuple[object, ...]:
     return (*values, None)
 
 
@@ -161,7 +161,7 @@ def test_c_walks_reject_bad_arguments() -> None:
     with pytest.raises(TypeError, match="template"):
         accel.typed_row(("a",), _as_text, _as_binary, b"\x00\x01n", 0)  # type: ignore[arg-type]
 
-    def bad_value(values: list[bytes | None]) -> tuple[object, ...]:
+    def bad_value(values: Sequence[bytes | None]) -> tuple[object, ...]:
         raise ValueError("not a number")
 
     assert accel.typed_row(one, bad_value, bad_value, b"\x00\x01n", 0) is None
@@ -171,7 +171,7 @@ def test_c_walks_reject_bad_arguments() -> None:
         raise KeyboardInterrupt
 
     with pytest.raises(TypeError, match="once"):
-        row.__init__([])  # type: ignore[misc]
+        row.__init__([])  # type: ignore[misc,call-arg,unused-ignore]
     stops = accel.json_row([('"a":', accel.CALL, interrupted, _binary_render)])
     buf = b"\x00\x01t\x00\x00\x00\x02ok"
     assert row(buf, 0) == '{"a":<6f6b>}'

@@ -124,7 +124,7 @@ def _relation_and_tuple(draw: st.DrawFn) -> tuple[RelationInfo, bytes]:
         "jsonb": st.sampled_from([b'{"a": [1, "x"]}', b"null", b'"s"']),
         "date": st.sampled_from([b"2024-02-29", b"1999-12-31"]),
     }
-    kinds, values = bytearray(), []
+    kinds, values = bytearray(), list[bytes | None]()
     for t in types:
         if draw(st.booleans()):
             kinds.append(0x74)

@@ -22,7 +22,7 @@ from .test_captures import FIRST_ITEM_AS_TEXT, VERSIONS, replay
 
 # The Rust types, transcribed: field order is the wire order. A Row is a Vec<u8> of pgoutput
 # TupleData, read by tuple_values below.
-OP = ("enum", [("Insert", []), ("Update", []), ("Delete", [])])
+OP: tuple[str, Any] = ("enum", [("Insert", []), ("Update", []), ("Delete", [])])
 COLUMN_DEF = ("struct", [("name", "string"), ("type_oid", "u32"), ("is_key", "bool")])
 RELATION = ("struct", [("schema", "string"), ("table", "string"), ("columns", ("vec", COLUMN_DEF))])
 CHANGE = (
@@ -104,7 +104,7 @@ def tuple_values(raw: bytes) -> list[Any]:
     bytes, big-endian), as the Rust Row's try_from reads it: ("text", str), ("binary",
     bytes), None for NULL, "unchanged" for unchanged TOAST."""
     (count,) = struct.unpack_from("!H", raw, 0)
-    pos, values = 2, []
+    pos, values = 2, list[object]()
     for _ in range(count):
         kind, pos = raw[pos : pos + 1], pos + 1
         if kind == b"n":

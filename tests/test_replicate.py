@@ -20,10 +20,11 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
+from pglogrepl_bridge.errors import SinkError
 from pglogrepl_bridge.lsn import Lsn
 from pglogrepl_bridge.postgres.stream import StreamOptions
 from pglogrepl_bridge.sinks.replicate import run_replicate
-from pglogrepl_bridge.sinks.sql import CHECKPOINT_TABLE, SinkError
+from pglogrepl_bridge.sinks.sql import CHECKPOINT_TABLE
 from pglogrepl_bridge.testing.postgres import PostgresServer
 
 from .mariadb_server import mariadb_server
@@ -287,7 +288,8 @@ class _LwwSource:
     def options(self) -> StreamOptions:
         return StreamOptions(slot=self.slot, publications=(self.pub,), status_interval=0.5)
 
-    end = Source.end
+    def end(self) -> Lsn:
+        return Source.end(self)  # type: ignore[arg-type]
 
 
 def test_last_writer_wins_converges(pg: PostgresServer, pg_conn: Conn, tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ frames them; no server is involved.
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import pytest
 
@@ -54,7 +55,7 @@ def txn(xid: int, start: int, *ids: int, origin: str | None = None) -> list[memo
     return [xlog(m, start + n) for n, m in enumerate(msgs)]
 
 
-def feed(session: ReplicationSession, frames: list[memoryview]) -> list[object]:
+def feed(session: ReplicationSession, frames: list[memoryview]) -> list[Any]:
     return [e for f in frames if (e := session.receive(f)) is not None]
 
 
@@ -158,3 +159,12 @@ def test_a_streamed_transaction_keeps_its_origin(session: ReplicationSession) ->
 def test_bad_copydata_is_a_decode_error(data: bytes) -> None:
     with pytest.raises(DecodeError):
         ReplicationSession().receive(data)
+
+
+def test_nothing_after_until_lsn_is_delivered(session: ReplicationSession) -> None:
+    session.until_lsn = 1050  # the first transaction ending at or after it is the last one
+    (t1,) = feed(session, txn(7, 1000, 1))
+    assert feed(session, txn(8, 2000, 2)) == []  # held back: it stays in the slot
+    assert not session.done()
+    session.ack(t1.end_lsn)
+    assert session.done() and status(session)[1] == 1100

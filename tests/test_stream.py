@@ -7,7 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -42,7 +41,7 @@ from .streamkit import (
 @pytest.fixture(params=sorted(STREAM_CLASSES))
 def stream_cls(request: pytest.FixtureRequest) -> type[AnyStream]:
     """The stream-contract tests run for the sync and the async stream alike."""
-    return STREAM_CLASSES[request.param]
+    return STREAM_CLASSES[request.param]  # type: ignore[return-value]
 
 
 def test_streams_transactions_with_typed_values(
@@ -391,27 +390,51 @@ def test_invalidated_slot_is_refused(
         start_now(stream_cls(pg.dsn, src.options()))
 
 
-def test_sigterm_sends_final_status(pg: PostgresServer, pg_conn: Conn, tmp_path: Path) -> None:
-    src = make_source(pg_conn)
-    script = tmp_path / "consume.py"
-    script.write_text(
-        textwrap.dedent(f"""
-        import signal, sys
-        from pglogrepl_bridge.postgres.stream import ReplicationStream, StreamOptions
-        stream = ReplicationStream({pg.dsn!r}, StreamOptions(slot={src.slot!r},
-            publications=({src.publication!r},), status_interval=3600))
-        seen = []
-        def on_term(*_):
-            # acknowledged only now: just the final status update can confirm it
-            stream.ack(seen[-1])
-            stream.stop()
-        signal.signal(signal.SIGTERM, on_term)
-        for txn in stream:
+_SYNC_CONSUMER = """
+import signal, sys
+from pglogrepl_bridge import ReplicationStream, StreamOptions
+stream = ReplicationStream({dsn!r}, StreamOptions(slot={slot!r},
+    publications=({publication!r},), status_interval=3600))
+seen = []
+def on_term(*_):
+    # acknowledged only now: just the final status update can confirm it
+    stream.ack(seen[-1])
+    stream.stop()
+signal.signal(signal.SIGTERM, on_term)
+for txn in stream:
+    seen.append(txn.end_lsn)
+    print(int(txn.end_lsn), flush=True)
+print("stopped", flush=True)
+"""
+
+_ASYNC_CONSUMER = """
+import asyncio, signal, sys
+from pglogrepl_bridge import AsyncReplicationStream, StreamOptions
+async def main():
+    stream = AsyncReplicationStream({dsn!r}, StreamOptions(slot={slot!r},
+        publications=({publication!r},), status_interval=3600))
+    seen = []
+    def on_term():
+        stream.ack(seen[-1])  # acknowledged only now: just the final status update confirms
+        stream.stop()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_term)
+    async with stream:
+        async for txn in stream:
             seen.append(txn.end_lsn)
             print(int(txn.end_lsn), flush=True)
-        print("stopped", flush=True)
-    """)
-    )
+    print("stopped", flush=True)
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_sigterm_sends_final_status(
+    kind: str, pg: PostgresServer, pg_conn: Conn, tmp_path: Path
+) -> None:
+    src = make_source(pg_conn)
+    script = tmp_path / "consume.py"
+    template = _SYNC_CONSUMER if kind == "sync" else _ASYNC_CONSUMER
+    script.write_text(template.format(dsn=pg.dsn, slot=src.slot, publication=src.publication))
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     try:
         src.insert(1)
@@ -419,17 +442,44 @@ def test_sigterm_sends_final_status(pg: PostgresServer, pg_conn: Conn, tmp_path:
         end = int(proc.stdout.readline())
         time.sleep(0.5)
         assert src.confirmed() != end  # not acknowledged yet
+        started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert proc.stdout.readline().strip() == "stopped"
         assert proc.wait(timeout=10) == 0
+        assert time.monotonic() - started < 2  # a stop acts within the loop's next wake-up
     finally:
         proc.kill()
     assert src.confirmed() == end  # the final status update, sent before exiting
 
 
-def test_rewind_delivers_again_from_postgresql(pg: PostgresServer, pg_conn: Conn) -> None:
+def test_until_lsn_stops_once_everything_up_to_it_is_acknowledged(
+    stream_cls: type[AnyStream], pg: PostgresServer, pg_conn: Conn
+) -> None:
     src = make_source(pg_conn)
-    stream = ReplicationStream(pg.dsn, src.options())
+    src.insert(1)
+    src.insert(2)
+    end = src.end()
+    src.insert(3)  # after until_lsn: never delivered
+    consumer = Consumer(stream_cls(pg.dsn, src.options(until_lsn=end))).start()
+    try:
+        t1, t2 = consumer.take(2)
+        time.sleep(0.3)
+        assert consumer.thread is not None and consumer.thread.is_alive()  # waits for acks
+        consumer.stream.ack(t1.end_lsn)
+        consumer.stream.ack(t2.end_lsn)
+        consumer.thread.join(timeout=10)
+        assert not consumer.thread.is_alive(), "the stream did not end at until_lsn"
+    finally:
+        consumer.stop()
+    assert t2.end_lsn == end and consumer.received.empty()
+    assert src.confirmed() == end
+
+
+def test_rewind_delivers_again_from_postgresql(
+    stream_cls: type[AnyStream], pg: PostgresServer, pg_conn: Conn
+) -> None:
+    src = make_source(pg_conn)
+    stream = stream_cls(pg.dsn, src.options())
     consumer = Consumer(stream).start()
     try:
         for i in range(1, 4):

@@ -61,13 +61,16 @@ class ReplicationSession:
     """The state of one logical replication stream, driven by bytes (see the module doc).
 
     ``start_lsn`` is the consumer's durable position: nothing at or before it is delivered,
-    and the feedback starts there. ``no_ack`` confirms nothing, ever (a peek).
+    and the feedback starts there. ``until_lsn``: the first transaction ending at or after it
+    is the last one delivered (``done`` tells when it is acknowledged). ``no_ack`` confirms
+    nothing, ever (a peek).
     """
 
     def __init__(
         self,
         *,
         start_lsn: int = 0,
+        until_lsn: int | None = None,
         no_ack: bool = False,
         loaders: ValueLoaders | None = None,
         spill_bytes: int = DEFAULT_SPILL_BYTES,
@@ -79,6 +82,8 @@ class ReplicationSession:
         self.feedback = FeedbackTracker(start_lsn, no_ack=no_ack)
         #: transactions ending at or before this are not delivered (the consumer has them)
         self.skip_upto = start_lsn
+        self.until_lsn = until_lsn
+        self._until_reached = False  # the last transaction to deliver was delivered
         #: the server asked for a status update at once (a keepalive with replyRequested)
         self.reply_requested = False
         #: acknowledgements since the last status update: one is worth sending soon
@@ -115,9 +120,13 @@ class ReplicationSession:
             if event is None:
                 return None
             if isinstance(event, Transaction):
-                if event.end_lsn <= self.skip_upto:
-                    return None  # the consumer has it already (checkpoint, or before a drop)
+                if event.end_lsn <= self.skip_upto or self._until_reached:
+                    # the consumer has it already (checkpoint, or before a drop); or it comes
+                    # after until_lsn, and stays in the slot for the next run
+                    return None
                 feedback.deliver(event.end_lsn)
+                if self.until_lsn is not None and event.end_lsn >= self.until_lsn:
+                    self._until_reached = True
                 self.transactions += 1
                 self.changes += len(event.changes)
             return event
@@ -147,9 +156,11 @@ class ReplicationSession:
             self.status_due = True
         return moved
 
-    def done(self, until_lsn: int) -> bool:
-        """Everything up to ``until_lsn`` is acknowledged and nothing delivered is pending."""
-        return self.feedback.flushed >= until_lsn and not self.feedback.inflight
+    def done(self) -> bool:
+        """``until_lsn`` is reached: everything up to it is acknowledged, nothing delivered is
+        pending. Always False without ``until_lsn``."""
+        until = self.until_lsn
+        return until is not None and self.feedback.flushed >= until and not self.feedback.inflight
 
     @property
     def confirmed_lsn(self) -> Lsn:
@@ -193,3 +204,4 @@ class ReplicationSession:
         self.connection_lost()
         self.feedback.rewind(lsn)
         self.skip_upto = lsn
+        self._until_reached = False  # what follows lsn is delivered again, up to until_lsn

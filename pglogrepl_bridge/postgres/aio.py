@@ -215,7 +215,7 @@ class AsyncReplicationStream(_StreamBase):
                 if event is not None:
                     yield event
                     self._apply_acks()  # the consumer's ack, made while we were suspended
-                    if until is not None and feedback.flushed >= until:
+                    if until is not None and session.done():
                         break
                 continue
             if nbytes < 0:
@@ -226,7 +226,7 @@ class AsyncReplicationStream(_StreamBase):
                 if asyncio.iscoroutine(result):
                     await result
                 self._apply_acks()
-            if until is not None and session.done(until):
+            if until is not None and session.done():
                 break
             if self._rewind_to is not None:
                 raise _Rewind

@@ -97,6 +97,7 @@ class _StreamBase:
         loaders = ValueLoaders(opts.values, type_map=opts.type_map, on_problem=self._on_problem)
         return ReplicationSession(
             start_lsn=opts.start_lsn or 0,
+            until_lsn=opts.until_lsn,
             no_ack=opts.no_ack,
             loaders=loaders,
             spill_bytes=opts.spill_bytes,
@@ -361,7 +362,7 @@ class ReplicationStream(_StreamBase):
                 event = receive(data)
                 if event is not None:
                     yield event
-                    if until is not None and feedback.flushed >= until:
+                    if until is not None and session.done():
                         break
                 continue  # what is buffered first; the checks below run once per read
             if nbytes < 0:
@@ -370,7 +371,7 @@ class ReplicationStream(_StreamBase):
                 self._apply_acks()
             if not drained and self._on_idle is not None:
                 self._on_idle()  # caught up: nothing buffered, nothing arrived since last look
-            if until is not None and session.done(until):
+            if until is not None and session.done():
                 break  # everything up to until_lsn is acknowledged: done
             if self._rewind_to is not None:
                 raise _Rewind

@@ -98,7 +98,8 @@ def _fetch(
     out = []
     for lsn_text, data in rows:
         hi, lo = str(lsn_text).split("/")
-        out.append({"lsn": (int(hi, 16) << 32) | int(lo, 16), "data": bytes(data).hex()})
+        raw = bytes(data)  # type: ignore[call-overload]
+        out.append({"lsn": (int(hi, 16) << 32) | int(lo, 16), "data": raw.hex()})
     return out
 
 
