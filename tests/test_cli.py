@@ -325,3 +325,18 @@ def test_metrics_and_clean_sigterm(source: tuple[PostgresServer, Source], tmp_pa
         assert proc.wait(timeout=20) == 0
     finally:
         proc.kill()
+
+
+def test_tail_stops_on_a_slot_older_than_its_publication(pg: PostgresServer, pg_conn: Conn) -> None:
+    src = make_source(pg_conn, slot=False)
+    pg_conn.execute(f"DROP PUBLICATION {src.publication}")
+    pg_conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (src.slot,))
+    src.insert(1)
+    pg_conn.execute(f"CREATE PUBLICATION {src.publication} FOR TABLE {src.table}")
+    src.insert(2)
+    result = _tail(pg, src, "--format", "jsonl")
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    assert "created before the publication" in result.stderr
+    if pg.version >= 18:  # the server's own WARNING reaches the user's log too
+        assert "server WARNING: skipped loading publication" in result.stderr

@@ -579,3 +579,31 @@ def test_a_streamed_transaction_equals_its_plain_self(
         assert len(got[True][0].changes) == 3000
     finally:
         pg_conn.execute("SELECT pg_replication_origin_drop(%s)", (origin,))
+
+
+def test_a_slot_older_than_its_publication_stops_with_the_cause(
+    stream_cls: type[AnyStream], pg: PostgresServer, pg_conn: Conn
+) -> None:
+    """15-17 fail decoding with 'publication does not exist'; 18 only warns ("skipped loading
+    publication") and skips the change. Both must stop the run, name the cause and the fix,
+    and confirm nothing past what was delivered."""
+    src = make_source(pg_conn, slot=False)
+    pg_conn.execute(f"DROP PUBLICATION {src.publication}")
+    pg_conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (src.slot,))
+    before = src.confirmed()
+    src.insert(1)  # decoded with the catalog of its time: no publication yet
+    pg_conn.execute(f"CREATE PUBLICATION {src.publication} FOR TABLE {src.table}")
+    src.insert(2)
+    consumer = Consumer(stream_cls(pg.dsn, src.options(reconnect=False))).start()
+    try:
+        assert consumer.thread is not None
+        consumer.thread.join(timeout=30)
+        assert not consumer.thread.is_alive(), "the stream went on"
+        assert consumer.received.empty()  # nothing handed out after the server's message
+        assert isinstance(consumer.error, ConfigError)
+        message = str(consumer.error)
+        assert "created before" in message and f"slot drop {src.slot}" in message
+    finally:
+        consumer.error = None
+        consumer.stop()
+    assert src.confirmed() == before

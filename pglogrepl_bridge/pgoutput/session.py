@@ -30,7 +30,8 @@ Rules enforced here (the IO layers rely on them):
 2. ``connection_lost`` forgets partial transactions (the server sends them again) but keeps
    delivered-unacknowledged ones in flight; their resent copies are skipped.
 3. ``rewind(lsn)`` makes every transaction ending after ``lsn`` deliverable again.
-4. The status update never confirms past a held PREPARE or an unfinished transaction.
+4. The status update never confirms past a held PREPARE, an unfinished transaction, or the
+   position where the server said changes were lost (``stop_confirming_after``).
 
 Not thread-safe: one thread (or task) drives a session. ``postgres.stream`` queues acks
 made from other threads and applies them from the driving thread.
@@ -84,6 +85,8 @@ class ReplicationSession:
         self.skip_upto = start_lsn
         self.until_lsn = until_lsn
         self._until_reached = False  # the last transaction to deliver was delivered
+        #: never confirm past this (set when the server says changes were lost from here)
+        self.cap: int | None = None
         #: the server asked for a status update at once (a keepalive with replyRequested)
         self.reply_requested = False
         #: acknowledgements since the last status update: one is worth sending soon
@@ -178,7 +181,10 @@ class ReplicationSession:
     def status_update(self, clock: int) -> bytes:
         """The Standby status update to send now; ``clock`` is µs since 2000-01-01 UTC."""
         self._note_last_row()
-        update = self.feedback.status(clock, hold=self.assembler.held_since)
+        hold = self.assembler.held_since
+        if self.cap is not None:
+            hold = self.cap if hold is None else min(hold, self.cap)
+        update = self.feedback.status(clock, hold=hold)
         self.reply_requested = False
         self.status_due = False
         return update.to_bytes()
@@ -189,6 +195,11 @@ class ReplicationSession:
         """At (re)start: the slot's confirmed position, which the server holds already."""
         if lsn is not None and lsn > self.feedback.flushed:
             self.feedback.flushed = lsn
+
+    def stop_confirming_after(self, lsn: int) -> None:
+        """Never confirm past ``lsn``, whatever is acknowledged later: the server said that
+        changes from there on were not sent (they must be decoded again, once fixed)."""
+        self.cap = lsn if self.cap is None else min(self.cap, lsn)
 
     def connection_lost(self) -> None:
         """The stream broke: partial transactions come again from the confirmed position;

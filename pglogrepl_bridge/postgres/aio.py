@@ -124,6 +124,7 @@ class AsyncReplicationStream(_StreamBase):
         """Connect, check everything that can be checked, and issue START_REPLICATION."""
         opts = self.options
         conn = await self._connect()
+        conn.add_notice_handler(self._on_notice)  # before anything the server may say
         try:
             steps = start_steps(opts, conn.info.server_version, conn.info.backend_pid)
             query = next(steps)
@@ -213,6 +214,7 @@ class AsyncReplicationStream(_StreamBase):
                 drained += 1
                 event = receive(data)
                 if event is not None:
+                    self._raise_if_fatal()  # nothing is handed out after such a message
                     yield event
                     self._apply_acks()  # the consumer's ack, made while we were suspended
                     if until is not None and session.done():
@@ -220,6 +222,7 @@ class AsyncReplicationStream(_StreamBase):
                 continue
             if nbytes < 0:
                 raise self._end_of_copy_error(pgconn.get_result())
+            self._raise_if_fatal()
             self._apply_acks()
             if not drained and self._on_idle is not None:
                 result = self._on_idle()

@@ -91,6 +91,7 @@ class _StreamBase:
         self._owner: int | None = None  # the thread iterating: its acks apply at once
         self._acks: deque[tuple[int, bool]] = deque()  # acks from other threads, applied later
         self._last_status = 0.0
+        self._fatal: BridgeError | None = None  # what the server said that ends the stream
 
     def _new_session(self) -> ReplicationSession:
         opts = self.options
@@ -178,6 +179,26 @@ class _StreamBase:
             plan.proto_version,
         )
 
+    def _on_notice(self, diag: psycopg.errors.Diagnostic) -> None:
+        """NOTICE and WARNING from the walsender: logged, never swallowed. One that means
+        changes of the publications will not be delivered ends the stream (``_fatal``), and
+        nothing from where it was said is ever confirmed."""
+        severity = diag.severity_nonlocalized or diag.severity or "NOTICE"
+        text = diag.message_primary or ""
+        context = f" ({diag.context})" if diag.context else ""
+        level = logging.WARNING if severity in ("WARNING", "NOTICE") else logging.INFO
+        log.log(level, "server %s: %s%s", severity, text, context)
+        # PostgreSQL 18 skips a change whose publication did not exist at its WAL position
+        # and says so only in this WARNING (15-17 fail with 42704 instead); 55000 is shared
+        # with other messages, so the text decides.
+        if diag.sqlstate == "55000" and "skipped loading publication" in text:
+            self.session.stop_confirming_after(self.session.received_lsn)
+            self._fatal = ConfigError(late_publication_message(text, diag.context, self.options))
+
+    def _raise_if_fatal(self) -> None:
+        if self._fatal is not None:
+            raise self._fatal
+
     def _status_bytes(self) -> bytes:
         self._apply_acks()
         self._last_status = time.monotonic()
@@ -216,6 +237,15 @@ class _StreamBase:
             code = sqlstate.decode() if sqlstate else ""
             if code.startswith(("57", "08")):  # admin shutdown, connection exceptions
                 return Disconnected(message)
+            if code == "42704" and "publication" in message:
+                # checked at start, so it exists: it did not at the WAL position decoded
+                context = res.error_field(psycopg.pq.DiagnosticField.CONTEXT)
+                first = message.splitlines()[0].removeprefix("ERROR:").strip()
+                return ConfigError(
+                    late_publication_message(
+                        first, context.decode(errors="replace") if context else None, self.options
+                    )
+                )
             return server_error(
                 psycopg.Error(message),
                 slot=self.options.slot,
@@ -274,6 +304,7 @@ class ReplicationStream(_StreamBase):
         """Connect, check everything that can be checked, and issue START_REPLICATION."""
         opts = self.options
         conn = connect(self.dsn, replication=True, settings=opts.session_settings)
+        conn.add_notice_handler(self._on_notice)  # before anything the server may say
         try:
             steps = start_steps(opts, conn.info.server_version, conn.info.backend_pid)
             query = next(steps)
@@ -361,12 +392,14 @@ class ReplicationStream(_StreamBase):
                 drained += 1
                 event = receive(data)
                 if event is not None:
+                    self._raise_if_fatal()  # nothing is handed out after such a message
                     yield event
                     if until is not None and session.done():
                         break
                 continue  # what is buffered first; the checks below run once per read
             if nbytes < 0:
                 raise self._end_of_copy_error(pgconn.get_result())
+            self._raise_if_fatal()
             if self._acks:
                 self._apply_acks()
             if not drained and self._on_idle is not None:
@@ -450,6 +483,20 @@ def message_or(res: psycopg.pq.abc.PGresult | None) -> str:
 
 def _short(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def late_publication_message(text: str, context: str | None, options: StreamOptions) -> str:
+    """Why a publication that exists now was missing for the slot, and what to do."""
+    where = f" ({context})" if context else ""
+    slot = options.slot
+    return (
+        f"{text}{where}: the publication did not exist at the WAL position being decoded, so "
+        f"its changes from there cannot be delivered. The slot {slot!r} was created before "
+        "the publication (or the publication was dropped and re-created). Nothing past the "
+        f"last delivered transaction was confirmed. Fix: drop the slot and create it again "
+        f"after the publication ('pglogrepl-bridge slot drop {slot}', then 'slot create "
+        f"{slot}'), and resynchronise the consumer"
+    )
 
 
 def as_bridge_error(exc: BaseException, options: StreamOptions) -> BridgeError:

