@@ -91,6 +91,9 @@ def pg_conn(pg: PostgresServer) -> Iterator[psycopg.Connection[tuple[object, ...
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
     report = yield
     callspec = getattr(item, "callspec", None)
+    counted = report.when == "call" or (report.when == "setup" and not report.passed)
+    if counted and callspec is not None and callspec.params.get("target") == "mariadb":
+        _results[f"mariadb:{'passed' if report.passed else report.outcome}"] += 1
     if callspec is not None and "pg" in callspec.params:
         version = callspec.params["pg"] or "external"
         if report.when == "call" or (report.when == "setup" and not report.passed):

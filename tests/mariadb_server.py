@@ -32,6 +32,13 @@ def _binary(name: str) -> str | None:
     return None
 
 
+def mariadb_available() -> bool:
+    """Whether a MariaDB server can be had: an external URL, or the server binaries."""
+    server = _binary("mariadbd") or _binary("mysqld")
+    install = _binary("mariadb-install-db") or _binary("mysql_install_db")
+    return bool(os.environ.get(ENV_URL)) or (server is not None and install is not None)
+
+
 @contextlib.contextmanager
 def mariadb_server() -> Iterator[str]:
     """Yield a SQLAlchemy URL of an empty database ``target`` on a running MariaDB."""

@@ -74,6 +74,31 @@ def make_source(conn: Conn, *, slot: bool = True, extra: str = "") -> Source:
     return src
 
 
+def invalidate_slot(src: Source) -> None:
+    """Make the source's slot lose its WAL (max_slot_wal_keep_size, briefly 1MB)."""
+    conn = src.conn
+    conn.execute(f"INSERT INTO {src.table} VALUES (-1, 'before') ON CONFLICT DO NOTHING")
+    conn.execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
+    conn.execute("SELECT pg_reload_conf()")
+    try:
+        for i in range(4):  # push the slot's restart_lsn more than a segment behind
+            conn.execute(f"INSERT INTO {src.table} VALUES ({-100 - i}, 'push')")
+            conn.execute("SELECT pg_switch_wal()")
+        conn.execute("CHECKPOINT")
+        wait_for(
+            lambda: (
+                conn.execute(
+                    "SELECT wal_status FROM pg_replication_slots WHERE slot_name = %s", (src.slot,)
+                ).fetchone()
+                == ("lost",)
+            ),
+            what="slot invalidated",
+        )
+    finally:
+        conn.execute("ALTER SYSTEM RESET max_slot_wal_keep_size")
+        conn.execute("SELECT pg_reload_conf()")
+
+
 def last_commit_end(conn: Conn, slot: str, publication: str) -> Lsn:
     end = admin.last_commit_lsn(conn, slot, (publication,))
     assert end is not None, "nothing committed for that publication yet"

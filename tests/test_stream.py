@@ -32,6 +32,7 @@ from .streamkit import (
     Conn,
     Consumer,
     ids_of,
+    invalidate_slot,
     make_source,
     start_now,
     wait_for,
@@ -366,26 +367,7 @@ def test_invalidated_slot_is_refused(
     stream_cls: type[AnyStream], pg: PostgresServer, pg_conn: Conn
 ) -> None:
     src = make_source(pg_conn)
-    src.insert(1)
-    pg_conn.execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
-    pg_conn.execute("SELECT pg_reload_conf()")
-    try:
-        for i in range(4):  # push the slot's restart_lsn more than a segment behind
-            src.insert(100 + i)
-            pg_conn.execute("SELECT pg_switch_wal()")
-        pg_conn.execute("CHECKPOINT")
-        wait_for(
-            lambda: (
-                pg_conn.execute(
-                    "SELECT wal_status FROM pg_replication_slots WHERE slot_name = %s", (src.slot,)
-                ).fetchone()
-                == ("lost",)
-            ),
-            what="slot invalidated",
-        )
-    finally:
-        pg_conn.execute("ALTER SYSTEM RESET max_slot_wal_keep_size")
-        pg_conn.execute("SELECT pg_reload_conf()")
+    invalidate_slot(src)
     with pytest.raises(ReplicationError, match=r"invalidated.*drop and re-create"):
         start_now(stream_cls(pg.dsn, src.options()))
 

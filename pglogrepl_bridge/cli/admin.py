@@ -6,11 +6,18 @@ import time
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from pglogrepl_bridge.cli.app import Dsn, Verbose, app, handled, setup_logging, stop_on_signals
+from pglogrepl_bridge.cli.app import (
+    Dsn,
+    Verbose,
+    app,
+    handled,
+    out,
+    setup_logging,
+    stop_on_signals,
+)
 from pglogrepl_bridge.postgres import admin
 from pglogrepl_bridge.postgres.connection import connect
 
@@ -61,7 +68,7 @@ def slot_list(dsn: Dsn = "", verbose: Verbose = False) -> None:
     """List replication slots with their positions and lag."""
     setup_logging(verbose)
     with handled(), connect(dsn, replication=False) as conn:
-        Console().print(_slots_table(admin.list_slots(conn)))
+        out().print(_slots_table(admin.list_slots(conn), conn.info.server_version // 10000))
 
 
 @pub_app.command("create")
@@ -102,15 +109,25 @@ def publication_list(dsn: Dsn = "", verbose: Verbose = False) -> None:
         table = Table("publication", "all tables", "tables")
         for pub in admin.list_publications(conn):
             table.add_row(pub.name, "yes" if pub.all_tables else "no", ", ".join(pub.tables))
-        Console().print(table)
+        out().print(table)
 
 
-def _slots_table(slots: list[admin.SlotInfo]) -> Any:
-    table = Table(
-        "slot", "active", "pid", "confirmed", "restart", "lag bytes", "wal_status", "safe_wal_size"
-    )
+def _yes(value: bool | None) -> str:
+    return "" if value is None else "yes" if value else "no"
+
+
+def _slots_table(slots: list[admin.SlotInfo], major: int) -> Any:
+    """The slots, with the columns this server version has (16+: conflicting; 17+: failover,
+    synced, invalidation reason, inactive since)."""
+    columns = ["slot", "active", "pid", "confirmed", "restart", "lag bytes", "wal_status"]
+    columns += ["safe_wal_size"]
+    if major >= 17:
+        columns += ["failover", "synced", "invalidated", "inactive since"]
+    elif major >= 16:
+        columns += ["conflicting"]
+    table = Table(*columns)
     for s in slots:
-        table.add_row(
+        row = [
             s.name,
             "yes" if s.active else "no",
             str(s.active_pid or ""),
@@ -119,7 +136,14 @@ def _slots_table(slots: list[admin.SlotInfo]) -> Any:
             "" if s.lag_bytes is None else f"{s.lag_bytes:,}",
             s.wal_status or "",
             "" if s.safe_wal_size is None else f"{s.safe_wal_size:,}",
-        )
+        ]
+        if major >= 17:
+            invalidated = s.invalidation_reason or ("conflict" if s.conflicting else "")
+            since = s.inactive_since.isoformat(timespec="seconds") if s.inactive_since else ""
+            row += [_yes(s.failover), _yes(s.synced), invalidated, since]
+        elif major >= 16:
+            row += [_yes(s.conflicting)]
+        table.add_row(*row)
     return table
 
 
@@ -134,13 +158,16 @@ def status(
     setup_logging(verbose)
     with handled(), connect(dsn, replication=False) as conn:
         if not watch:
-            Console().print(_slots_table(admin.list_slots(conn)))
+            out().print(_slots_table(admin.list_slots(conn), conn.info.server_version // 10000))
             return
         stopped = {"now": False}
         with (
             stop_on_signals(lambda: stopped.update(now=True)),
-            Live(_slots_table(admin.list_slots(conn)), refresh_per_second=4) as live,
+            Live(
+                _slots_table(admin.list_slots(conn), conn.info.server_version // 10000),
+                refresh_per_second=4,
+            ) as live,
         ):
             while not stopped["now"]:
                 time.sleep(interval)
-                live.update(_slots_table(admin.list_slots(conn)))
+                live.update(_slots_table(admin.list_slots(conn), conn.info.server_version // 10000))

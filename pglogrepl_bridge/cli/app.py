@@ -43,6 +43,14 @@ def err() -> Console:
     return Console(stderr=True)
 
 
+def out() -> Console:
+    """The stdout console for tables. Off a terminal (a pipe, a file, a test) rich would cut
+    wide tables to 80 columns with ellipses: there the width is generous, so nothing is lost."""
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 400)
+
+
 log = logging.getLogger("pglogrepl_bridge")
 _state = {"verbose": False}
 
@@ -92,6 +100,16 @@ Streaming = Annotated[
         "--streaming/--no-streaming",
         show_default="on with proto_version 2+",
         help="Receive large transactions while in progress (bounded memory; spills to disk).",
+    ),
+]
+WaitForServer = Annotated[
+    float,
+    typer.Option(
+        "--wait-for-server",
+        min=0,
+        metavar="SECONDS",
+        help="Keep trying a first connection that fails for this long (default: fail at once; "
+        "a stream that was established is always retried).",
     ),
 ]
 MetricsPort = Annotated[

@@ -57,6 +57,7 @@ def bridge(
     proto_version: cli.ProtoVersion = None,
     binary: cli.Binary = False,
     streaming: cli.Streaming = None,
+    wait_for_server: cli.WaitForServer = 0.0,
     metrics_port: cli.MetricsPort = None,
     verbose: cli.Verbose = False,
 ) -> None:
@@ -95,6 +96,7 @@ def bridge(
             proto_version=proto_version,
             binary=binary,
             streaming=streaming,
+            wait_for_server=wait_for_server,
             until_lsn=cli.parse_lsn(until_lsn, "--until-lsn"),
         )
         stats = run_bridge(

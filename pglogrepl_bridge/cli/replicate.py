@@ -25,6 +25,7 @@ def replicate(
     proto_version: cli.ProtoVersion = None,
     binary: cli.Binary = False,
     streaming: cli.Streaming = None,
+    wait_for_server: cli.WaitForServer = 0.0,
     conflict: Annotated[
         str,
         typer.Option(
@@ -63,6 +64,7 @@ def replicate(
             proto_version=proto_version,
             binary=binary,
             streaming=streaming,
+            wait_for_server=wait_for_server,
         )
         stats = run_replicate(
             dsn,

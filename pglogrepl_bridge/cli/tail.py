@@ -23,6 +23,7 @@ from pglogrepl_bridge.cli.app import (
     Temporary,
     UntilLsn,
     Verbose,
+    WaitForServer,
     app,
     handled,
     parse_lsn,
@@ -99,6 +100,7 @@ def tail(
     proto_version: ProtoVersion = None,
     binary: Binary = False,
     streaming: Streaming = None,
+    wait_for_server: WaitForServer = 0.0,
     fmt: Annotated[
         Format | None,
         typer.Option(
@@ -138,6 +140,7 @@ def tail(
             proto_version=proto_version,
             binary=binary,
             streaming=streaming,
+            wait_for_server=wait_for_server,
             no_ack=no_ack,
             values=values.value,
             messages=messages,

@@ -6,6 +6,7 @@ Statements are composed with psycopg.sql (identifiers quoted), never by string p
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -33,29 +34,49 @@ class SlotInfo:
     safe_wal_size: int | None
     two_phase: bool
     lag_bytes: int | None
+    #: 16+: invalidated by a conflict with recovery (on a standby)
+    conflicting: bool | None = None
+    #: 17+: synchronised to standbys; a synced copy on a standby; why it was invalidated
+    failover: bool | None = None
+    synced: bool | None = None
+    invalidation_reason: str | None = None
+    #: 17+: when it last stopped being used
+    inactive_since: datetime | None = None
 
 
 def _lsn(value: Any) -> Lsn | None:
     return None if value is None else Lsn.parse(str(value))
 
 
-#: Every replication slot, with how far it lags behind the current WAL position.
-SLOTS_QUERY = (
-    "SELECT slot_name, plugin, slot_type, database, temporary, active, active_pid, "
-    "restart_lsn::text, confirmed_flush_lsn::text, wal_status, safe_wal_size, two_phase, "
-    "pg_wal_lsn_diff(pg_current_wal_lsn(), coalesce(confirmed_flush_lsn, restart_lsn))::bigint "
-    "FROM pg_replication_slots ORDER BY slot_name"
-)
+def slots_query(major: int) -> str:
+    """Every replication slot, with how far it lags behind the current WAL position, and the
+    columns this major version has (NULL where it has not)."""
+    newer = [
+        ("conflicting", 16),
+        ("failover", 17),
+        ("synced", 17),
+        ("invalidation_reason", 17),
+        ("inactive_since", 17),
+    ]
+    extra = ", ".join(name if major >= since else f"NULL AS {name}" for name, since in newer)
+    return (
+        "SELECT slot_name, plugin, slot_type, database, temporary, active, active_pid, "
+        "restart_lsn::text, confirmed_flush_lsn::text, wal_status, safe_wal_size, two_phase, "
+        "pg_wal_lsn_diff(pg_current_wal_lsn(), coalesce(confirmed_flush_lsn, restart_lsn))"
+        f"::bigint, {extra} FROM pg_replication_slots ORDER BY slot_name"
+    )
+
+
 PUBLICATIONS_QUERY = "SELECT pubname FROM pg_publication"
 
 
 def list_slots(conn: Conn) -> list[SlotInfo]:
     """Every replication slot, with how far it lags behind the current WAL position."""
-    return slots_from(conn.execute(SLOTS_QUERY).fetchall())
+    return slots_from(conn.execute(slots_query(conn.info.server_version // 10000)).fetchall())
 
 
 def slots_from(rows: list[tuple[Any, ...]]) -> list[SlotInfo]:
-    """``SLOTS_QUERY``'s rows as SlotInfo."""
+    """``slots_query``'s rows as SlotInfo."""
     return [
         SlotInfo(
             name=r[0],
@@ -71,6 +92,11 @@ def slots_from(rows: list[tuple[Any, ...]]) -> list[SlotInfo]:
             safe_wal_size=r[10],
             two_phase=r[11],
             lag_bytes=r[12],
+            conflicting=r[13],
+            failover=r[14],
+            synced=r[15],
+            invalidation_reason=r[16],
+            inactive_since=r[17],
         )
         for r in rows
     ]
@@ -78,11 +104,11 @@ def slots_from(rows: list[tuple[Any, ...]]) -> list[SlotInfo]:
 
 def get_slot(conn: Conn, name: str) -> SlotInfo | None:
     """The slot named ``name``, or None."""
-    return slot_from(name, conn.execute(SLOTS_QUERY).fetchall())
+    return slot_from(name, conn.execute(slots_query(conn.info.server_version // 10000)).fetchall())
 
 
 def slot_from(name: str, rows: list[tuple[Any, ...]]) -> SlotInfo | None:
-    """The slot named ``name`` among ``SLOTS_QUERY``'s rows, or None."""
+    """The slot named ``name`` among ``slots_query``'s rows, or None."""
     return next((s for s in slots_from(rows) if s.name == name), None)
 
 

@@ -30,6 +30,7 @@ from pglogrepl_bridge.pgoutput.transaction import Event, Transaction
 from pglogrepl_bridge.pgoutput.values import ValueProblem
 from pglogrepl_bridge.postgres.connection import (
     SESSION_SETTINGS,
+    connect_timeout,
     connection_error,
     limit_receive_buffer,
     server_error,
@@ -40,7 +41,6 @@ from pglogrepl_bridge.postgres.startup import StartPlan, start_steps
 from pglogrepl_bridge.postgres.stream import (
     Disconnected,
     _Rewind,
-    _short,
     _StreamBase,
     as_bridge_error,
     pause_after,
@@ -105,7 +105,7 @@ class AsyncReplicationStream(_StreamBase):
         validate_dsn(self.dsn)
         try:
             conn = await psycopg.AsyncConnection.connect(
-                self.dsn, autocommit=True, replication="database"
+                self.dsn, autocommit=True, replication="database", **connect_timeout(self.dsn)
             )
         except psycopg.Error as exc:
             raise connection_error(exc, self.dsn) from None
@@ -153,6 +153,7 @@ class AsyncReplicationStream(_StreamBase):
             await conn.close()
             raise
         self._conn = conn
+        self._established = True
         self._last_status = time.monotonic()
 
     def __aiter__(self) -> AsyncIterator[Transaction]:
@@ -165,6 +166,8 @@ class AsyncReplicationStream(_StreamBase):
 
     async def events(self) -> AsyncIterator[Event]:
         """Every event: transactions, non-transactional messages and, if asked, prepares."""
+        if self._first_attempt is None:
+            self._first_attempt = time.monotonic()
         backoff = 0.1
         while not self._stopping:
             try:
@@ -181,11 +184,10 @@ class AsyncReplicationStream(_StreamBase):
                 if not self._retryable(exc):
                     raise as_bridge_error(exc, self.options) from None
                 await self._drop_connection()
-                self.reconnects += 1
-                log.warning(
-                    "replication connection lost (%s); reconnecting in %.1fs", _short(exc), backoff
-                )
-                await asyncio.sleep(backoff)
+                self._retry_note(exc, backoff)
+                deadline = time.monotonic() + backoff
+                while not self._stopping and (left := deadline - time.monotonic()) > 0:
+                    await asyncio.sleep(min(left, 0.05))  # stop() acts within 50 ms
                 backoff = min(backoff * 2, self.options.max_backoff)
         await self.close()
 

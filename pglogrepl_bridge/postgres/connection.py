@@ -9,6 +9,7 @@ import ipaddress
 import os
 import re
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,7 +62,7 @@ class SystemInfo:
 def connect(dsn: str, *, replication: bool, settings: dict[str, str] | None = None) -> Conn:
     """A psycopg connection; ``replication`` makes it a walsender (replication=database)."""
     validate_dsn(dsn)
-    kwargs: dict[str, Any] = {"autocommit": True}
+    kwargs: dict[str, Any] = {"autocommit": True, **connect_timeout(dsn)}
     if replication:
         kwargs["replication"] = "database"
     try:
@@ -75,6 +76,37 @@ def connect(dsn: str, *, replication: bool, settings: dict[str, str] | None = No
         conn.close()
         raise connection_error(exc, dsn) from None
     return conn
+
+
+#: Seconds a connection attempt may take when neither the DSN nor PGCONNECT_TIMEOUT says: a
+#: host that is down must not hold the first connection for the kernel's two minutes.
+DEFAULT_CONNECT_TIMEOUT = 10
+
+
+def connect_timeout(dsn: str) -> dict[str, Any]:
+    """``connect_timeout`` for psycopg, unless the DSN or the environment sets one."""
+    if os.environ.get("PGCONNECT_TIMEOUT"):
+        return {}
+    try:
+        given = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.Error:
+        return {}  # validate_dsn reports it
+    return {} if "connect_timeout" in given else {"connect_timeout": DEFAULT_CONNECT_TIMEOUT}
+
+
+def connect_waiting(dsn: str, *, replication: bool, wait: float) -> Conn:
+    """``connect``, retried for up to ``wait`` seconds while the server is unavailable (not
+    when the connection is refused for a reason waiting cannot cure: password, database)."""
+    deadline = time.monotonic() + wait
+    pause = 0.1
+    while True:
+        try:
+            return connect(dsn, replication=replication)
+        except ServerUnavailableError:
+            if time.monotonic() + pause > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 2.0)
 
 
 def limit_receive_buffer(

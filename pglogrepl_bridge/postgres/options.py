@@ -49,8 +49,11 @@ class StreamOptions:
     spill_bytes: int = DEFAULT_SPILL_BYTES
     surface_prepares: bool = False
     status_interval: float = 10.0
+    #: retry a dropped stream with backoff (a first connection is not retried: see below)
     reconnect: bool = True
     max_backoff: float = 30.0
+    #: keep trying a first connection that fails for this many seconds (0: fail at once)
+    wait_for_server: float = 0.0
     #: extra GUCs for the walsender session, e.g. {"logical_decoding_work_mem": "64kB"}
     session_settings: dict[str, str] = field(default_factory=dict)
     #: SO_RCVBUF of the replication socket: None fixes a small one for a server on this

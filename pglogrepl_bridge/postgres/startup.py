@@ -47,12 +47,12 @@ def start_steps(options: StreamOptions, server_version: int, backend_pid: int) -
             f"{system.dbname!r}: create with 'pglogrepl-bridge publication create' "
             "or CREATE PUBLICATION"
         )
-    slot = admin.slot_from(opts.slot, (yield admin.SLOTS_QUERY))
+    slot = admin.slot_from(opts.slot, (yield admin.slots_query(system.major)))
     if opts.create_slot and (opts.temporary or slot is None):
         yield admin.create_slot_query(
             opts.slot, system.major, temporary=opts.temporary, two_phase=opts.two_phase
         )
-        slot = admin.slot_from(opts.slot, (yield admin.SLOTS_QUERY))
+        slot = admin.slot_from(opts.slot, (yield admin.slots_query(system.major)))
     confirmed = check_slot(opts.slot, slot, backend_pid)
     # Ask from the slot's own position, never from the consumer's: a start above it makes
     # the server skip a PREPARE it already sent (two-phase), whose transaction is still to
@@ -105,10 +105,17 @@ def check_slot(name: str, slot: admin.SlotInfo | None, backend_pid: int) -> Lsn:
         )
     if slot.slot_type != "logical" or slot.plugin != "pgoutput":
         raise ConfigError(f"slot {name!r} is not a pgoutput logical slot ({slot.plugin})")
-    if slot.wal_status == "lost":
+    reason = slot.invalidation_reason or ("wal_removed" if slot.wal_status == "lost" else None)
+    if reason is not None or slot.conflicting:
+        why = reason or "conflict with recovery"
+        hint = {
+            "wal_removed": ": the WAL it needed was removed (max_slot_wal_keep_size)",
+            "idle_timeout": ": idle longer than idle_replication_slot_timeout",
+        }.get(why, "")
         raise ReplicationError(
-            f"replication slot {name!r} is invalidated (wal_status lost): drop and "
-            "re-create it, then resynchronise the consumer"
+            f"replication slot {name!r} is invalidated ({why}{hint}): drop and re-create it "
+            f"('pglogrepl-bridge slot drop {name}', 'slot create {name}'), then resynchronise "
+            "the consumer"
         )
     if slot.active and slot.active_pid is not None and slot.active_pid != backend_pid:
         raise SlotInUseError(

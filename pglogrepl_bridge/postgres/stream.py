@@ -92,6 +92,8 @@ class _StreamBase:
         self._acks: deque[tuple[int, bool]] = deque()  # acks from other threads, applied later
         self._last_status = 0.0
         self._fatal: BridgeError | None = None  # what the server said that ends the stream
+        self._established = False  # a START_REPLICATION succeeded once: losses are retried
+        self._first_attempt: float | None = None
 
     def _new_session(self) -> ReplicationSession:
         opts = self.options
@@ -167,6 +169,14 @@ class _StreamBase:
         """Changes in the transactions delivered so far."""
         return self.session.changes
 
+    def _retry_note(self, exc: BaseException, backoff: float) -> None:
+        if self._established:
+            self.reconnects += 1
+            what = "replication connection lost"
+        else:
+            what = "cannot reach the server yet (--wait-for-server)"
+        log.warning("%s (%s); retrying in %.1fs", what, _short(exc), backoff)
+
     def _planned(self, plan: StartPlan) -> None:
         self.system = plan.system
         self.proto_version = plan.proto_version
@@ -222,9 +232,21 @@ class _StreamBase:
         log.info("rewinding the stream to %s", format_lsn(lsn))
 
     def _retryable(self, exc: BaseException) -> bool:
-        """Whether a failure is worth a reconnect (and the options allow one)."""
+        """Whether a failure is worth a reconnect (and the options allow one).
+
+        A stream that was established and then dropped is retried with backoff. A first
+        connection that fails is a configuration or availability problem, reported at once,
+        unless ``wait_for_server`` asks to keep trying for that long.
+        """
         if not self.options.reconnect or self._stopping:
             return False
+        if not self._established:
+            if self._first_attempt is None:
+                self._first_attempt = time.monotonic()
+            waited = time.monotonic() - self._first_attempt
+            return waited < self.options.wait_for_server and isinstance(
+                exc, psycopg.OperationalError | ServerUnavailableError | Disconnected
+            )
         if isinstance(exc, SlotInUseError):
             # a slot still held by our own dying walsender frees itself in a moment
             return self.reconnects > 0
@@ -333,6 +355,7 @@ class ReplicationStream(_StreamBase):
             conn.close()
             raise
         self._conn = conn
+        self._established = True
         self._last_status = time.monotonic()
 
     def __iter__(self) -> Iterator[Transaction]:
@@ -343,6 +366,8 @@ class ReplicationStream(_StreamBase):
     def events(self) -> Iterator[Event]:
         """Every event: transactions, non-transactional messages and, if asked, prepares."""
         self._owner = threading.get_ident()
+        if self._first_attempt is None:
+            self._first_attempt = time.monotonic()
         backoff = 0.1
         while not self._stopping:
             try:
@@ -358,13 +383,16 @@ class ReplicationStream(_StreamBase):
                 if not self._retryable(exc):
                     raise as_bridge_error(exc, self.options) from None
                 self._drop_connection()
-                self.reconnects += 1
-                log.warning(
-                    "replication connection lost (%s); reconnecting in %.1fs", _short(exc), backoff
-                )
-                time.sleep(backoff)
+                self._retry_note(exc, backoff)
+                self._pause(backoff)
                 backoff = min(backoff * 2, self.options.max_backoff)
         self.close()
+
+    def _pause(self, seconds: float) -> None:
+        """Sleep, but wake within 50 ms of ``stop()`` (a signal must not wait out a backoff)."""
+        deadline = time.monotonic() + seconds
+        while not self._stopping and (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, 0.05))
 
     def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None

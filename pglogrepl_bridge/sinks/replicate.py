@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from pglogrepl_bridge.lsn import Lsn
 from pglogrepl_bridge.pgoutput.transaction import Transaction
-from pglogrepl_bridge.postgres.connection import connect, identify_system
+from pglogrepl_bridge.postgres.connection import connect_waiting, identify_system
 from pglogrepl_bridge.postgres.stream import ReplicationStream, StreamOptions
 from pglogrepl_bridge.progress import Progress
 
@@ -36,9 +36,9 @@ class ReplicateStats:
     last_lsn: Lsn | None = None
 
 
-def source_identity(dsn: str) -> str:
+def source_identity(dsn: str, wait: float = 0.0) -> str:
     """The source's system identifier: checkpoints are per (source, slot)."""
-    with connect(dsn, replication=True) as conn:
+    with connect_waiting(dsn, replication=True, wait=wait) as conn:
         return identify_system(conn).system_id
 
 
@@ -63,7 +63,7 @@ def run_replicate(
     """
     from pglogrepl_bridge.sinks.sql import SqlSink
 
-    system_id = source_identity(dsn)
+    system_id = source_identity(dsn, options.wait_for_server)
     sink = SqlSink(
         target,
         source_id=system_id,

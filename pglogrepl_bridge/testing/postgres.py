@@ -289,14 +289,15 @@ class _LocalCluster:
                 return
         except PermissionError:  # the exec itself was refused: a directory on the way is closed
             pass
-        # pgserver's binaries find libpq through ../../../pgserver.libs: keep that layout.
+        # A wheel's binaries find their libraries through ../../../<package>.libs (auditwheel's
+        # layout, e.g. pgserver.libs): keep that layout in the copy.
         install = self.bindir.parent
         copy_root = self.root / "install"
         target = copy_root / install.parent.name / install.name
         shutil.copytree(install, target, symlinks=True)
-        libs = install.parent.parent / "pgserver.libs"
+        libs = install.parent.parent / f"{install.parent.name}.libs"
         if libs.is_dir():
-            shutil.copytree(libs, copy_root / "pgserver.libs", symlinks=True)
+            shutil.copytree(libs, copy_root / libs.name, symlinks=True)
         for path in [copy_root, *copy_root.rglob("*")]:
             os.chmod(path, os.stat(path).st_mode | 0o055)
         self.bindir = target / "bin"
