@@ -100,6 +100,80 @@ def workload(
     return txns, txns * ROWS_PER_TXN
 
 
+#: The realistic wide table: the types real schemas carry, NULLs in a fifth of the values
+#: (every column but the key), a TOASTed text in one row in ten.
+REAL_COLUMNS = {
+    "doc": (
+        "jsonb",
+        "jsonb_build_object('id', g, 'tags', jsonb_build_array('a', 'b'), "
+        "'price', g * 1.5, 'name', 'item ' || g)",
+    ),
+    "raw_json": ("json", "json_build_object('g', g, 'ok', g % 2 = 0)"),
+    "addr": ("inet", "('10.' || (g % 250) || '.' || (g % 200) || '.' || (g % 100))::inet"),
+    "net": ("cidr", "('10.' || (g % 250) || '.0.0/16')::cidr"),
+    "ints": ("int[]", "ARRAY[g, g + 1, g + 2]"),
+    "words": ("text[]", "ARRAY['red', 'grün ' || g]"),
+    "span": ("interval", "make_interval(hours => g % 48, mins => g % 60)"),
+    "amount": ("numeric(12, 2)", "(g * 3.14159)::numeric(12, 2)"),
+    "at": ("timestamptz", "timestamptz '2026-01-01 00:00:00+00' + g * interval '1 minute'"),
+    "day": ("date", "date '2026-01-01' + (g % 365)"),
+    "clock": ("time", "time '00:00' + g * interval '1 second'"),
+    "uid": ("uuid", "md5(g::text)::uuid"),
+    "blob": ("bytea", "decode(md5(g::text), 'hex')"),
+    "flag": ("bool", "g % 3 = 0"),
+    "ratio": ("float8", "g / 7.0"),
+    "code": ("varchar(32)", "'code-' || g"),
+    "note": ("text", "'naïve café ' || g || ' ✓'"),
+    "big": ("text", "CASE WHEN g % 10 = 0 THEN repeat('toast ' || g, 800) ELSE 'small' END"),
+}
+
+
+def realistic_workload(
+    conn: psycopg.Connection[tuple[object, ...]], changes: int
+) -> tuple[int, int]:
+    """The same shape as ``workload`` (transactions of 60 inserts, 25 updates and 15
+    deletes, alternating tables), but the wide table is ``real``: jsonb, json, inet, cidr,
+    arrays, interval, numeric, timestamptz, date, time, uuid, bytea, bool, float8, varchar,
+    non-ASCII text and a TOASTed text, with NULLs. Updates leave the TOASTed column alone.
+    The publication is ``bench_pub``."""
+    cols = ", ".join(f"{name} {type_}" for name, (type_, _) in REAL_COLUMNS.items())
+    conn.execute("CREATE TABLE narrow (id int PRIMARY KEY, v text, n int)")
+    conn.execute(f"CREATE TABLE real (id int PRIMARY KEY, {cols})")
+    conn.execute("CREATE PUBLICATION bench_pub FOR TABLE narrow, real")
+    values = ", ".join(
+        f"CASE WHEN (g + {i}) % 5 = 0 THEN NULL ELSE {expr} END"
+        for i, (_, expr) in enumerate(REAL_COLUMNS.values())
+    ).replace("%", "%%")  # the statement has parameters: a literal % is written %%
+    txns = max(1, changes // ROWS_PER_TXN)
+    for t in range(txns):
+        base = t * 60
+        with conn.transaction():
+            if t % 2 == 1:
+                conn.execute(
+                    f"INSERT INTO real SELECT g, {values} FROM generate_series(%s::int, %s::int) g",
+                    (base, base + 59),
+                )
+                conn.execute(
+                    "UPDATE real SET amount = amount + 1, doc = doc || '{\"seen\": true}' "
+                    "WHERE id >= %s AND id < %s",
+                    (base, base + 25),
+                )
+                conn.execute("DELETE FROM real WHERE id >= %s AND id < %s", (base + 45, base + 60))
+            else:
+                conn.execute(
+                    "INSERT INTO narrow SELECT g, 'value ' || g, g "
+                    "FROM generate_series(%s::int, %s::int) g",
+                    (base, base + 59),
+                )
+                conn.execute(
+                    "UPDATE narrow SET n = n + 1 WHERE id >= %s AND id < %s", (base, base + 25)
+                )
+                conn.execute(
+                    "DELETE FROM narrow WHERE id >= %s AND id < %s", (base + 45, base + 60)
+                )
+    return txns, txns * ROWS_PER_TXN
+
+
 def final_commit_end(conn: psycopg.Connection[tuple[object, ...]], slot: str) -> Lsn:
     end = admin.last_commit_lsn(conn, slot, ("bench_pub",))
     assert end is not None
@@ -189,6 +263,13 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="2,000 changes, 1 round: checks only")
     ap.add_argument("--memory", action="store_true", help="the 1M-row transaction RSS check")
     ap.add_argument(
+        "--workload",
+        choices=["basic", "realistic"],
+        default="basic",
+        help="basic: a narrow and a 21-column text table (the figures since the first "
+        "session); realistic: the narrow table and one with the types real schemas carry",
+    )
+    ap.add_argument(
         "--baseline",
         metavar="PYTHON",
         help="also time another install's commands in the same rounds (e.g. a checkout of the "
@@ -203,7 +284,7 @@ def main() -> None:
         if args.memory:
             memory_check(pg, 200_000 if args.smoke else 1_000_000)
         else:
-            compare(pg, args.changes, args.rounds, versions[version], args.baseline)
+            compare(pg, args.changes, args.rounds, versions[version], args.baseline, args.workload)
 
 
 def precompile() -> None:
@@ -216,12 +297,18 @@ def precompile() -> None:
 
 
 def compare(
-    pg: PostgresServer, changes: int, rounds: int, bindir: Path, baseline: str | None = None
+    pg: PostgresServer,
+    changes: int,
+    rounds: int,
+    bindir: Path,
+    baseline: str | None = None,
+    kind: str = "basic",
 ) -> None:
     precompile()
     built = "built" if accel.json_row is not None else "NOT built (pure Python)"
     print(f"C accelerator: {built}", flush=True)
     common = ["--proto-version", "1", "--no-streaming"]
+    tables = ("narrow", "real" if kind == "realistic" else "wide")
     tmp = Path(tempfile.mkdtemp(prefix="pglb-bench-"))
     replicas: list[subprocess.Popen[str]] = []
     ports: list[int] = []
@@ -252,9 +339,7 @@ def compare(
 
     def count_rows(result: subprocess.CompletedProcess[str], d: Path) -> None:
         with sqlite3.connect(d / "target.db") as db:
-            rows = sum(
-                db.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("narrow", "wide")
-            )
+            rows = sum(db.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in tables)
         assert rows == expected_rows, f"sqlite rows {rows} != {expected_rows}"
 
     def count_entries(result: subprocess.CompletedProcess[str], d: Path) -> None:
@@ -329,11 +414,14 @@ def compare(
                     "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (f"bench_{r}_{i}",)
                 )
         started = time.perf_counter()
-        txns, total = workload(conn, changes)
+        if kind == "realistic":
+            txns, total = realistic_workload(conn, changes)
+        else:
+            txns, total = workload(conn, changes)
         end = final_commit_end(conn, "bench_0_0")
         expected_rows = sum(
             conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]  # type: ignore[index]
-            for t in ("narrow", "wide")
+            for t in tables
         )
         print(
             f"PostgreSQL {pg.version}: {total:,} changes in {txns:,} transactions "

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
         ServerUnavailableError,
         SinkError,
         SlotInUseError,
+        TargetUnavailableError,
     )
     from pglogrepl_bridge.lsn import Lsn
     from pglogrepl_bridge.pgoutput.messages import Message
@@ -90,6 +91,7 @@ _LAZY = {
     "ServerUnavailableError": "pglogrepl_bridge.errors",
     "SinkError": "pglogrepl_bridge.errors",
     "SlotInUseError": "pglogrepl_bridge.errors",
+    "TargetUnavailableError": "pglogrepl_bridge.errors",
     "StreamOptions": "pglogrepl_bridge.postgres.options",
     "Transaction": "pglogrepl_bridge.pgoutput.transaction",
     "TruncateChange": "pglogrepl_bridge.pgoutput.transaction",
@@ -151,6 +153,7 @@ __all__ = [
     "SinkError",
     "SlotInUseError",
     "StreamOptions",
+    "TargetUnavailableError",
     "Transaction",
     "TruncateChange",
     "ValueProblem",

@@ -56,3 +56,7 @@ class SlotInUseError(ReplicationError):
 
 class SinkError(BridgeError):
     """A downstream store refused or lost a write; what was not committed is not confirmed."""
+
+
+class TargetUnavailableError(SinkError):
+    """The downstream store went away (restart, network): worth retrying the same batch."""

@@ -10,6 +10,7 @@ version with no passing test, fails the run.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections import Counter
@@ -18,9 +19,13 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import sqlalchemy as sa
 from hypothesis import settings
 
 from pglogrepl_bridge.testing.postgres import ENV_DSN, PostgresServer, find_bindirs, postgres_server
+
+from .mariadb_server import mariadb_available, mariadb_server
+from .streamkit import Conn, pg_url
 
 # Shared 2-core machines stall now and then: no per-example deadlines (timing is the
 # benchmarks' job, not the tests').
@@ -114,3 +119,41 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         if missing:
             print(f"\nCI: no PostgreSQL test passed on: {', '.join(missing)}")
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+_targets = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def mariadb_url() -> Iterator[str]:
+    """A MariaDB target. Without a server on this machine the MariaDB cases skip outside CI
+    (a newcomer's ``make test`` passes); under ``CI=true`` they must run (``.ci/run``
+    checks that they passed)."""
+    if not os.environ.get("CI") and not mariadb_available():
+        pytest.skip(
+            "no MariaDB server here: apt-get install mariadb-server, or set "
+            "PGLOGREPL_TEST_MARIADB_URL to run the MariaDB target tests"
+        )
+    with mariadb_server() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
+def target(
+    request: pytest.FixtureRequest, pg: PostgresServer, pg_conn: Conn, tmp_path: Path
+) -> Iterator[str]:
+    kind = request.param
+    if kind == "sqlite":
+        yield f"sqlite:///{tmp_path / 'target.db'}"
+    elif kind == "postgresql":
+        name = f"target_{next(_targets)}"
+        pg_conn.execute(f"CREATE DATABASE {name}")
+        yield pg_url(pg.dsn, name).render_as_string(hide_password=False)
+    else:
+        url: str = request.getfixturevalue("mariadb_url")
+        engine = sa.create_engine(url)
+        with engine.begin() as conn:
+            for (table,) in conn.execute(sa.text("SHOW TABLES")).all():
+                conn.execute(sa.text(f"DROP TABLE `{table}`"))
+        engine.dispose()
+        yield url

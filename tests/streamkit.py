@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+import sqlalchemy as sa
 
 from pglogrepl_bridge.lsn import Lsn
 from pglogrepl_bridge.pgoutput.transaction import Transaction
@@ -186,3 +187,15 @@ def ids_of(txns: list[Transaction]) -> list[int]:
             if new is not None:
                 out.append(new["id"])
     return out
+
+
+def pg_url(dsn: str, dbname: str | None = None) -> sa.URL:
+    p = psycopg.conninfo.conninfo_to_dict(dsn)
+    return sa.URL.create(
+        "postgresql+psycopg",
+        username=str(p["user"]),
+        password=str(p.get("password") or ""),
+        host=str(p["host"]),
+        port=int(str(p["port"])),
+        database=dbname or str(p["dbname"]),
+    )

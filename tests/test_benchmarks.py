@@ -7,12 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-def test_end_to_end_benchmark_smoke() -> None:
+@pytest.mark.parametrize("workload", ["basic", "realistic"])
+def test_end_to_end_benchmark_smoke(workload: str) -> None:
     result = subprocess.run(
-        [sys.executable, str(BENCH / "bench.py"), "--smoke"],
+        [sys.executable, str(BENCH / "bench.py"), "--smoke", "--workload", workload],
         capture_output=True,
         text=True,
         timeout=300,

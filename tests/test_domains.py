@@ -20,7 +20,6 @@ from pglogrepl_bridge.sinks.replicate import run_replicate
 from pglogrepl_bridge.testing.postgres import PostgresServer
 
 from .streamkit import Conn, Source, make_source
-from .test_replicate import mariadb_url, target  # noqa: F401 - fixtures
 
 _n = itertools.count()
 
@@ -64,7 +63,7 @@ def test_domain_over_int_is_an_int_in_row_changes_and_json(
 def test_domain_over_int_is_an_integer_column_in_every_target(
     pg: PostgresServer,
     pg_conn: Conn,
-    target: str,  # noqa: F811 - the fixture
+    target: str,
 ) -> None:
     src = _domain_source(pg_conn)
     run_replicate(pg.dsn, target, src.options(), until=src.end())

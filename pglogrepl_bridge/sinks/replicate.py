@@ -6,11 +6,14 @@ after the target transaction holding it (and its checkpoint) committed.
 
 from __future__ import annotations
 
+import logging
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from pglogrepl_bridge.errors import TargetUnavailableError
 from pglogrepl_bridge.lsn import Lsn
 from pglogrepl_bridge.pgoutput.transaction import Transaction
 from pglogrepl_bridge.postgres.connection import connect_waiting, identify_system
@@ -18,9 +21,32 @@ from pglogrepl_bridge.postgres.stream import ReplicationStream, StreamOptions
 from pglogrepl_bridge.progress import Progress
 
 if TYPE_CHECKING:  # SQLAlchemy loads only when replicating: tail and bridge start faster
-    from pglogrepl_bridge.sinks.sql import Conflict
+    from pglogrepl_bridge.sinks.sql import Conflict, SqlSink
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TARGET = "sqlite:///pglogrepl_bridge.db"
+
+
+def apply_retrying(
+    sink: SqlSink, txns: list[Transaction], stream: ReplicationStream, *, max_backoff: float
+) -> None:
+    """``sink.apply``, retried with backoff while the target is unavailable (a restart, the
+    network), until it succeeds or the stream is stopped. Nothing is acknowledged meanwhile;
+    a stop gives up with the error, and the batch comes again on the next run."""
+    backoff = 0.1
+    while True:
+        try:
+            sink.apply(txns)
+            return
+        except TargetUnavailableError as exc:
+            if stream.stopping:
+                raise
+            log.warning("%s; retrying in %.1fs", exc, backoff)
+            deadline = time.monotonic() + backoff
+            while not stream.stopping and time.monotonic() < deadline:
+                time.sleep(0.05)
+            backoff = min(backoff * 2, max_backoff)
 
 
 @dataclass
@@ -84,7 +110,7 @@ def run_replicate(
         nonlocal size
         if not pending:
             return
-        sink.apply(pending)
+        apply_retrying(sink, pending, stream, max_backoff=options.max_backoff)
         for txn in pending:
             stream.ack(txn.end_lsn)
         stats.batches += 1

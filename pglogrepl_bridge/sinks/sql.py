@@ -3,6 +3,23 @@
 A checkpoint table maps (source system id, slot) to the last applied end LSN and is written in
 the same target transaction as the changes, so after any crash the target and its checkpoint
 agree; the stream resumes from the checkpoint and skips what the target holds.
+
+Rules for tables (``_prepare``):
+
+- A table with a replica-identity key (a primary key, or ``REPLICA IDENTITY USING INDEX``)
+  gets that key as its primary key; rows are matched by it.
+- A keyless table (``REPLICA IDENTITY FULL``, whose Relation marks every column as key, or no
+  identity at all) is created without a primary key over its columns, plus a surrogate
+  ``_pglb_rowid``: equal rows are legal in the source and NULLs are legal anywhere. An UPDATE
+  or DELETE matches the old row on every column it carries, NULL-safely (``IS NOT DISTINCT
+  FROM``), and changes exactly one of the equal rows (the first by surrogate).
+- ``--conflict lww`` versions keyed rows (``sinks.lww``); keyless rows have no identity to
+  version and are applied in stream order in both modes.
+
+Faults: a target that goes away (restart, network) raises ``TargetUnavailableError`` and the
+batch is retried by ``run_replicate`` with backoff; anything else (a constraint, a value the
+target cannot hold) stops the run naming the table and the key. Nothing is acknowledged past
+what the target committed.
 """
 
 from __future__ import annotations
@@ -17,19 +34,21 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from pglogrepl_bridge.errors import ConfigError, SinkError
+from pglogrepl_bridge.errors import ConfigError, SinkError, TargetUnavailableError
 from pglogrepl_bridge.lsn import Lsn
 from pglogrepl_bridge.pgoutput.messages import Column, Message
 from pglogrepl_bridge.pgoutput.relcache import Fused, RelationInfo
 from pglogrepl_bridge.pgoutput.transaction import RowChange, Transaction, TruncateChange
+from pglogrepl_bridge.sinks import lww
+from pglogrepl_bridge.sinks.lww import NODE_COL, TS_COL, VERSION_COLS
 from pglogrepl_bridge.sinks.sqltypes import column_type, loaders
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_TABLE = "pglogrepl_bridge_checkpoint"
 TOMBSTONE_TABLE = "pglogrepl_bridge_tombstone"
-TS_COL = "_pglb_commit_ts"  # LWW: commit time (µs since the Unix epoch) of the row's last write
-NODE_COL = "_pglb_node"  # LWW: node id of the row's last write
+ROWID_COL = "_pglb_rowid"  # the surrogate key of a keyless table
+__all__ = ["CHECKPOINT_TABLE", "NODE_COL", "TS_COL", "Conflict", "SqlSink", "base_columns"]
 
 Conflict = Literal["source", "lww"]
 _KEY = "_pglb_key_"  # bind-parameter prefix for a row's old key in UPDATE/DELETE
@@ -40,8 +59,9 @@ class _Target:
     table: sa.Table
     fused: Fused  # loaders giving Python values (for statements SQLAlchemy binds)
     driver_fused: Fused  # the same, then the column type's bind processing: driver values
-    keys: tuple[str, ...]
+    keys: tuple[str, ...]  # empty for a keyless table
     key_params: tuple[tuple[str, str], ...]  # (key column, its old-key bind parameter)
+    keyless: bool = False
     statements: dict[tuple[str, tuple[str, ...]], _Statement] = field(default_factory=dict)
 
 
@@ -111,14 +131,22 @@ class SqlSink:
             self.meta,
             sa.Column("tbl", sa.String(128), primary_key=True),
             sa.Column("row_key", sa.String(255), primary_key=True),
-            sa.Column(TS_COL, sa.BigInteger, nullable=False),
-            sa.Column(NODE_COL, sa.BigInteger, nullable=False),
+            *lww.version_columns(),
         )
         self._targets: dict[RelationInfo, _Target] = {}
         self._source_columns: dict[str, dict[str, Column]] = {}
         try:
             self.meta.create_all(self.engine, tables=[self.checkpoints, self.tombstones])
+            with self.engine.begin() as conn:  # a tombstone table of an older version
+                present = {c["name"] for c in sa.inspect(conn).get_columns(TOMBSTONE_TABLE)}
+                for name in VERSION_COLS:
+                    if name not in present:
+                        self._add_column(conn, TOMBSTONE_TABLE, sa.Column(name, sa.BigInteger))
         except SQLAlchemyError as exc:
+            if _transient(exc):
+                raise TargetUnavailableError(
+                    f"cannot reach the target {self.url}: {_reason(exc)}"
+                ) from None
             raise SinkError(
                 f"cannot reach or write the target {self.url}: {_reason(exc)}"
             ) from None
@@ -164,8 +192,16 @@ class SqlSink:
                     self._apply_txn(conn, txn, grouped=True)
                 self._write_checkpoint(conn, int(txns[-1].end_lsn))  # a plain int for drivers
         except SinkError:
+            self._targets.clear()
             raise
         except SQLAlchemyError as exc:
+            # The rollback undid this batch's DDL too (tables created or altered): forget
+            # what we knew of the tables, or the retry below would use tables that are gone.
+            self._targets.clear()
+            if _transient(exc):
+                raise TargetUnavailableError(
+                    f"the target {self.url} is unavailable: {_reason(exc)}"
+                ) from None
             # Find the exact row: apply again, row by row; it fails at the culprit.
             self._pinpoint(txns, exc)
 
@@ -180,19 +216,25 @@ class SqlSink:
         except SinkError:
             raise
         except SQLAlchemyError as exc:
+            if _transient(exc):
+                raise TargetUnavailableError(
+                    f"the target {self.url} is unavailable: {_reason(exc)}"
+                ) from None
             raise SinkError(f"cannot write to the target {self.url}: {_reason(exc)}") from None
+        finally:
+            self._targets.clear()  # the row-by-row pass was rolled back, its DDL with it
         raise SinkError(f"cannot write to the target {self.url}: {_reason(first)}")
 
     def _apply_txn(self, conn: sa.Connection, txn: Transaction, *, grouped: bool) -> None:
         if self.conflict == "lww":
-            for change in txn.changes:
-                self._apply_lww(conn, txn, change)
+            for pos, change in enumerate(txn.changes):
+                self._apply_lww(conn, txn, pos, change)
             return
         for target, op, rows, change in self._groups(conn, txn, grouped):
             try:
                 self._execute(conn, target, op, rows)
             except DBAPIError as exc:
-                if grouped and len(rows) > 1:
+                if (grouped and len(rows) > 1) or _transient(exc):
                     raise
                 raise SinkError(_row_error(target, op, change, exc)) from None
 
@@ -231,6 +273,8 @@ class SqlSink:
         rel = change.relation
         op = change.op
         fused = target.driver_fused
+        if target.keyless:
+            return self._keyless_row(target, change)
         if op == "delete":
             key = rel.row_at(change.raw, change.old_at, key_only=True, fused=fused)
             return {pk: key[k] for k, pk in target.key_params if k in key}, (target, op)
@@ -246,12 +290,35 @@ class SqlSink:
         row.update(new)
         return row, (target, op) if full else (target, op, tuple(new))
 
+    def _keyless_row(
+        self, target: _Target, change: RowChange
+    ) -> tuple[dict[str, Any], tuple[Any, ...]]:
+        """A keyless table's row: the new values, and for an update or delete the old row's
+        values (every column under FULL) under _KEY names, to match it by."""
+        rel, fused = change.relation, target.driver_fused
+        row: dict[str, Any] = {}
+        if change.new_at >= 0:
+            row.update(rel.row_at(change.raw, change.new_at, fused=fused))
+        if change.op != "insert":
+            if change.old_at < 0:
+                raise SinkError(
+                    f"cannot apply {change.op} to keyless table {target.table.name}: the source "
+                    "sent no old row (set REPLICA IDENTITY FULL on it, or give it a key)"
+                )
+            old = rel.row_at(change.raw, change.old_at, fused=fused)
+            row.update({_KEY + k: v for k, v in old.items()})
+        return row, (target, change.op, tuple(row))
+
     def _execute(
         self, conn: sa.Connection, target: _Target, op: str, rows: list[dict[str, Any]]
     ) -> None:
         table = target.table
         if op == "truncate":
             conn.execute(sa.delete(table))
+            return
+        if target.keyless and op != "insert":
+            for row in rows:
+                self._keyless_change(conn, target, op, row)
             return
         stmt = self._statement(conn, target, op, tuple(rows[0]))
         done = conn.exec_driver_sql(stmt.sql, list(map(stmt.params, rows)))
@@ -264,6 +331,30 @@ class SqlSink:
                 len(rows),
             )
 
+    def _keyless_change(
+        self, conn: sa.Connection, target: _Target, op: str, row: dict[str, Any]
+    ) -> None:
+        """Update or delete exactly one of the rows equal (NULL-safely) to the old row."""
+        names = tuple(row)
+        found = conn.exec_driver_sql(*self._bound(conn, target, "find", names, row)).first()
+        if found is None:
+            log.warning(
+                "%s on %s matched no row (already absent in the target?)", op, target.table.name
+            )
+            return
+        conn.exec_driver_sql(*self._bound(conn, target, op, names, {**row, ROWID_COL: found[0]}))
+
+    def _bound(
+        self,
+        conn: sa.Connection,
+        target: _Target,
+        op: str,
+        names: tuple[str, ...],
+        row: dict[str, Any],
+    ) -> tuple[str, Any]:
+        stmt = self._statement(conn, target, op, names)
+        return stmt.sql, stmt.params(row)
+
     def _statement(
         self, conn: sa.Connection, target: _Target, op: str, names: tuple[str, ...]
     ) -> _Statement:
@@ -272,13 +363,23 @@ class SqlSink:
             return stmt
         table = target.table
         where = [table.c[k] == sa.bindparam(_KEY + k) for k in target.keys]
-        core: sa.Insert | sa.Update | sa.Delete
+        if target.keyless:  # update/delete one row, found by its surrogate
+            where = [table.c[ROWID_COL] == sa.bindparam(ROWID_COL)]
+        core: sa.Insert | sa.Update | sa.Delete | sa.Select[Any]
         if op == "insert":
             core = sa.insert(table).values({c: sa.bindparam(c) for c in names})
+        elif op == "find":  # keyless: the first row equal to the old one, NULL-safely
+            matches = [
+                table.c[k[len(_KEY) :]].is_not_distinct_from(sa.bindparam(k))
+                for k in names
+                if k.startswith(_KEY)
+            ]
+            core = sa.select(table.c[ROWID_COL]).where(*matches).order_by(table.c[ROWID_COL])
+            core = core.limit(1)
         elif op == "delete":
             core = sa.delete(table).where(*where)
         else:
-            cols = [k for k in names if not k.startswith(_KEY)]
+            cols = [k for k in names if not k.startswith(_KEY) and k != ROWID_COL]
             core = sa.update(table).where(*where).values({c: sa.bindparam(c) for c in cols})
         compiled = core.compile(dialect=conn.dialect)
         order = compiled.positiontup
@@ -293,12 +394,17 @@ class SqlSink:
             params = lambda row: (row[only],)  # noqa: E731
         else:
             params = itemgetter(*order)
+        # parameters the statement fixes itself (a LIMIT, an OFFSET): the row has no such keys
+        fixed = {k: v for k, v in compiled.params.items() if k not in names and v is not None}
+        if fixed:
+            by_row = params
+            params = lambda row: by_row({**fixed, **row})  # noqa: E731
         stmt = target.statements[(op, names)] = _Statement(str(compiled), params)
         return stmt
 
-    # -- last writer wins ------------------------------------------------------------------
+    # -- last writer wins (rules in sinks.lww) --------------------------------------------
 
-    def _apply_lww(self, conn: sa.Connection, txn: Transaction, change: Any) -> None:
+    def _apply_lww(self, conn: sa.Connection, txn: Transaction, pos: int, change: Any) -> None:
         if isinstance(change, Message):
             return
         if isinstance(change, TruncateChange):
@@ -306,61 +412,34 @@ class SqlSink:
                 conn.execute(sa.delete(self._target(conn, rel).table))
             return
         target = self._target(conn, change.relation)
-        table, rel = target.table, change.relation
-        version = (txn.timestamp_us, self.node_id)
+        if target.keyless:  # no identity to version: stream order, as --conflict source
+            row, _ = self._row(target, change)
+            self._execute(conn, target, change.op, [row])
+            return
+        table, rel, tomb = target.table, change.relation, self.tombstones
+        version = (txn.timestamp_us, self.node_id, int(txn.end_lsn), pos)
         old_at = change.old_at if change.old_at >= 0 else change.new_at
         key = rel.row_at(change.raw, old_at, key_only=True, fused=target.fused)
-        if change.op != "delete":
-            new = rel.row_at(change.raw, change.new_at, fused=target.fused)
-            new_key = {k: new[k] for k in target.keys if k in new}
-            if new_key and new_key != key:  # a key change: the old key is deleted
-                self._lww_delete(conn, target, key, version)
-                key = new_key
-            if self._newer_exists(conn, target, key, version):
-                return
-            values = dict(new)
-            values.update({TS_COL: version[0], NODE_COL: version[1]})
-            where = [table.c[k] == v for k, v in key.items()]
-            if conn.execute(sa.update(table).where(*where).values(values)).rowcount == 0:
-                conn.execute(sa.insert(table).values({**key, **values}))
-            self._clear_tombstone(conn, table.name, key)
-        else:
-            self._lww_delete(conn, target, key, version)
-
-    def _lww_delete(
-        self, conn: sa.Connection, target: _Target, key: dict[str, Any], version: tuple[int, int]
-    ) -> None:
-        if self._newer_exists(conn, target, key, version):
+        if change.op == "delete":
+            stored, _ = lww.stored_version(conn, table, tomb, key)
+            if stored is None or stored < version:
+                lww.delete_row(conn, table, tomb, key, version)
             return
-        table = target.table
-        conn.execute(sa.delete(table).where(*[table.c[k] == v for k, v in key.items()]))
-        self._clear_tombstone(conn, table.name, key)
-        conn.execute(
-            sa.insert(self.tombstones).values(
-                tbl=table.name, row_key=_key_text(key), **{TS_COL: version[0], NODE_COL: version[1]}
-            )
-        )
-
-    def _newer_exists(
-        self, conn: sa.Connection, target: _Target, key: dict[str, Any], version: tuple[int, int]
-    ) -> bool:
-        table, tomb = target.table, self.tombstones
-        row = conn.execute(
-            sa.select(table.c[TS_COL], table.c[NODE_COL]).where(
-                *[table.c[k] == v for k, v in key.items()]
-            )
-        ).first()
-        if row is None:
-            row = conn.execute(
-                sa.select(tomb.c[TS_COL], tomb.c[NODE_COL]).where(
-                    tomb.c.tbl == table.name, tomb.c.row_key == _key_text(key)
-                )
-            ).first()
-        return row is not None and row[0] is not None and (row[0], row[1]) >= version
-
-    def _clear_tombstone(self, conn: sa.Connection, name: str, key: dict[str, Any]) -> None:
-        tomb = self.tombstones
-        conn.execute(sa.delete(tomb).where(tomb.c.tbl == name, tomb.c.row_key == _key_text(key)))
+        new = rel.row_at(change.raw, change.new_at, fused=target.fused)
+        new_key = {k: new[k] for k in target.keys if k in new}
+        carried: dict[str, Any] = {}
+        if new_key and new_key != key:  # a key change moves the whole row (rule 3)
+            stored, old_row = lww.stored_version(conn, table, tomb, key)
+            if old_row is not None:
+                carried = {c: old_row[c] for c in rel.names if c not in new and c in old_row}
+            if stored is None or stored < version:
+                lww.delete_row(conn, table, tomb, key, version)
+            key = new_key
+        stored, current = lww.stored_version(conn, table, tomb, key)
+        if stored is not None and stored >= version:
+            return  # a newer write holds this key (rule 2)
+        values = {**carried, **new}
+        lww.write_row(conn, table, tomb, key, values, version, exists=current is not None)
 
     # -- tables ----------------------------------------------------------------------------
 
@@ -377,36 +456,37 @@ class SqlSink:
         Uuid into CHAR(32), a JSON into LONGTEXT): only the column names are read back.
         """
         name = target_name(rel)
-        keys = rel.key_names or tuple(c.name for c in rel.columns)
+        keyless = is_keyless(rel)
+        keys = () if keyless else rel.key_names
         columns = base_columns(rel)
         inspector = sa.inspect(conn)
         if inspector.has_table(name):
             present = {c["name"] for c in inspector.get_columns(name)}
+            if keyless and ROWID_COL not in present:
+                raise SinkError(
+                    f"target table {name} has no {ROWID_COL} column, which a table without a "
+                    "key (REPLICA IDENTITY FULL) needs to update or delete one of several "
+                    "equal rows: it was made by an older version with every column in its "
+                    "primary key. Drop it and the checkpoint row, then replicate again"
+                )
         else:
-            self._create(conn, rel, name, keys)
+            self._create(conn, rel, name, keys, keyless=keyless)
             present = {c.name for c in rel.columns} | (
-                {TS_COL, NODE_COL} if self.conflict == "lww" else set()
+                set(VERSION_COLS) if self.conflict == "lww" and not keyless else set()
             )
+            if keyless:
+                present.add(ROWID_COL)
         for col in columns:
             if col.name not in present:
                 self._add_column(
                     conn, name, sa.Column(col.name, column_type(col, self.dialect, is_key=False))
                 )
-        if self.conflict == "lww":
-            for extra in (TS_COL, NODE_COL):
+        if self.conflict == "lww" and not keyless:
+            for extra in VERSION_COLS:
                 if extra not in present:
                     self._add_column(conn, name, sa.Column(extra, sa.BigInteger))
         self._note_schema(name, rel, present)
-        cols = [
-            sa.Column(
-                c.name,
-                column_type(c, self.dialect, is_key=c.name in keys),
-                primary_key=c.name in keys,
-            )
-            for c in columns
-        ]
-        if self.conflict == "lww":
-            cols += [sa.Column(TS_COL, sa.BigInteger), sa.Column(NODE_COL, sa.BigInteger)]
+        cols = self._columns(columns, keys, keyless=keyless)
         table = sa.Table(name, sa.MetaData(), *cols)
         fused = tuple((c.name, *loaders(c, self.dialect)) for c in columns)
         dialect = conn.dialect
@@ -418,14 +498,37 @@ class SqlSink:
             )
             for name, tload, bload in fused
         )
-        return _Target(table, fused, driver_fused, keys, tuple((k, _KEY + k) for k in keys))
+        return _Target(
+            table, fused, driver_fused, keys, tuple((k, _KEY + k) for k in keys), keyless
+        )
+
+    def _columns(
+        self, columns: tuple[Column, ...], keys: tuple[str, ...], *, keyless: bool
+    ) -> list[sa.Column[Any]]:
+        """The target table's columns: the source's (the key as primary key), the surrogate
+        of a keyless table, the version columns of LWW."""
+        cols: list[sa.Column[Any]] = [
+            sa.Column(
+                c.name,
+                column_type(c, self.dialect, is_key=c.name in keys),
+                primary_key=c.name in keys,
+                autoincrement=False,
+            )
+            for c in columns
+        ]
+        if keyless:
+            surrogate = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+            cols.append(sa.Column(ROWID_COL, surrogate, primary_key=True, autoincrement=True))
+        elif self.conflict == "lww":
+            cols += lww.version_columns()
+        return cols
 
     def _note_schema(self, name: str, rel: RelationInfo, present: set[str]) -> None:
         """Report type changes and dropped columns seen in a re-sent Relation."""
         before = self._source_columns.get(name)
         now = {c.name: c for c in rel.columns}
         self._source_columns[name] = now
-        dropped = (set(before) if before else present) - set(now) - {TS_COL, NODE_COL}
+        dropped = (set(before) if before else present) - set(now) - {*VERSION_COLS, ROWID_COL}
         if dropped:
             log.info(
                 "columns %s of %s are no longer sent by the source; kept, not written",
@@ -448,20 +551,17 @@ class SqlSink:
                 )
 
     def _create(
-        self, conn: sa.Connection, rel: RelationInfo, name: str, keys: tuple[str, ...]
+        self,
+        conn: sa.Connection,
+        rel: RelationInfo,
+        name: str,
+        keys: tuple[str, ...],
+        *,
+        keyless: bool,
     ) -> sa.Table:
-        cols = [
-            sa.Column(
-                c.name,
-                column_type(c, self.dialect, is_key=c.name in keys),
-                primary_key=c.name in keys,
-                autoincrement=False,
-            )
-            for c in base_columns(rel)
-        ]
-        if self.conflict == "lww":
-            cols += [sa.Column(TS_COL, sa.BigInteger), sa.Column(NODE_COL, sa.BigInteger)]
-        table = sa.Table(name, sa.MetaData(), *cols)
+        table = sa.Table(
+            name, sa.MetaData(), *self._columns(base_columns(rel), keys, keyless=keyless)
+        )
         table.create(conn)
         log.info("created target table %s", name)
         return table
@@ -488,8 +588,27 @@ def _then_bind(
     return lambda data: process(load(data))
 
 
-def _key_text(key: dict[str, Any]) -> str:
-    return "|".join(f"{k}={v}" for k, v in sorted(key.items()))[:255]
+def is_keyless(rel: RelationInfo) -> bool:
+    """Whether rows of ``rel`` have no identity to match them by in the target: REPLICA
+    IDENTITY FULL (pgoutput then marks every column as key) or no key columns at all."""
+    return rel.replica_identity in ("f", "n") or not rel.key_names
+
+
+def _transient(exc: BaseException) -> bool:
+    """Whether a failure means the target went away (restart, network) rather than refused
+    the data: SQLAlchemy's own disconnect detection first, then the drivers' codes."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    orig = getattr(exc, "orig", None)
+    sqlstate = getattr(orig, "sqlstate", None)
+    if sqlstate is not None:  # psycopg: connection exceptions, shutdown, cannot connect now
+        return str(sqlstate).startswith(("08", "57P"))
+    if type(orig).__module__.startswith("psycopg") and isinstance(exc, sa.exc.OperationalError):
+        return True  # libpq's own connection failures carry no SQLSTATE
+    code = orig.args[0] if orig is not None and getattr(orig, "args", None) else None
+    if type(orig).__module__.startswith("pymysql"):  # can't connect, gone away, lost
+        return code in (2003, 2006, 2013, 2055)
+    return "database is locked" in str(orig or "")  # SQLite: another writer holds it
 
 
 def _reason(exc: BaseException) -> str:
