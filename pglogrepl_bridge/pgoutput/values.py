@@ -1,7 +1,8 @@
 """Column values: typed through psycopg's own loaders (text and binary), or lossless text.
 
 psycopg's loaders need no connection (a bare ``Transformer``), so this stays IO-free. Loaders
-are looked up once per column when a Relation arrives, never per value.
+are looked up once per column when a Relation arrives, never per value, from the package's one
+adapter context (``loaders.ADAPTERS``: psycopg's, with faster json and inet loaders).
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from psycopg import adapters
-from psycopg.adapt import Transformer
 from psycopg.postgres import types as builtin_types
 from psycopg.pq import Format
+
+from pglogrepl_bridge.pgoutput.loaders import ADAPTERS, transformer
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class ValueLoaders:
         on_problem: Callable[[ValueProblem], None] | None = None,
     ) -> None:
         self.mode = mode
-        self._transformer = Transformer()
+        self._transformer = transformer()
         self._type_map = dict(type_map or {})
         self._custom: dict[int, str] = {}
         self.on_problem = on_problem or _log_problem
@@ -129,7 +130,7 @@ class ValueLoaders:
     def text_loader(self, oid: int) -> Load:
         """The loader for text-format values of ``oid`` (through its base type for a domain)."""
         oid = self.base_oid(oid)
-        if self.mode == "text" or adapters.get_loader(oid, Format.TEXT) is None:
+        if self.mode == "text" or ADAPTERS.get_loader(oid, Format.TEXT) is None:
             return _text  # lossless mode; or enums, composites, types psycopg doesn't know
         loader: Load = self._transformer.get_loader(oid, Format.TEXT).load
         return loader
@@ -137,7 +138,7 @@ class ValueLoaders:
     def binary_loader(self, oid: int) -> Load:
         """Binary values of a type psycopg has no binary loader for stay bytes."""
         oid = self.base_oid(oid)
-        if self.mode == "text" or adapters.get_loader(oid, Format.BINARY) is None:
+        if self.mode == "text" or ADAPTERS.get_loader(oid, Format.BINARY) is None:
             return _raw
         loader: Load = self._transformer.get_loader(oid, Format.BINARY).load
         return loader
@@ -159,9 +160,9 @@ class ValueLoaders:
                 oid if self.binary_loader(oid) is not _raw else builtin_types["bytea"].oid
                 for oid in map(self.base_oid, oids)
             ]
-        transformer = Transformer()
-        transformer.set_loader_types(chosen, fmt)
-        return transformer.load_sequence
+        rows = transformer()
+        rows.set_loader_types(chosen, fmt)
+        return rows.load_sequence
 
 
 def _log_problem(problem: ValueProblem) -> None:

@@ -19,10 +19,10 @@ from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
-from psycopg.adapt import Transformer
 from psycopg.pq import Format
 
 from pglogrepl_bridge.lsn import format_lsn
+from pglogrepl_bridge.pgoutput.loaders import transformer
 from pglogrepl_bridge.pgoutput.messages import Message
 from pglogrepl_bridge.pgoutput.relcache import Fused, RelationInfo
 from pglogrepl_bridge.pgoutput.transaction import RowChange, Transaction, TruncateChange
@@ -145,7 +145,7 @@ class JsonRenderer:
 
     def __init__(self, values: ValueMode = "typed") -> None:
         self.values = values
-        self._transformer = Transformer()
+        self._transformer = transformer()
         self._shapes: dict[RelationInfo, _Shape] = {}
 
     def _shape(self, rel: RelationInfo) -> _Shape:

@@ -41,7 +41,7 @@ from pglogrepl_bridge.pgoutput.relcache import Fused, RelationInfo
 from pglogrepl_bridge.pgoutput.transaction import RowChange, Transaction, TruncateChange
 from pglogrepl_bridge.sinks import lww
 from pglogrepl_bridge.sinks.lww import NODE_COL, TS_COL, VERSION_COLS
-from pglogrepl_bridge.sinks.sqltypes import column_type, loaders
+from pglogrepl_bridge.sinks.sqltypes import column_type, loaders, text_is_driver_value
 
 log = logging.getLogger(__name__)
 
@@ -490,10 +490,12 @@ class SqlSink:
         table = sa.Table(name, sa.MetaData(), *cols)
         fused = tuple((c.name, *loaders(c, self.dialect)) for c in columns)
         dialect = conn.dialect
+        passthrough = {c.name for c in columns if text_is_driver_value(c, self.dialect)}
         driver_fused = tuple(
             (
                 name,
-                _then_bind(tload, table.c[name].type, dialect),
+                # PostgreSQL's text is already what the driver stores: no parse, no re-format
+                _decode if name in passthrough else _then_bind(tload, table.c[name].type, dialect),
                 _then_bind(bload, table.c[name].type, dialect),
             )
             for name, tload, bload in fused
@@ -586,6 +588,10 @@ def _then_bind(
     if process is None:
         return load
     return lambda data: process(load(data))
+
+
+def _decode(data: bytes) -> str:
+    return bytes(data).decode()
 
 
 def is_keyless(rel: RelationInfo) -> bool:

@@ -12,12 +12,12 @@ from decimal import Decimal
 from typing import Any
 
 import sqlalchemy as sa
-from psycopg.adapt import Transformer
 from psycopg.postgres import types as pgtypes
 from psycopg.pq import Format
 from sqlalchemy.dialects import mysql, postgresql
 
 from pglogrepl_bridge.pgoutput import values
+from pglogrepl_bridge.pgoutput.loaders import transformer
 from pglogrepl_bridge.pgoutput.messages import Column
 
 Adapt = Callable[[Any], Any]
@@ -132,6 +132,17 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def text_is_driver_value(col: Column, dialect: str) -> bool:
+    """Whether PostgreSQL's text output of this column is, as it is, the value the target's
+    driver stores, so the SQL sink can pass it through without loading and re-formatting it:
+    json/jsonb into a JSON column off PostgreSQL (stored as JSON text; read back, the same
+    value), numeric into SQLite's exact TEXT."""
+    name, _ = describe(col.type_oid)
+    if name in ("json", "jsonb"):
+        return dialect != "postgresql"
+    return name == "numeric" and dialect == "sqlite"
+
+
 def loaders(col: Column, dialect: str) -> tuple[Adapt, Adapt]:
     """(text loader, binary loader) giving the value this column's target type accepts."""
     name, elem = describe(col.type_oid)
@@ -164,4 +175,4 @@ def _hex(data: bytes) -> str:
     return "\\x" + bytes(data).hex()
 
 
-_TRANSFORMER = Transformer()
+_TRANSFORMER = transformer()

@@ -1,0 +1,84 @@
+"""The adapters every conversion in the package uses: psycopg's, with faster loaders for the
+types whose stock loader dominates a row's cost, same values out.
+
+Why: a jsonb value costs 2-4 µs through ``json.loads`` and an inet 5-10 µs through
+``ipaddress``'s string parsing, against 0.2 µs for an int (benchmarks/RESULTS.md, fifth
+session). Both are replaced here, in one ``AdaptersMap`` that ``values.ValueLoaders``, the
+JSON renderer and the SQL sink's types all take their ``Transformer`` from, so a value means
+the same thing in every output:
+
+- json/jsonb: ``orjson.loads`` where installed, and ``json.loads`` for what orjson reads
+  differently or refuses (integers beyond 64 bits, which orjson makes floats; 1e400), so
+  nothing changes but the speed. A property test holds the two to each other.
+- inet (text): an IPv4 address without a prefix, the common case, is built from its four
+  octets (``socket.inet_aton``) instead of parsed by ``ipaddress``; anything else goes the
+  stock way. PostgreSQL's output is canonical, so the shortcut sees only dotted quads.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+from psycopg import abc
+from psycopg.adapt import AdaptersMap, Loader, Transformer
+from psycopg.postgres import types as builtin_types
+from psycopg.types.json import set_json_loads
+
+try:
+    import orjson
+except ImportError:  # pragma: no cover - a dependency; json.loads is the fallback
+    orjson = None  # type: ignore[assignment]
+
+__all__ = ["ADAPTERS", "json_loads", "transformer"]
+
+
+# orjson reads an integer beyond 64 bits as a float (json.loads keeps it exact): any run of
+# 19+ digits goes the stock way, costing a regex search, not a different value.
+_LONG_DIGITS_B = re.compile(rb"[0-9]{19}")
+_LONG_DIGITS_S = re.compile(r"[0-9]{19}")
+
+
+def _json_loads_fast(data: str | bytes) -> Any:
+    long_digits = _LONG_DIGITS_B if isinstance(data, bytes) else _LONG_DIGITS_S
+    if long_digits.search(data):  # type: ignore[arg-type]
+        return json.loads(data)
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)  # what orjson declines (1e400, ...), the stock way
+
+
+json_loads: Callable[[str | bytes], Any] = json.loads if orjson is None else _json_loads_fast
+
+
+class InetLoader(Loader):
+    """inet text to ``ipaddress`` objects, as psycopg's own ``InetLoader`` does, faster for
+    IPv4 addresses without a prefix."""
+
+    def load(self, data: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address | Any:
+        text = bytes(data).decode()
+        if "/" not in text and text.count(".") == 3 and ":" not in text:
+            try:
+                return ipaddress.IPv4Address(int.from_bytes(socket.inet_aton(text), "big"))
+            except OSError:
+                pass
+        if "/" in text:
+            return ipaddress.ip_interface(text)
+        return ipaddress.ip_address(text)
+
+
+#: The one adapter context of the package (see the module doc).
+ADAPTERS = AdaptersMap(psycopg.adapters)
+set_json_loads(json_loads, ADAPTERS)
+ADAPTERS.register_loader(builtin_types["inet"].oid, InetLoader)
+
+
+def transformer() -> abc.Transformer:
+    """A Transformer over ``ADAPTERS``: loaders without a connection."""
+    return Transformer(ADAPTERS)

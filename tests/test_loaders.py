@@ -1,0 +1,55 @@
+"""The package's faster loaders give exactly the values psycopg's stock loaders give."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from typing import Any
+
+import psycopg
+from hypothesis import example, given
+from hypothesis import strategies as st
+from psycopg.adapt import Transformer
+from psycopg.pq import Format
+
+from pglogrepl_bridge.pgoutput.loaders import json_loads, transformer
+
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**30), 10**30)  # beyond 64 bits too: orjson declines, json takes over
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=5), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+_STOCK = Transformer(psycopg.adapters)
+_OURS = transformer()
+
+
+@given(_JSON)
+@example({"id": 1, "tags": ["a", "b"], "price": 1.5})
+@example(123456789012345678901234567890)
+def test_json_loads_equals_the_stock_one(value: Any) -> None:
+    text = json.dumps(value)
+    assert json_loads(text) == json.loads(text)
+    assert json_loads(text.encode()) == json.loads(text)
+    for oid in (114, 3802):  # json, jsonb
+        ours = _OURS.get_loader(oid, Format.TEXT).load(text.encode())
+        stock = _STOCK.get_loader(oid, Format.TEXT).load(text.encode())
+        assert ours == stock and type(ours) is type(stock)
+
+
+@given(st.ip_addresses(), st.none() | st.integers(0, 128))
+@example(ipaddress.ip_address("10.1.2.3"), None)
+@example(ipaddress.ip_address("0.0.0.0"), None)
+@example(ipaddress.ip_address("::ffff:10.1.2.3"), None)
+def test_inet_loader_equals_the_stock_one(address: Any, prefix: int | None) -> None:
+    text = str(address)
+    if prefix is not None:
+        text += f"/{min(prefix, address.max_prefixlen)}"
+    ours = _OURS.get_loader(869, Format.TEXT).load(text.encode())
+    stock = _STOCK.get_loader(869, Format.TEXT).load(text.encode())
+    assert ours == stock and type(ours) is type(stock)
