@@ -5,15 +5,18 @@ from __future__ import annotations
 import base64
 import json
 import struct
+from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
+from psycopg.adapt import Transformer
+from psycopg.pq import Format
 
 from pglogrepl_bridge.pgoutput.messages import Column, Relation, TupleData
 from pglogrepl_bridge.pgoutput.relcache import RelationCache, RelationInfo
 from pglogrepl_bridge.pgoutput.transaction import Transaction
-from pglogrepl_bridge.render.jsonl import JsonRenderer, py_json
+from pglogrepl_bridge.render.jsonl import JsonRenderer, _loaded, py_json
 
 from .pgoutput_builders import tuple_bytes
 from .test_captures import FIRST_ITEM_AS_TEXT, VERSIONS, replay
@@ -170,3 +173,38 @@ def test_compiled_rows_step_aside_for_unchanged_toast_and_bad_bytes() -> None:
     assert renderer.row(rel, toast, 0) == '{"id":7}'
     assert shape.row(b"\x00\x02t\x00\x00\x00\x09" + b"7", 0) is None  # length overshoots
     assert shape.row(b"\x00\x03", 0) is None  # wrong column count
+
+
+def _pg_array_text(value: Any) -> str:
+    if isinstance(value, list):
+        return "{" + ",".join(_pg_array_text(v) for v in value) + "}"
+    return "NULL" if value is None else str(value)
+
+
+_INT_ARRAYS = st.lists(st.none() | st.integers(-(2**63), 2**63 - 1), max_size=5) | st.lists(
+    st.lists(st.none() | st.integers(-1000, 1000), min_size=2, max_size=2), min_size=1, max_size=3
+)
+
+
+@given(_INT_ARRAYS, st.sampled_from([1005, 1007, 1016]))
+@example([1, None, 3], 1007)
+@example([], 1007)
+def test_integer_arrays_render_as_the_loaded_ones_do(value: list[Any], oid: int) -> None:
+    """The text shortcut for integer arrays (brackets for braces) equals loading and
+    rendering; arrays with explicit bounds take the loader."""
+    limit = {1005: 2**15, 1007: 2**31, 1016: 2**63}[oid]  # int2, int4, int8
+
+    def fit(v: Any) -> Any:
+        if isinstance(v, list):
+            return [fit(w) for w in v]
+        return None if v is None else (v + limit // 2) % limit - limit // 2  # signed range
+
+    value = fit(value)
+    renderer = JsonRenderer()
+    text = _pg_array_text(value).encode()
+    shortcut = renderer._text_renderer(oid)
+    loaded = _loaded(Transformer().get_loader(oid, Format.TEXT).load)
+    assert shortcut(text) == loaded(text)
+    assert json.loads(shortcut(text)) == value
+    bounded = b"[0:1]={1,2}"
+    assert shortcut(bounded) == loaded(bounded)

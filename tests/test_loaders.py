@@ -53,3 +53,14 @@ def test_inet_loader_equals_the_stock_one(address: Any, prefix: int | None) -> N
     ours = _OURS.get_loader(869, Format.TEXT).load(text.encode())
     stock = _STOCK.get_loader(869, Format.TEXT).load(text.encode())
     assert ours == stock and type(ours) is type(stock)
+
+
+@given(st.ip_addresses(v=4) | st.ip_addresses(v=6), st.integers(0, 128))
+@example(ipaddress.ip_address("10.0.0.0"), 16)
+@example(ipaddress.ip_address("0.0.0.0"), 0)
+def test_cidr_loader_equals_the_stock_one(address: Any, prefix: int) -> None:
+    network = ipaddress.ip_network(f"{address}/{min(prefix, address.max_prefixlen)}", strict=False)
+    text = str(network).encode()  # PostgreSQL's cidr output: no host bits
+    ours = _OURS.get_loader(650, Format.TEXT).load(text)
+    stock = _STOCK.get_loader(650, Format.TEXT).load(text)
+    assert ours == stock and type(ours) is type(stock)

@@ -10,9 +10,10 @@ the same thing in every output:
 - json/jsonb: ``orjson.loads`` where installed, and ``json.loads`` for what orjson reads
   differently or refuses (integers beyond 64 bits, which orjson makes floats; 1e400), so
   nothing changes but the speed. A property test holds the two to each other.
-- inet (text): an IPv4 address without a prefix, the common case, is built from its four
-  octets (``socket.inet_aton``) instead of parsed by ``ipaddress``; anything else goes the
-  stock way. PostgreSQL's output is canonical, so the shortcut sees only dotted quads.
+- inet and cidr (text): an IPv4 address without a prefix, and an IPv4 network, are built
+  from their four octets (``socket.inet_aton``) instead of parsed by ``ipaddress``; anything
+  else goes the stock way. PostgreSQL's output is canonical, so the shortcut sees only
+  dotted quads.
 """
 
 from __future__ import annotations
@@ -73,10 +74,28 @@ class InetLoader(Loader):
         return ipaddress.ip_address(text)
 
 
+class CidrLoader(Loader):
+    """cidr text to ``ipaddress`` networks, as psycopg's own ``CidrLoader`` does, faster for
+    IPv4: the network is built from its integer and prefix, not parsed."""
+
+    def load(self, data: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+        text = bytes(data).decode()
+        address, slash, prefix = text.partition("/")
+        if slash and address.count(".") == 3 and prefix.isdigit():
+            try:
+                packed = int.from_bytes(socket.inet_aton(address), "big")
+            except OSError:
+                pass
+            else:
+                return ipaddress.IPv4Network((packed, int(prefix)))
+        return ipaddress.ip_network(text)
+
+
 #: The one adapter context of the package (see the module doc).
 ADAPTERS = AdaptersMap(psycopg.adapters)
 set_json_loads(json_loads, ADAPTERS)
 ADAPTERS.register_loader(builtin_types["inet"].oid, InetLoader)
+ADAPTERS.register_loader(builtin_types["cidr"].oid, CidrLoader)
 
 
 def transformer() -> abc.Transformer:

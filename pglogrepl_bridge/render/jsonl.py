@@ -89,6 +89,20 @@ def _bool(data: bytes) -> str:
     return "true" if data == b"t" else "false"
 
 
+def _integer_array(load: Callable[[bytes], Any]) -> Render:
+    """An integer array's text is its JSON but for the brackets and NULL: ``{1,NULL,{2}}`` is
+    ``[1,null,[2]]``. An array with explicit bounds (``[0:1]={...}``) is loaded instead."""
+    loaded = _loaded(load)
+
+    def render(data: bytes) -> str:
+        text = bytes(data).decode()
+        if not text.startswith("{"):
+            return loaded(data)
+        return text.replace("{", "[").replace("}", "]").replace("NULL", "null")
+
+    return render
+
+
 def _json_text(data: bytes) -> str:
     text = data.decode()
     # json (not jsonb) keeps the input's whitespace; a newline would break JSON Lines
@@ -167,6 +181,10 @@ class JsonRenderer:
             return _bool
         if facts.name in JSON_TYPES:
             return _kept_as_text(_json_text)
+        if facts.element in INTEGER_TYPES:
+            return _kept_as_text(
+                _integer_array(self._transformer.get_loader(oid, Format.TEXT).load)
+            )
         if facts.name in TEMPORAL_TYPES or facts.element in JSON_ARRAY_ELEMENTS:
             return _loaded(self._transformer.get_loader(oid, Format.TEXT).load)
         return _text  # numeric, bytea (hex output), uuid, text, and anything else
