@@ -6,10 +6,13 @@ frames them; no server is involved.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pglogrepl_bridge import DecodeError, ReplicationSession, RowChange, Transaction
 from pglogrepl_bridge.pgoutput import _accel
@@ -168,3 +171,18 @@ def test_nothing_after_until_lsn_is_delivered(session: ReplicationSession) -> No
     assert not session.done()
     session.ack(t1.end_lsn)
     assert session.done() and status(session)[1] == 1100
+
+
+@settings(max_examples=500)
+@given(st.lists(st.binary(max_size=60), max_size=8), st.sampled_from([b"w", b"k", b""]))
+def test_nothing_but_decode_errors_escape_on_arbitrary_bytes(
+    messages: list[bytes], tag: bytes
+) -> None:
+    """Whatever the bytes, receive either takes them or raises DecodeError (the package's
+    error tree), never struct.error, IndexError or the like."""
+    session = ReplicationSession()
+    frames = [xlog(Begin(1090, 0, 1), 1000), xlog(REL, 1001)]
+    frames += [memoryview(tag + struct.pack("!QQq", 1002, 1002, 0) + m) for m in messages]
+    for frame in frames:
+        with contextlib.suppress(DecodeError):
+            session.receive(frame)
