@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml setup.py pglogrepl_bridge/pgoutput/_fastrow.c
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-## test: lint, type-check and run the whole suite against real PostgreSQL 15 and 16
+## test: lint, type-check and run the whole suite against real PostgreSQL 15 to 18
 test: lint
 	$(BIN)/python -m pytest
 

