@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import psycopg
+import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 from psycopg.adapt import Transformer
@@ -53,6 +54,17 @@ def test_inet_loader_equals_the_stock_one(address: Any, prefix: int | None) -> N
     ours = _OURS.get_loader(869, Format.TEXT).load(text.encode())
     stock = _STOCK.get_loader(869, Format.TEXT).load(text.encode())
     assert ours == stock and type(ours) is type(stock)
+
+
+@pytest.mark.parametrize("text", [b"010.1.2.3", b"1.2.3", b"256.1.1.1", b"1.2.3.4.5", b"a.b.c.d"])
+def test_irregular_ipv4_text_goes_the_stock_way(text: bytes) -> None:
+    def outcome(transformer: Any) -> object:
+        try:
+            return transformer.get_loader(869, Format.TEXT).load(text)
+        except ValueError as exc:
+            return type(exc)
+
+    assert outcome(_OURS) == outcome(_STOCK)
 
 
 @given(st.ip_addresses(v=4) | st.ip_addresses(v=6), st.integers(0, 128))

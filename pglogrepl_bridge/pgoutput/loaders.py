@@ -11,7 +11,7 @@ the same thing in every output:
   differently or refuses (integers beyond 64 bits, which orjson makes floats; 1e400), so
   nothing changes but the speed. A property test holds the two to each other.
 - inet and cidr (text): an IPv4 address without a prefix, and an IPv4 network, are built
-  from their four octets (``socket.inet_aton``) instead of parsed by ``ipaddress``; anything
+  from their four octets instead of parsed by ``ipaddress``; anything
   else goes the stock way. PostgreSQL's output is canonical, so the shortcut sees only
   dotted quads.
 """
@@ -21,7 +21,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -58,17 +57,31 @@ def _json_loads_fast(data: str | bytes) -> Any:
 json_loads: Callable[[str | bytes], Any] = json.loads if orjson is None else _json_loads_fast
 
 
+def _ipv4_int(text: str) -> int | None:
+    """A dotted quad as its integer, or None for anything else (left to ``ipaddress``)."""
+    parts = text.split(".")
+    if len(parts) != 4:
+        return None
+    value = 0
+    for part in parts:
+        if not part.isdigit() or len(part) > 3 or (part[0] == "0" and len(part) > 1):
+            return None  # ipaddress refuses leading zeros: so does this
+        octet = int(part)
+        if octet > 255:
+            return None
+        value = value << 8 | octet
+    return value
+
+
 class InetLoader(Loader):
     """inet text to ``ipaddress`` objects, as psycopg's own ``InetLoader`` does, faster for
     IPv4 addresses without a prefix."""
 
     def load(self, data: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address | Any:
+        """An ``IPv4Address``/``IPv6Address``, or an interface when there is a prefix."""
         text = bytes(data).decode()
-        if "/" not in text and text.count(".") == 3 and ":" not in text:
-            try:
-                return ipaddress.IPv4Address(int.from_bytes(socket.inet_aton(text), "big"))
-            except OSError:
-                pass
+        if "/" not in text and (packed := _ipv4_int(text)) is not None:
+            return ipaddress.IPv4Address(packed)
         if "/" in text:
             return ipaddress.ip_interface(text)
         return ipaddress.ip_address(text)
@@ -79,15 +92,11 @@ class CidrLoader(Loader):
     IPv4: the network is built from its integer and prefix, not parsed."""
 
     def load(self, data: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+        """An ``IPv4Network`` or ``IPv6Network``."""
         text = bytes(data).decode()
         address, slash, prefix = text.partition("/")
-        if slash and address.count(".") == 3 and prefix.isdigit():
-            try:
-                packed = int.from_bytes(socket.inet_aton(address), "big")
-            except OSError:
-                pass
-            else:
-                return ipaddress.IPv4Network((packed, int(prefix)))
+        if slash and prefix.isdigit() and (packed := _ipv4_int(address)) is not None:
+            return ipaddress.IPv4Network((packed, int(prefix)))
         return ipaddress.ip_network(text)
 
 
