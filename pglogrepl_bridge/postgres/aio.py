@@ -39,11 +39,14 @@ from pglogrepl_bridge.postgres.dsn import validate_dsn
 from pglogrepl_bridge.postgres.options import StreamOptions
 from pglogrepl_bridge.postgres.startup import StartPlan, start_steps
 from pglogrepl_bridge.postgres.stream import (
+    IDLE,
     Disconnected,
+    Pause,
+    Readable,
+    Send,
     _Rewind,
     _StreamBase,
     as_bridge_error,
-    pause_after,
 )
 
 log = logging.getLogger(__name__)
@@ -70,6 +73,7 @@ class AsyncReplicationStream(_StreamBase):
     ) -> None:
         super().__init__(dsn, options, on_problem=on_problem)
         self._on_idle = on_idle
+        self._has_idle = on_idle is not None
         self._conn: AsyncConn | None = None
 
     async def __aenter__(self) -> AsyncReplicationStream:
@@ -199,64 +203,42 @@ class AsyncReplicationStream(_StreamBase):
         self._lost()
 
     async def _run(self) -> AsyncIterator[Event]:
+        """Drive the shared ``_steps`` with the event loop's waits."""
         assert self._conn is not None
         conn = self._conn
         pgconn = conn.pgconn
-        get_copy_data = pgconn.get_copy_data
-        session = self.session
-        receive = session.receive
-        feedback = session.feedback
-        interval = self.options.status_interval
-        until = self.options.until_lsn
-        drained = 0
-        burst = 0
-        while not self._stopping:
-            nbytes, data = get_copy_data(1)
-            if nbytes > 0:
-                drained += 1
-                event = receive(data)
-                if event is not None:
-                    self._raise_if_fatal()  # nothing is handed out after such a message
-                    yield event
-                    self._apply_acks()  # the consumer's ack, made while we were suspended
-                    if until is not None and session.done():
-                        break
-                continue
-            if nbytes < 0:
-                raise self._end_of_copy_error(pgconn.get_result())
-            self._raise_if_fatal()
-            self._apply_acks()
-            if not drained and self._on_idle is not None:
+        steps = self._steps(pgconn)
+        answer: bool | None = None
+        while True:
+            try:
+                step = steps.send(answer)
+            except StopIteration:
+                break
+            answer = None
+            if type(step) is Readable:
+                answer = await _readable(pgconn.socket, step.timeout)
+            elif type(step) is Pause:
+                await asyncio.sleep(step.seconds)
+            elif type(step) is Send:
+                await _send(conn, step.data)
+            elif step is IDLE:
+                assert self._on_idle is not None
                 result = self._on_idle()
                 if asyncio.iscoroutine(result):
                     await result
-                self._apply_acks()
-            if until is not None and session.done():
-                break
-            if self._rewind_to is not None:
-                raise _Rewind
-            now = time.monotonic()
-            if self._status_wanted(now):
-                await self._send_status(conn)
-            timeout = max(0.0, min(interval - (now - self._last_status), 0.25))
-            if until is not None and feedback.inflight:
-                timeout = min(timeout, 0.005)
-            if drained:
-                burst += drained
-                if not await _readable(pgconn.socket, 0):
-                    await asyncio.sleep(pause_after(burst))
             else:
-                burst = 0
-                await _readable(pgconn.socket, timeout)
-            drained = 0
-            pgconn.consume_input()
+                yield step  # type: ignore[misc]
         await self.close()
 
     async def _send_status(self, conn: AsyncConn) -> None:
-        pgconn = conn.pgconn
-        pgconn.put_copy_data(self._status_bytes())
-        while pgconn.flush() == 1:  # non-blocking: wait until the socket takes the rest
-            await _writable(pgconn.socket, 1.0)
+        await _send(conn, self._status_bytes())
+
+
+async def _send(conn: AsyncConn, data: bytes) -> None:
+    pgconn = conn.pgconn
+    pgconn.put_copy_data(data)
+    while pgconn.flush() == 1:  # non-blocking: wait until the socket takes the rest
+        await _writable(pgconn.socket, 1.0)
 
 
 async def _wait(fd: int, timeout: float, *, write: bool) -> bool:

@@ -7,6 +7,9 @@
 
 Everything about the stream's content (framing, decoding, assembly, skipping, feedback) is
 the session's (``pgoutput.session``); this module only waits, reads, sends and reconnects.
+The read loop itself is written once, as a generator (``_StreamBase._steps``) that yields
+events and what to wait for (``Readable``, ``Pause``, ``Send``, ``IDLE``): this module drives
+it with blocking waits, ``postgres.aio`` with the event loop's (psycopg's own split).
 Reads are non-blocking ``get_copy_data`` calls that drain everything buffered before waiting
 on the socket, with a pause after a burst (``pause_after``) so the walsender batches its
 sends. The connection is re-established with backoff when it drops, and resumes where the
@@ -21,7 +24,8 @@ import select
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass
 
 import psycopg
 from psycopg.pq import ExecStatus
@@ -92,6 +96,7 @@ class _StreamBase:
         self._acks: deque[tuple[int, bool]] = deque()  # acks from other threads, applied later
         self._last_status = 0.0
         self._fatal: BridgeError | None = None  # what the server said that ends the stream
+        self._has_idle = False  # the consumer has an on_idle callback (the subclasses say)
         self._established = False  # a START_REPLICATION succeeded once: losses are retried
         self._first_attempt: float | None = None
 
@@ -276,6 +281,66 @@ class _StreamBase:
             )
         return Disconnected(f"server ended the replication stream: {message_or(res)}")
 
+    def _steps(self, pgconn: psycopg.pq.abc.PGconn) -> Steps:
+        """The read loop of both streams, as a generator (psycopg's generators/waiting split):
+        it yields the events to hand out and what to wait for, and the sync or async driver
+        does the waiting. The per-message path never leaves this frame.
+
+        Reads drain everything buffered before waiting; after a burst the loop pauses
+        (``pause_after``) so that the walsender batches its sends.
+        """
+        get_copy_data = pgconn.get_copy_data
+        session = self.session
+        receive = session.receive  # one call per CopyData message: the whole protocol
+        feedback = session.feedback
+        interval = self.options.status_interval
+        until = self.options.until_lsn
+        drained = 0
+        burst = 0  # messages since the loop last waited for the server
+        while not self._stopping:
+            nbytes, data = get_copy_data(1)
+            if nbytes > 0:
+                drained += 1
+                event = receive(data)
+                if event is not None:
+                    self._raise_if_fatal()  # nothing is handed out after such a message
+                    yield event
+                    if self._acks:  # made while the consumer held the event
+                        self._apply_acks()
+                    if until is not None and session.done():
+                        return
+                continue  # what is buffered first; the checks below run once per read
+            if nbytes < 0:
+                raise self._end_of_copy_error(pgconn.get_result())
+            self._raise_if_fatal()
+            if self._acks:
+                self._apply_acks()
+            if not drained and self._has_idle:
+                yield IDLE  # caught up: nothing buffered, nothing arrived since last look
+                if self._acks:
+                    self._apply_acks()
+            if until is not None and session.done():
+                return  # everything up to until_lsn is acknowledged: done
+            if self._rewind_to is not None:
+                raise _Rewind
+            now = time.monotonic()
+            if self._status_wanted(now):
+                yield Send(self._status_bytes())
+            timeout = max(0.0, min(interval - (now - self._last_status), 0.25))
+            if until is not None and feedback.inflight:
+                timeout = min(timeout, 0.005)  # the last acks may come from another thread
+            if drained:
+                # In a burst: read on at once if more is there; else pause, so that we wake
+                # per batch rather than per message.
+                burst += drained
+                if not (yield Readable(0.0)):
+                    yield Pause(pause_after(burst))
+            else:
+                burst = 0
+                yield Readable(timeout)
+            drained = 0
+            pgconn.consume_input()
+
 
 class ReplicationStream(_StreamBase):
     """Logical replication from one slot, as transactions, over a blocking psycopg connection.
@@ -299,6 +364,7 @@ class ReplicationStream(_StreamBase):
     ) -> None:
         super().__init__(dsn, options, on_problem=on_problem)
         self._on_idle = on_idle
+        self._has_idle = on_idle is not None
         self._conn: Conn | None = None
 
     def __enter__(self) -> ReplicationStream:
@@ -402,57 +468,31 @@ class ReplicationStream(_StreamBase):
         self._lost()
 
     def _run(self) -> Iterator[Event]:
+        """Drive ``_steps`` with blocking waits."""
         assert self._conn is not None
         conn = self._conn
         pgconn = conn.pgconn
-        get_copy_data = pgconn.get_copy_data
-        session = self.session
-        receive = session.receive  # one call per CopyData message: the whole protocol
-        feedback = session.feedback
-        interval = self.options.status_interval
         sock = pgconn.socket
-        until = self.options.until_lsn
-        drained = 0
-        burst = 0  # messages since the loop last waited for the server
-        while not self._stopping:
-            nbytes, data = get_copy_data(1)
-            if nbytes > 0:
-                drained += 1
-                event = receive(data)
-                if event is not None:
-                    self._raise_if_fatal()  # nothing is handed out after such a message
-                    yield event
-                    if until is not None and session.done():
-                        break
-                continue  # what is buffered first; the checks below run once per read
-            if nbytes < 0:
-                raise self._end_of_copy_error(pgconn.get_result())
-            self._raise_if_fatal()
-            if self._acks:
-                self._apply_acks()
-            if not drained and self._on_idle is not None:
-                self._on_idle()  # caught up: nothing buffered, nothing arrived since last look
-            if until is not None and session.done():
-                break  # everything up to until_lsn is acknowledged: done
-            if self._rewind_to is not None:
-                raise _Rewind
-            now = time.monotonic()
-            if self._status_wanted(now):
-                self._send_status(conn)
-            timeout = max(0.0, min(interval - (now - self._last_status), 0.25))
-            if until is not None and feedback.inflight:
-                timeout = min(timeout, 0.005)  # the last acks may come from another thread
-            if drained:
-                # In a burst: read on at once if more is there; else pause, so that we wake
-                # per batch rather than per message.
-                burst += drained
-                if not select.select([sock], [], [], 0)[0]:
-                    time.sleep(pause_after(burst))
+        steps = self._steps(pgconn)
+        answer: bool | None = None
+        while True:
+            try:
+                step = steps.send(answer)
+            except StopIteration:
+                break
+            answer = None
+            if type(step) is Readable:
+                answer = bool(select.select([sock], [], [], step.timeout)[0])
+            elif type(step) is Pause:
+                time.sleep(step.seconds)
+            elif type(step) is Send:
+                pgconn.put_copy_data(step.data)
+                pgconn.flush()
+            elif step is IDLE:
+                assert self._on_idle is not None
+                self._on_idle()
             else:
-                burst = 0
-                select.select([sock], [], [], timeout)
-            drained = 0
-            pgconn.consume_input()
+                yield step  # type: ignore[misc]
         self.close()
 
     def _send_status(self, conn: Conn) -> None:
@@ -492,6 +532,32 @@ def _end_copy(conn: Conn, timeout: float = 5.0) -> None:
             pgconn.consume_input()
         if pgconn.get_result() is None:
             return
+
+
+@dataclass(frozen=True, slots=True)
+class Readable:
+    """Wait until the socket is readable, at most ``timeout`` s (0: just look); the answer
+    sent back is whether it is."""
+
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """Sleep ``seconds`` (the walsender fills the socket meanwhile)."""
+
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send a standby status update (the bytes of a CopyData message) and flush it."""
+
+    data: bytes
+
+
+IDLE = object()  # run the consumer's on_idle callback: the stream has caught up
+Steps = Generator["Event | Readable | Pause | Send | object", "bool | None", None]
 
 
 class _Rewind(Exception):
