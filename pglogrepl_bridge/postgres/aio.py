@@ -23,9 +23,8 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg.pq import ExecStatus
 
-from pglogrepl_bridge.errors import BridgeError, ReplicationError
+from pglogrepl_bridge.errors import BridgeError
 from pglogrepl_bridge.pgoutput.transaction import Event, Transaction
 from pglogrepl_bridge.pgoutput.values import ValueProblem
 from pglogrepl_bridge.postgres.connection import (
@@ -37,7 +36,7 @@ from pglogrepl_bridge.postgres.connection import (
 )
 from pglogrepl_bridge.postgres.dsn import validate_dsn
 from pglogrepl_bridge.postgres.options import StreamOptions
-from pglogrepl_bridge.postgres.startup import StartPlan, start_steps
+from pglogrepl_bridge.postgres.startup import start_steps
 from pglogrepl_bridge.postgres.stream import (
     IDLE,
     Disconnected,
@@ -131,25 +130,17 @@ class AsyncReplicationStream(_StreamBase):
         conn.add_notice_handler(self._on_notice)  # before anything the server may say
         try:
             steps = start_steps(opts, conn.info.server_version, conn.info.backend_pid)
-            query = next(steps)
-            while True:
+            query, plan = next(steps), None
+            while plan is None:
                 cur = await conn.execute(query)
                 rows = await cur.fetchall() if cur.description is not None else []
-                query = steps.send(rows)
-        except StopIteration as done:
-            plan: StartPlan = done.value
-        except psycopg.Error as exc:
-            await conn.close()
-            raise server_error(exc, slot=opts.slot, publications=opts.publications) from None
-        except BaseException:
-            await conn.close()
-            raise
-        try:
+                try:
+                    query = steps.send(rows)
+                except StopIteration as done:
+                    plan = done.value
             self._planned(plan)
             limit_receive_buffer(conn, opts.recv_buffer)
-            cur = await conn.execute(plan.query)
-            if cur.pgresult is None or cur.pgresult.status != ExecStatus.COPY_BOTH:
-                raise ReplicationError("START_REPLICATION did not enter COPY_BOTH mode")
+            self._check_copy_both(await conn.execute(plan.query))
         except psycopg.Error as exc:
             await conn.close()
             raise server_error(exc, slot=opts.slot, publications=opts.publications) from None

@@ -26,6 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 from psycopg.pq import ExecStatus
@@ -214,6 +215,12 @@ class _StreamBase:
         if self._fatal is not None:
             raise self._fatal
 
+    @staticmethod
+    def _check_copy_both(cur: Any) -> None:
+        """START_REPLICATION's answer must be the start of the COPY_BOTH stream."""
+        if cur.pgresult is None or cur.pgresult.status != ExecStatus.COPY_BOTH:
+            raise ReplicationError("START_REPLICATION did not enter COPY_BOTH mode")
+
     def _status_bytes(self) -> bytes:
         self._apply_acks()
         self._last_status = time.monotonic()
@@ -395,25 +402,17 @@ class ReplicationStream(_StreamBase):
         conn.add_notice_handler(self._on_notice)  # before anything the server may say
         try:
             steps = start_steps(opts, conn.info.server_version, conn.info.backend_pid)
-            query = next(steps)
-            while True:
+            query, plan = next(steps), None
+            while plan is None:
                 cur = conn.execute(query)
                 rows = cur.fetchall() if cur.description is not None else []
-                query = steps.send(rows)
-        except StopIteration as done:
-            plan: StartPlan = done.value
-        except psycopg.Error as exc:
-            conn.close()
-            raise server_error(exc, slot=opts.slot, publications=opts.publications) from None
-        except BaseException:
-            conn.close()
-            raise
-        try:
+                try:
+                    query = steps.send(rows)
+                except StopIteration as done:
+                    plan = done.value
             self._planned(plan)
             limit_receive_buffer(conn, opts.recv_buffer)
-            cur = conn.execute(plan.query)
-            if cur.pgresult is None or cur.pgresult.status != ExecStatus.COPY_BOTH:
-                raise ReplicationError("START_REPLICATION did not enter COPY_BOTH mode")
+            self._check_copy_both(conn.execute(plan.query))
         except psycopg.Error as exc:
             conn.close()
             raise server_error(exc, slot=opts.slot, publications=opts.publications) from None
