@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import queue
 import threading
@@ -19,6 +20,11 @@ from pglogrepl_bridge.pgoutput.transaction import Transaction
 from pglogrepl_bridge.postgres import admin
 from pglogrepl_bridge.postgres.aio import AsyncReplicationStream
 from pglogrepl_bridge.postgres.stream import ReplicationStream, StreamOptions
+from pglogrepl_bridge.sinks.replicate import run_replicate
+
+#: ``run_replicate`` for the tests of the stream's application: changes only, no copy of the
+#: rows that exist first (tests/test_snapshot.py covers that)
+replicate_changes = functools.partial(run_replicate, snapshot="never")
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 _ids = itertools.count()

@@ -295,6 +295,8 @@ def test_metrics_and_clean_sigterm(source: tuple[PostgresServer, Source], tmp_pa
             src.publication,
             "--target",
             f"sqlite:///{tmp_path / 'm.db'}",
+            "--snapshot",
+            "never",
             "--metrics-port",
             str(port),
         ],

@@ -22,11 +22,10 @@ import sqlalchemy as sa
 from pglogrepl_bridge.errors import SinkError
 from pglogrepl_bridge.lsn import Lsn
 from pglogrepl_bridge.postgres.stream import StreamOptions
-from pglogrepl_bridge.sinks.replicate import run_replicate
 from pglogrepl_bridge.sinks.sql import CHECKPOINT_TABLE
 from pglogrepl_bridge.testing.postgres import PostgresServer
 
-from .streamkit import Conn, last_commit_end, pg_url
+from .streamkit import Conn, last_commit_end, pg_url, replicate_changes
 
 _n = itertools.count()
 
@@ -149,14 +148,14 @@ def assert_same(source_dsn: str, target_url: str, table: str, key: str) -> int:
 def test_mixed_workload_row_by_row(pg: PostgresServer, pg_conn: Conn, target: str) -> None:
     src = Source(pg_conn)
     src.mixed_workload()
-    stats = run_replicate(pg.dsn, target, src.options(), until=src.end(), batch_changes=25)
+    stats = replicate_changes(pg.dsn, target, src.options(), until=src.end(), batch_changes=25)
     assert stats.batches >= 2
     assert assert_same(pg.dsn, target, src.items, "id") == 39
     assert assert_same(pg.dsn, target, src.notes, "k") == 9
     # a second run resumes from the checkpoint: nothing new, nothing applied twice
     src.conn.execute(f"TRUNCATE {src.notes}")
     src.conn.execute(f"INSERT INTO {src.notes} VALUES ('after', 'truncate')")
-    again = run_replicate(pg.dsn, target, src.options(), until=src.end())
+    again = replicate_changes(pg.dsn, target, src.options(), until=src.end())
     assert again.resumed_from == stats.last_lsn
     assert again.transactions == 2
     assert assert_same(pg.dsn, target, src.notes, "k") == 1
@@ -167,12 +166,12 @@ def test_schema_changes(pg: PostgresServer, pg_conn: Conn, tmp_path: Path) -> No
     src = Source(pg_conn)
     url = f"sqlite:///{tmp_path / 't.db'}"
     src.insert(1)
-    run_replicate(pg.dsn, url, src.options(), until=src.end())
+    replicate_changes(pg.dsn, url, src.options(), until=src.end())
     pg_conn.execute(f"ALTER TABLE {src.notes} ADD COLUMN extra int")
     pg_conn.execute(f"INSERT INTO {src.notes} VALUES ('a', 'b', 7)")
     pg_conn.execute(f"ALTER TABLE {src.notes} DROP COLUMN body")
     pg_conn.execute(f"INSERT INTO {src.notes} VALUES ('c', 8)")
-    run_replicate(pg.dsn, url, src.options(), until=src.end())
+    replicate_changes(pg.dsn, url, src.options(), until=src.end())
     engine = sa.create_engine(url)
     with engine.connect() as c:
         rows = c.execute(sa.text(f"SELECT k, body, extra FROM {src.notes} ORDER BY k")).all()
@@ -281,7 +280,7 @@ def test_last_writer_wins_converges(pg: PostgresServer, pg_conn: Conn, tmp_path:
         url = f"sqlite:///{tmp_path / f'{order}.db'}"
         runs = [(a, 1), (b, 2)] if order == "a_then_b" else [(b, 2), (a, 1)]
         for src, node in runs:
-            run_replicate(
+            replicate_changes(
                 src.dsn, url, src.options(), conflict="lww", node_id=node, until=src.end()
             )
         engine = sa.create_engine(url)
@@ -317,7 +316,7 @@ def test_constraint_violation_names_table_and_key_and_is_retried(
     pg_conn.execute(f"INSERT INTO {src.notes} VALUES ('k-bad', 'bad')")
     slot_before = _confirmed(pg_conn, src.slot)
     with pytest.raises(SinkError, match=rf"table {src.notes} key {{'k': 'k-bad'}}"):
-        run_replicate(pg.dsn, url, src.options(), until=src.end(), batch_changes=1)
+        replicate_changes(pg.dsn, url, src.options(), until=src.end(), batch_changes=1)
     with engine.connect() as c:
         rows = c.execute(sa.text(f"SELECT k FROM {src.notes}")).all()
     assert rows == [("ok",)]  # the good transaction before it was applied and confirmed
@@ -326,7 +325,7 @@ def test_constraint_violation_names_table_and_key_and_is_retried(
         c.execute(sa.text(f"DROP TABLE {src.notes}"))
         c.execute(sa.text(f"CREATE TABLE {src.notes} (k TEXT PRIMARY KEY, body VARCHAR(200))"))
         c.execute(sa.text(f"INSERT INTO {src.notes} VALUES ('ok', 'fine')"))
-    run_replicate(pg.dsn, url, src.options(), until=src.end())
+    replicate_changes(pg.dsn, url, src.options(), until=src.end())
     with engine.connect() as c:
         rows = c.execute(sa.text(f"SELECT k, body FROM {src.notes} ORDER BY k")).all()
     engine.dispose()
@@ -337,7 +336,7 @@ def test_constraint_violation_names_table_and_key_and_is_retried(
 def test_unreachable_target(pg: PostgresServer, pg_conn: Conn) -> None:
     src = Source(pg_conn)
     with pytest.raises(SinkError, match="cannot reach the target") as info:
-        run_replicate(pg.dsn, "postgresql+psycopg://u:secret@127.0.0.1:1/x", src.options())
+        replicate_changes(pg.dsn, "postgresql+psycopg://u:secret@127.0.0.1:1/x", src.options())
     assert "secret" not in str(info.value)  # at start: a wrong URL fails fast, no retrying
 
 

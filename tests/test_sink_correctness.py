@@ -23,11 +23,10 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from pglogrepl_bridge import SinkError, StreamOptions
 from pglogrepl_bridge.postgres.stream import ReplicationStream
-from pglogrepl_bridge.sinks.replicate import run_replicate
 from pglogrepl_bridge.testing.postgres import PostgresServer, postgres_server
 
 from .mariadb_server import mariadb_available
-from .streamkit import Conn, last_commit_end, pg_url
+from .streamkit import Conn, last_commit_end, pg_url, replicate_changes
 
 _n = itertools.count()
 MODES = ["source", "lww"]
@@ -114,7 +113,7 @@ def test_the_three_lww_cases_end_equal_to_the_source(
     # a key change of a row whose TOASTed column did not change
     t.txn(f"INSERT INTO {k} VALUES (5, 1, 'toast', repeat('b', 5000))")
     t.txn(f"UPDATE {k} SET id = 6 WHERE id = 5")
-    run_replicate(pg.dsn, target, t.options(), conflict=mode, until=t.end())  # type: ignore[arg-type]
+    replicate_changes(pg.dsn, target, t.options(), conflict=mode, until=t.end())  # type: ignore[arg-type]
     keyed, _ = target_rows(target, t)
     assert [r[0] for r in keyed] == [1, 4, 6]
     assert keyed[0][1:3] == (2, "updated same txn")
@@ -141,7 +140,7 @@ def test_a_keyless_table_with_nulls_and_equal_rows(
     t.txn(f"UPDATE {n} SET a = 3 WHERE a IS NULL AND b IS NULL")  # matched through a NULL
     t.txn(f"DELETE FROM {n} WHERE a IS NULL")
     t.txn(f"INSERT INTO {n} VALUES (NULL, NULL), (NULL, NULL)")
-    run_replicate(pg.dsn, target, t.options(), conflict=mode, until=t.end())  # type: ignore[arg-type]
+    replicate_changes(pg.dsn, target, t.options(), conflict=mode, until=t.end())  # type: ignore[arg-type]
     _, keyless = target_rows(target, t)
     assert keyless == Counter(
         {(1, "z"): 1, (1, "x"): 1, (3, None): 1, (2, None): 1, (None, None): 2}
@@ -160,13 +159,13 @@ def test_a_postgresql_target_that_restarts_is_waited_for(pg: PostgresServer, pg_
     t = Tables(pg_conn)
     with postgres_server(pg.version) as target_pg:
         url = pg_url(target_pg.dsn).render_as_string(hide_password=False)
-        streams: list[ReplicationStream] = []
+        streams: list[Any] = []
         result: list[Any] = []
 
         def replicate() -> None:
             try:
                 result.append(
-                    run_replicate(
+                    replicate_changes(
                         pg.dsn, url, t.options(), batch_changes=20, on_stream=streams.append
                     )
                 )
@@ -208,7 +207,7 @@ def test_a_failed_batch_that_created_a_table_reports_the_real_error(
         t.txn(f"INSERT INTO {t.keyless} VALUES (1, 'created in this batch')")
         t.txn(f"INSERT INTO {t.keyed} VALUES (1, NULL, 'refused', NULL)")
         with pytest.raises(SinkError) as info:
-            run_replicate(pg.dsn, url, t.options(), until=t.end())
+            replicate_changes(pg.dsn, url, t.options(), until=t.end())
     message = str(info.value)
     assert "does not exist" not in message
     assert t.keyed in message and "key {'id': 1}" in message
@@ -326,7 +325,7 @@ def test_random_single_source_workloads_replicate_exactly(
                     options = self.t.options(slot)
                     if i < len(urls) - 1:  # the same slot for every target: the last consumes
                         options = replace(options, no_ack=True)
-                    run_replicate(pg.dsn, url, options, conflict=mode, until=end)  # type: ignore[arg-type]
+                    replicate_changes(pg.dsn, url, options, conflict=mode, until=end)  # type: ignore[arg-type]
                     assert_equal(url, self.t)
 
     Workload.TestCase.settings = settings(

@@ -7,8 +7,10 @@ from typing import Annotated
 import typer
 
 from pglogrepl_bridge.cli import app as cli
+from pglogrepl_bridge.cli.snapshotprogress import snapshot_progress
 from pglogrepl_bridge.errors import ConfigError
 from pglogrepl_bridge.sinks.replicate import DEFAULT_TARGET, run_replicate
+from pglogrepl_bridge.snapshot.runner import DEFAULT_WORKERS, SnapshotJob
 
 
 @cli.app.command()
@@ -44,17 +46,37 @@ def replicate(
     batch: Annotated[
         int, typer.Option("--batch", min=1, help="Changes per target transaction at most.")
     ] = 10_000,
+    snapshot: Annotated[
+        str,
+        typer.Option(
+            "--snapshot",
+            help="initial: when the target holds nothing from this slot, copy the existing "
+            "rows first, consistent with the stream; never: changes only; only: copy, then "
+            "stop (a later run streams on).",
+        ),
+    ] = "initial",
+    snapshot_workers: Annotated[
+        int,
+        typer.Option(
+            "--snapshot-workers",
+            min=1,
+            help="Parallel table copies (default: one per core, at most 4).",
+        ),
+    ] = DEFAULT_WORKERS,
     metrics_port: cli.MetricsPort = None,
     verbose: cli.Verbose = False,
 ) -> None:
     """Apply the publication's changes to a SQL database, exactly once.
 
-    It resumes from the checkpoint kept in the target, so there is no --start-lsn.
+    A new target first gets a copy of the rows that already exist (--snapshot), then the
+    changes. It resumes from the checkpoint kept in the target, so there is no --start-lsn.
     """
     cli.setup_logging(verbose)
     with cli.handled(), cli.Signals() as signals:
         if conflict not in ("source", "lww"):
             raise ConfigError(f"--conflict must be 'source' or 'lww', not {conflict!r}")
+        if snapshot not in ("initial", "never", "only"):
+            raise ConfigError(f"--snapshot must be 'initial', 'never' or 'only', not {snapshot!r}")
         options = cli.stream_options(
             slot,
             publication,
@@ -66,17 +88,37 @@ def replicate(
             streaming=streaming,
             wait_for_server=wait_for_server,
         )
-        stats = run_replicate(
-            dsn,
-            target,
-            options,
-            conflict=conflict,  # type: ignore[arg-type]
-            node_id=node_id,
-            metrics_port=metrics_port,
-            batch_changes=batch,
-            until=cli.parse_lsn(until_lsn, "--until-lsn"),
-            on_stream=signals.attach,
-        )
+        with snapshot_progress() as progress:
+
+            def attach(job_or_stream: object) -> None:
+                signals.attach(job_or_stream)
+                if not isinstance(job_or_stream, SnapshotJob):
+                    progress.close()  # the snapshot is over: the stream runs on
+
+            stats = run_replicate(
+                dsn,
+                target,
+                options,
+                conflict=conflict,  # type: ignore[arg-type]
+                node_id=node_id,
+                metrics_port=metrics_port,
+                batch_changes=batch,
+                until=cli.parse_lsn(until_lsn, "--until-lsn"),
+                on_stream=attach,
+                snapshot=snapshot,  # type: ignore[arg-type]
+                snapshot_workers=snapshot_workers,
+                on_snapshot_progress=progress,
+            )
+        copied = stats.snapshot
+        if copied is not None:
+            state = "copied" if copied.complete else "stopped after copying"
+            cli.err().print(
+                f"snapshot: {state} {copied.rows} rows of {len(copied.copied)} tables in "
+                f"{copied.chunks} chunks ({copied.seconds:.1f}s)"
+                + (f", kept {len(copied.kept)} tables copied earlier" if copied.kept else "")
+                + ("" if copied.complete else "; run again to resume"),
+                highlight=False,
+            )
         cli.err().print(
             f"replicated {stats.transactions} transactions ({stats.changes} changes) in "
             f"{stats.batches} batches; target at {stats.last_lsn or stats.resumed_from}",

@@ -147,13 +147,19 @@ def create_slot_query(
     temporary: bool = False,
     two_phase: bool = False,
     failover: bool = False,
+    snapshot: str = "nothing",
 ) -> sql.Composed:
-    """CREATE_REPLICATION_SLOT for a pgoutput slot, in the syntax of this major version."""
+    """CREATE_REPLICATION_SLOT for a pgoutput slot, in the syntax of this major version.
+
+    ``snapshot="export"`` exports a snapshot of the slot's consistent point, for a copy that
+    the slot's stream continues exactly (it lives until the connection's next command)."""
     if two_phase and major < 15:
         raise ConfigError(f"two_phase slots need PostgreSQL 15 or later (server: {major})")
     if failover and major < 17:
         raise ConfigError(f"failover slots need PostgreSQL 17 or later (server: {major})")
-    options = [sql.SQL("SNAPSHOT 'nothing'")] if major >= 15 else []
+    options: list[sql.Composable] = (
+        [sql.SQL("SNAPSHOT {}").format(sql.Literal(snapshot))] if major >= 15 else []
+    )
     if two_phase:
         options.append(sql.SQL("TWO_PHASE true"))
     if failover:
@@ -164,7 +170,8 @@ def create_slot_query(
     if options:
         query = sql.SQL("{} ({})").format(query, sql.SQL(", ").join(options))
     elif major < 15:
-        query = sql.SQL("{} NOEXPORT_SNAPSHOT").format(query)
+        word = "EXPORT_SNAPSHOT" if snapshot == "export" else "NOEXPORT_SNAPSHOT"
+        query = sql.SQL("{} {}").format(query, sql.SQL(word))
     return query
 
 

@@ -11,7 +11,7 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from pglogrepl_bridge.errors import TargetUnavailableError
 from pglogrepl_bridge.lsn import Lsn
@@ -19,6 +19,12 @@ from pglogrepl_bridge.pgoutput.transaction import Transaction
 from pglogrepl_bridge.postgres.connection import connect_waiting, identify_system
 from pglogrepl_bridge.postgres.stream import ReplicationStream, StreamOptions
 from pglogrepl_bridge.progress import Progress
+from pglogrepl_bridge.snapshot.runner import (
+    DEFAULT_WORKERS,
+    ChunkCopied,
+    SnapshotJob,
+    SnapshotStats,
+)
 
 if TYPE_CHECKING:  # SQLAlchemy loads only when replicating: tail and bridge start faster
     from pglogrepl_bridge.sinks.sql import Conflict, SqlSink
@@ -26,6 +32,9 @@ if TYPE_CHECKING:  # SQLAlchemy loads only when replicating: tail and bridge sta
 log = logging.getLogger(__name__)
 
 DEFAULT_TARGET = "sqlite:///pglogrepl_bridge.db"
+#: initial: copy the existing rows first when the target holds nothing from (source, slot);
+#: never: stream only; only: copy, record the checkpoint, and stop
+SnapshotMode = Literal["initial", "never", "only"]
 
 
 def apply_retrying(
@@ -60,6 +69,7 @@ class ReplicateStats:
     batches: int = 0
     resumed_from: Lsn | None = None
     last_lsn: Lsn | None = None
+    snapshot: SnapshotStats | None = None
 
 
 def source_identity(dsn: str, wait: float = 0.0) -> str:
@@ -78,14 +88,21 @@ def run_replicate(
     batch_changes: int = 10_000,
     until: Lsn | None = None,
     metrics_port: int | None = None,
-    on_stream: Callable[[ReplicationStream], None] | None = None,
+    on_stream: Callable[[ReplicationStream | SnapshotJob], None] | None = None,
+    snapshot: SnapshotMode = "initial",
+    snapshot_workers: int = DEFAULT_WORKERS,
+    on_snapshot_progress: Callable[[ChunkCopied], None] | None = None,
 ) -> ReplicateStats:
     """Apply the stream to ``target`` until stopped (or ``until``); returns what was done.
+
+    With ``snapshot="initial"`` (the default) and no checkpoint in the target for this
+    (source, slot), the publications' existing rows are copied first (``snapshot.runner``),
+    consistent with the stream that follows; ``"only"`` stops after the copy.
 
     Batches of up to ``batch_changes`` changes are applied in one target transaction with
     the checkpoint, then acknowledged; a batch is also flushed whenever the stream catches
     up, so a trickle is not held back. ``on_stream`` receives the stream before it starts
-    (the CLI attaches its signal handlers there).
+    (the CLI attaches its signal handlers there), and the snapshot job before it runs.
     """
     from pglogrepl_bridge.sinks.sql import SqlSink
 
@@ -98,11 +115,28 @@ def run_replicate(
         node_id=zlib.crc32(system_id.encode()) & 0x7FFFFFFF if node_id is None else node_id,
     )
     stats = ReplicateStats(resumed_from=sink.checkpoint())
+    if stats.resumed_from is None and snapshot != "never":
+        job = SnapshotJob(
+            dsn, sink, options, workers=snapshot_workers, on_progress=on_snapshot_progress
+        )
+        if on_stream is not None:
+            on_stream(job)
+        stats.snapshot = job.run()
+        if not stats.snapshot.complete:
+            return stats  # stopped: the next run resumes the copy
+        stats.last_lsn = stats.snapshot.checkpoint
+    elif stats.resumed_from is not None:
+        sink.load_skips(int(stats.resumed_from))
+    if snapshot == "only":
+        return stats
+    start = stats.last_lsn or stats.resumed_from
+    if until is not None and stats.last_lsn is not None and stats.last_lsn >= until:
+        return stats  # the copy holds everything up to --until-lsn, and the slot is there
     if until is not None:
         options = replace(options, until_lsn=until)
-    if stats.resumed_from is not None:
+    if start is not None:
         # the target holds everything up to its checkpoint: start after it
-        options = replace(options, start_lsn=stats.resumed_from)
+        options = replace(options, start_lsn=start)
     pending: list[Transaction] = []
     size = 0
 

@@ -25,7 +25,9 @@ what the target committed.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from operator import itemgetter
@@ -42,11 +44,15 @@ from pglogrepl_bridge.pgoutput.transaction import RowChange, Transaction, Trunca
 from pglogrepl_bridge.sinks import lww
 from pglogrepl_bridge.sinks.lww import NODE_COL, TS_COL, VERSION_COLS
 from pglogrepl_bridge.sinks.sqltypes import column_type, loaders, text_is_driver_value
+from pglogrepl_bridge.snapshot.plan import ChunkDone, skipped_until
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_TABLE = "pglogrepl_bridge_checkpoint"
 TOMBSTONE_TABLE = "pglogrepl_bridge_tombstone"
+SNAPSHOT_TABLE = "pglogrepl_bridge_snapshot"  # the snapshot's chunks that committed
+#: rows per executemany while copying a chunk: bounded memory, few round trips
+COPY_BATCH = 2000
 ROWID_COL = "_pglb_rowid"  # the surrogate key of a keyless table
 __all__ = ["CHECKPOINT_TABLE", "NODE_COL", "TS_COL", "Conflict", "SqlSink", "base_columns"]
 
@@ -133,10 +139,29 @@ class SqlSink:
             sa.Column("row_key", sa.String(255), primary_key=True),
             *lww.version_columns(),
         )
+        self.snapshot_chunks = sa.Table(
+            SNAPSHOT_TABLE,
+            self.meta,
+            sa.Column("source_id", sa.String(64), primary_key=True),
+            sa.Column("slot", sa.String(64), primary_key=True),
+            sa.Column("tbl", sa.String(255), primary_key=True),
+            sa.Column("chunk", sa.Integer, primary_key=True, autoincrement=False),
+            sa.Column("chunks", sa.Integer, nullable=False),
+            sa.Column("anchor", sa.BigInteger, nullable=False),
+            sa.Column("rows", sa.BigInteger, nullable=False),
+        )
         self._targets: dict[RelationInfo, _Target] = {}
         self._source_columns: dict[str, dict[str, Column]] = {}
+        #: tables whose changes the stream skips up to their snapshot anchor (snapshot.plan)
+        self._skip: dict[str, int] = {}
+        # SQLite has one writer: parallel snapshot workers take turns instead of timing out
+        self._write_lock: AbstractContextManager[Any] = (
+            threading.Lock() if self.dialect == "sqlite" else nullcontext()
+        )
         try:
-            self.meta.create_all(self.engine, tables=[self.checkpoints, self.tombstones])
+            self.meta.create_all(
+                self.engine, tables=[self.checkpoints, self.tombstones, self.snapshot_chunks]
+            )
             with self.engine.begin() as conn:  # a tombstone table of an older version
                 present = {c["name"] for c in sa.inspect(conn).get_columns(TOMBSTONE_TABLE)}
                 for name in VERSION_COLS:
@@ -186,11 +211,22 @@ class SqlSink:
         """Apply a batch in one target transaction, with the checkpoint of its last member."""
         if not txns:
             return
+        end = int(txns[-1].end_lsn)  # a plain int for drivers
+        past_snapshot = bool(self._skip) and end >= max(self._skip.values())
         try:
             with self.engine.begin() as conn:
                 for txn in txns:
                     self._apply_txn(conn, txn, grouped=True)
-                self._write_checkpoint(conn, int(txns[-1].end_lsn))  # a plain int for drivers
+                self._write_checkpoint(conn, end)
+                if past_snapshot:  # every table's anchor passed: its progress is history
+                    sc = self.snapshot_chunks
+                    conn.execute(
+                        sa.delete(sc).where(
+                            sc.c.source_id == self.source_id, sc.c.slot == self.slot
+                        )
+                    )
+            if past_snapshot:
+                self._skip = {}
         except SinkError:
             self._targets.clear()
             raise
@@ -226,6 +262,8 @@ class SqlSink:
         raise SinkError(f"cannot write to the target {self.url}: {_reason(first)}")
 
     def _apply_txn(self, conn: sa.Connection, txn: Transaction, *, grouped: bool) -> None:
+        if self._skip:
+            txn = self._unskipped(txn)
         if self.conflict == "lww":
             for pos, change in enumerate(txn.changes):
                 self._apply_lww(conn, txn, pos, change)
@@ -401,6 +439,151 @@ class SqlSink:
             params = lambda row: by_row({**fixed, **row})  # noqa: E731
         stmt = target.statements[(op, names)] = _Statement(str(compiled), params)
         return stmt
+
+    # -- snapshot (rules in snapshot.plan) ----------------------------------------------
+
+    def snapshot_progress(self) -> list[ChunkDone]:
+        """The chunks of an earlier snapshot of (source, slot) that committed."""
+        sc = self.snapshot_chunks
+        query = sa.select(sc.c.tbl, sc.c.chunk, sc.c.chunks, sc.c.anchor, sc.c.rows).where(
+            sc.c.source_id == self.source_id, sc.c.slot == self.slot
+        )
+        try:
+            with self.engine.connect() as conn:
+                return [ChunkDone(*row) for row in conn.execute(query).all()]
+        except SQLAlchemyError as exc:
+            raise self._failure(exc, "read the snapshot's progress from") from None
+
+    def start_snapshot(self, relations: Sequence[RelationInfo], clear: Iterable[str]) -> None:
+        """Create the target tables of ``relations`` (the snapshot's workers then only insert)
+        and empty those named in ``clear``, with their progress: their copy starts over."""
+        clear = set(clear)
+        sc = self.snapshot_chunks
+        if self.conflict == "lww":  # other sources' rows stay; a copied row only fills gaps
+            clear = {
+                r.qualified_name for r in relations if r.qualified_name in clear and is_keyless(r)
+            }
+        try:
+            with self._write_lock, self.engine.begin() as conn:
+                for rel in relations:
+                    target = self._target(conn, rel)
+                    if rel.qualified_name in clear:
+                        conn.execute(sa.delete(target.table))
+                        conn.execute(
+                            sa.delete(sc).where(
+                                sc.c.source_id == self.source_id,
+                                sc.c.slot == self.slot,
+                                sc.c.tbl == rel.qualified_name,
+                            )
+                        )
+        except SQLAlchemyError as exc:
+            self._targets.clear()
+            raise self._failure(exc, "prepare the snapshot's tables in") from None
+
+    def copy_chunk(
+        self, rel: RelationInfo, rows: Iterable[Sequence[bytes | None]], chunk: ChunkDone
+    ) -> int:
+        """Insert a chunk's rows (text values as pgoutput sends them, None for NULL) and its
+        progress row in one target transaction; returns the number of rows.
+
+        Values go through the same loaders as the stream's (``_Target.driver_fused``). Under
+        ``--conflict lww`` a row is inserted only where its key holds nothing yet: a copied
+        row has no commit time, so any streamed write wins over it."""
+        done = 0
+        try:
+            with self._write_lock, self.engine.begin() as conn:
+                target = self._target(conn, rel)
+                names = tuple(name for name, _, _ in target.driver_fused)
+                loads = tuple(load for _, load, _ in target.driver_fused)
+                batch: list[dict[str, Any]] = []
+                for values in rows:
+                    batch.append(
+                        {
+                            n: None if v is None else load(v)
+                            for n, load, v in zip(names, loads, values, strict=True)
+                        }
+                    )
+                    if len(batch) >= COPY_BATCH:
+                        done += self._copy_batch(conn, target, batch)
+                        batch = []
+                if batch:
+                    done += self._copy_batch(conn, target, batch)
+                conn.execute(
+                    sa.insert(self.snapshot_chunks).values(
+                        source_id=self.source_id,
+                        slot=self.slot,
+                        tbl=chunk.table,
+                        chunk=chunk.index,
+                        chunks=chunk.count,
+                        anchor=chunk.anchor,
+                        rows=done,
+                    )
+                )
+        except SQLAlchemyError as exc:
+            raise self._failure(exc, f"copy rows of {chunk.table} into") from None
+        return done
+
+    def _copy_batch(self, conn: sa.Connection, target: _Target, batch: list[dict[str, Any]]) -> int:
+        if self.conflict == "lww" and not target.keyless:
+            table, tomb = target.table, self.tombstones
+            batch = [
+                row
+                for row in batch
+                if lww.stored_version(conn, table, tomb, {k: row[k] for k in target.keys})[0]
+                is None
+            ]
+            if not batch:
+                return 0
+        try:
+            self._execute(conn, target, "insert", batch)
+        except DBAPIError as exc:
+            if _transient(exc):
+                raise
+            raise SinkError(
+                f"cannot copy a row of {target.table.name} into the target {self.url}: "
+                f"{_reason(exc)}. Fix the target and run again: copied chunks are kept"
+            ) from None
+        return len(batch)
+
+    def finish_snapshot(self, checkpoint: int) -> None:
+        """Record the snapshot's end: the checkpoint the stream resumes from (the lowest
+        anchor); then the stream skips each table's changes up to its own anchor."""
+        try:
+            with self._write_lock, self.engine.begin() as conn:
+                self._write_checkpoint(conn, checkpoint)
+        except SQLAlchemyError as exc:
+            raise self._failure(exc, "record the snapshot's end in") from None
+        self.load_skips(checkpoint)
+
+    def load_skips(self, checkpoint: int) -> None:
+        """Skip, in the stream, each snapshotted table's changes up to its anchor (rule 5)."""
+        anchors = {c.table: c.anchor for c in self.snapshot_progress()}
+        self._skip = skipped_until(anchors, checkpoint)
+
+    def _unskipped(self, txn: Transaction) -> Transaction:
+        """The transaction without its changes to tables whose copy already holds them."""
+        end, skip = int(txn.end_lsn), self._skip
+
+        def copied(rel: RelationInfo) -> bool:
+            return skip.get(rel.qualified_name, 0) >= end
+
+        kept: list[Any] = []
+        for change in txn.changes:
+            if isinstance(change, RowChange):
+                if not copied(change.relation):
+                    kept.append(change)
+            elif isinstance(change, TruncateChange):
+                rels = tuple(r for r in change.relations if not copied(r))
+                if rels:
+                    kept.append(replace(change, relations=rels))
+            else:
+                kept.append(change)
+        return replace(txn, changes=tuple(kept))
+
+    def _failure(self, exc: SQLAlchemyError, what: str) -> SinkError:
+        if _transient(exc):
+            return TargetUnavailableError(f"cannot {what} the target {self.url}: {_reason(exc)}")
+        return SinkError(f"cannot {what} the target {self.url}: {_reason(exc)}")
 
     # -- last writer wins (rules in sinks.lww) --------------------------------------------
 

@@ -1,0 +1,161 @@
+"""What to copy, read from the source's catalog once, before any row is read.
+
+Each published table is described the way pgoutput would describe it (a ``Relation`` with
+the published columns in column order, key flags from the replica identity, and ``Type``
+messages for non-built-in types, a domain naming its base type), so the sink creates the
+same target table and converts the same text through the same loaders as for the stream.
+The catalog is read here, at planning time, never while decoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from pglogrepl_bridge.errors import ConfigError
+from pglogrepl_bridge.pgoutput.messages import Column, Relation, Type
+from pglogrepl_bridge.postgres.connection import Conn
+
+#: pgoutput sends Type messages for OIDs from here on (PostgreSQL's FirstGenbkiObjectId)
+FIRST_CUSTOM_OID = 10000
+
+_TABLES = """
+SELECT c.oid, pt.schemaname, pt.tablename, c.relkind, c.relreplident, pt.attnames,
+       pt.rowfilter, c.reltuples
+FROM pg_publication_tables pt
+JOIN pg_namespace n ON n.nspname = pt.schemaname
+JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename
+WHERE pt.pubname = ANY(%s)
+ORDER BY pt.schemaname, pt.tablename
+"""
+
+_COLUMNS = """
+SELECT a.attname, a.atttypid, a.atttypmod
+FROM pg_attribute a
+WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attnum
+"""
+
+_IDENTITY = """
+SELECT a.attname
+FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+WHERE i.indrelid = %s AND (CASE %s WHEN 'd' THEN i.indisprimary WHEN 'i' THEN i.indisreplident
+                                   ELSE false END)
+"""
+
+# the heap pages to cover: the table's own, or its largest leaf partition's (a ctid range on a
+# partitioned table applies to each leaf)
+_PAGES = """
+SELECT coalesce(max(pg_relation_size(p.relid) / current_setting('block_size')::int), 0)
+FROM pg_partition_tree(%s) p WHERE p.isleaf
+"""
+
+_TYPES = """
+SELECT t.oid, t.typtype, t.typbasetype,
+       CASE WHEN t.typnamespace = 'pg_catalog'::regnamespace THEN '' ELSE n.nspname END,
+       t.typname
+FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+WHERE t.oid = ANY(%s)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class PublishedTable:
+    """A table as the publications publish it: its Relation and Types, where to read it,
+    the published columns and the row filter (None: every row), and its size."""
+
+    relation: Relation
+    types: tuple[Type, ...]
+    ident: sql.Composable  # the table to read: ONLY the table, or a partitioned root
+    row_filter: str | None
+    pages: int
+    estimate: int  # pg_class.reltuples: an estimate for progress, -1 when never analysed
+
+    @property
+    def name(self) -> str:
+        """``schema.name``, as ``RelationInfo.qualified_name`` says it for the stream."""
+        return f"{self.relation.namespace}.{self.relation.name}"
+
+    def copy_query(self, low: str, high: str | None) -> sql.Composed:
+        """COPY of the published columns and rows whose ctid is in ``[low, high)``."""
+        cond = [sql.SQL("ctid >= {}::tid").format(sql.Literal(low))]
+        if high is not None:
+            cond.append(sql.SQL("ctid < {}::tid").format(sql.Literal(high)))
+        if self.row_filter is not None:
+            cond.append(sql.SQL("({})").format(sql.SQL(self.row_filter)))
+        cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in self.relation.columns)
+        return sql.SQL("COPY (SELECT {} FROM {} WHERE {}) TO STDOUT").format(
+            cols, self.ident, sql.SQL(" AND ").join(cond)
+        )
+
+
+def published_tables(conn: Conn, publications: tuple[str, ...]) -> list[PublishedTable]:
+    """Every table the publications publish (FOR ALL TABLES, FOR TABLES IN SCHEMA, column
+    lists and row filters included), in the transaction ``conn`` is in."""
+    try:
+        rows = conn.execute(_TABLES, (list(publications),)).fetchall()
+        merged: dict[int, list[Any]] = {}
+        for oid, schema, name, kind, ident, attnames, rowfilter, reltuples in rows:
+            entry = merged.setdefault(oid, [schema, name, kind, ident, set(), False, [], reltuples])
+            entry[4].update(attnames or ())
+            if rowfilter is None:
+                entry[5] = True  # one publication without a filter publishes every row
+            else:
+                entry[6].append(rowfilter)
+        return [_describe(conn, oid, *entry) for oid, entry in merged.items()]
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise ConfigError(
+            f"cannot read the published tables: {str(exc).strip()}: GRANT SELECT on them to "
+            "the replication role"
+        ) from None
+
+
+def _describe(
+    conn: Conn,
+    oid: int,
+    schema: str,
+    name: str,
+    kind: str,
+    ident: str,
+    attnames: set[str],
+    unfiltered: bool,
+    filters: list[str],
+    reltuples: float,
+) -> PublishedTable:
+    keys = {r[0] for r in conn.execute(_IDENTITY, (oid, ident)).fetchall()}
+    columns = tuple(
+        Column(attname, typid, typmod, ident == "f" or attname in keys)
+        for attname, typid, typmod in conn.execute(_COLUMNS, (oid,)).fetchall()
+        if attname in attnames
+    )
+    pages = conn.execute(_PAGES, (oid,)).fetchone()
+    table = sql.Identifier(schema, name)
+    return PublishedTable(
+        relation=Relation(None, oid, schema, name, ident, columns),
+        types=_types(conn, {c.type_oid for c in columns if c.type_oid >= FIRST_CUSTOM_OID}),
+        ident=table if kind == "p" else sql.SQL("ONLY {}").format(table),
+        row_filter=None if unfiltered or not filters else " OR ".join(f"({f})" for f in filters),
+        pages=int(pages[0]) if pages else 0,
+        estimate=int(reltuples),
+    )
+
+
+def _types(conn: Conn, oids: set[int]) -> tuple[Type, ...]:
+    """The Type messages pgoutput would send: a domain names its base type (followed down)."""
+    out = []
+    for oid in sorted(oids):
+        current = oid
+        while True:
+            row = conn.execute(_TYPES, ([current],)).fetchone()
+            if row is None:
+                break
+            _, typtype, base, namespace, typname = row
+            if typtype == "d" and base:
+                current = int(base)
+                continue
+            out.append(Type(None, oid, namespace, typname))
+            break
+    return tuple(out)

@@ -1,0 +1,311 @@
+"""``SnapshotJob``: copy every published table into a sink, in parallel chunks, resumably.
+
+The IO around ``plan``'s rules: one exported snapshot (``anchor``), N worker connections
+that import it and COPY their chunks, and the sink, which commits each chunk with its
+progress row. A stop (SIGINT, SIGTERM) ends the job between rows; what committed stays and
+the next run resumes from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import psycopg
+from psycopg import sql
+
+from pglogrepl_bridge.errors import (
+    BridgeError,
+    ConfigError,
+    ReplicationError,
+    TargetUnavailableError,
+)
+from pglogrepl_bridge.lsn import Lsn, format_lsn
+from pglogrepl_bridge.pgoutput.relcache import RelationCache, RelationInfo
+from pglogrepl_bridge.pgoutput.values import ValueLoaders
+from pglogrepl_bridge.postgres import admin
+from pglogrepl_bridge.postgres.connection import Conn, connect, connection_error
+from pglogrepl_bridge.postgres.options import StreamOptions
+from pglogrepl_bridge.postgres.startup import check_slot
+from pglogrepl_bridge.snapshot import plan
+from pglogrepl_bridge.snapshot.anchor import Anchor, ExportedSnapshot
+from pglogrepl_bridge.snapshot.catalog import PublishedTable, published_tables
+from pglogrepl_bridge.snapshot.copytext import split_row
+
+if TYPE_CHECKING:
+    from pglogrepl_bridge.sinks.sql import SqlSink
+
+log = logging.getLogger(__name__)
+
+#: Default parallel copies: one per core, at most 4. Each worker holds a source connection
+#: (with an open snapshot) and a target connection; beyond 4 the source's disks and the
+#: target's single writer (SQLite) gain little, and the source pays for every connection.
+DEFAULT_WORKERS = max(1, min(4, os.cpu_count() or 1))
+
+#: settings of the workers' sessions: a long COPY must not hit the server's timeouts
+_WORKER_SETTINGS = {"statement_timeout": "0", "idle_in_transaction_session_timeout": "0"}
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkCopied:
+    """Progress: a chunk committed in the target."""
+
+    table: str
+    index: int
+    count: int
+    rows: int
+    table_rows: int  # this table's rows so far, in this run
+    estimate: int  # the table's row estimate (pg_class.reltuples), -1 if unknown
+
+
+@dataclass
+class SnapshotStats:
+    """What a snapshot did: tables copied and kept (from an earlier run), chunks, rows, and
+    the checkpoint the stream resumes from; ``complete`` is False after a stop."""
+
+    copied: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    chunks: int = 0
+    rows: int = 0
+    anchor: Lsn | None = None
+    checkpoint: Lsn | None = None
+    complete: bool = False
+    seconds: float = 0.0
+
+
+class _Stopped(Exception):
+    pass
+
+
+class SnapshotJob:
+    """Copies the publications' tables into ``sink`` as of one exported snapshot, then records
+    the checkpoint the stream continues from. Resumes an interrupted copy (``plan.resume``).
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        sink: SqlSink,
+        options: StreamOptions,
+        *,
+        workers: int = DEFAULT_WORKERS,
+        on_progress: Callable[[ChunkCopied], None] | None = None,
+    ) -> None:
+        if workers < 1:
+            raise ConfigError("--snapshot-workers must be at least 1")
+        self.dsn = dsn
+        self.sink = sink
+        self.options = options
+        self.workers = workers
+        self.on_progress = on_progress
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+
+    def stop(self) -> None:
+        """Stop between rows; committed chunks stay, the next run resumes (any thread)."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        """Whether ``stop`` was called."""
+        return self._stop.is_set()
+
+    def run(self) -> SnapshotStats:
+        """Copy, then record the checkpoint; returns what was done."""
+        started = time.monotonic()
+        stats = SnapshotStats()
+        opts = self.options
+        if opts.temporary:
+            raise ConfigError(
+                "a snapshot needs a permanent slot (the copy and the stream must share it): "
+                "drop --temporary, or use --snapshot never"
+            )
+        done = self.sink.snapshot_progress()
+        with connect(self.dsn, replication=False) as meta:
+            slot = admin.get_slot(meta, opts.slot)
+            dbname = meta.info.dbname
+        if slot is not None:
+            confirmed = check_slot(opts.slot, slot, backend_pid=-1)
+            if slot.database != dbname:
+                raise ConfigError(
+                    f"replication slot {opts.slot!r} belongs to database {slot.database!r}, "
+                    f"not {dbname!r}: connect to that database, or use another slot"
+                )
+            exporter = ExportedSnapshot(self.dsn)
+        elif opts.create_slot:
+            confirmed = None  # the slot starts at the anchor
+            exporter = ExportedSnapshot(self.dsn, slot=opts.slot, two_phase=opts.two_phase)
+        else:
+            raise ConfigError(
+                f"replication slot {opts.slot!r} does not exist: create it with --create-slot "
+                f"or 'pglogrepl-bridge slot create {opts.slot}'"
+            )
+        conns: list[Conn] = []
+        try:
+            with exporter as anchor:
+                log.info(
+                    "snapshot %s exported at %s (slot %s)",
+                    anchor.snapshot,
+                    format_lsn(anchor.lsn),
+                    anchor.slot,
+                )
+                conns = [self._worker_conn(anchor) for _ in range(self.workers)]
+                tables = published_tables(conns[0], opts.publications)
+            # the export ends here: the workers' transactions hold the snapshot
+            stats.anchor = anchor.lsn
+            if not tables:
+                raise ConfigError(
+                    f"publication(s) {', '.join(opts.publications)} publish no tables: "
+                    "add tables (ALTER PUBLICATION ... ADD TABLE), or use --snapshot never"
+                )
+            resumed = plan.resume([t.name for t in tables], done)
+            for name in resumed.to_clear:
+                log.info("the copy of %s was interrupted: copying it again", name)
+            anchors = {**resumed.kept, **dict.fromkeys(resumed.to_copy, int(anchor.lsn))}
+            lowest = plan.checkpoint(anchors.values())
+            if confirmed is not None and confirmed > lowest:
+                raise ReplicationError(
+                    f"replication slot {opts.slot!r} is at {format_lsn(confirmed)}, past the "
+                    f"snapshot's {format_lsn(Lsn(lowest))}: changes in between are gone. Empty "
+                    "the target (or use another one) and run again"
+                )
+            stats.kept = sorted(resumed.kept)
+            stats.copied = list(resumed.to_copy)
+            todo = [t for t in tables if t.name in set(resumed.to_copy)]
+            self._copy(todo, anchor, conns, stats)
+        finally:
+            for conn in conns:
+                conn.close()
+        stats.seconds = time.monotonic() - started
+        if self.stopping:
+            return stats
+        self.sink.finish_snapshot(lowest)
+        stats.checkpoint = Lsn(lowest)
+        stats.complete = True
+        self._advance_slot(Lsn(lowest))
+        return stats
+
+    def _advance_slot(self, lsn: Lsn) -> None:
+        """Confirm the slot up to the checkpoint: the target holds all before it, and the WAL
+        the slot pinned for it can go. Optional: the stream would confirm it anyway."""
+        try:
+            with connect(self.dsn, replication=False) as conn:
+                conn.execute(
+                    "SELECT pg_replication_slot_advance(%s, %s::pg_lsn)",
+                    (self.options.slot, format_lsn(lsn)),
+                )
+        except (psycopg.Error, BridgeError) as exc:
+            log.warning("could not advance slot %s to the snapshot: %s", self.options.slot, exc)
+
+    def _worker_conn(self, anchor: Anchor) -> Conn:
+        conn = connect(self.dsn, replication=False, settings=_WORKER_SETTINGS)
+        try:
+            conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(anchor.snapshot))
+        except psycopg.Error as exc:
+            conn.close()
+            raise connection_error(exc, self.dsn) from None
+        return conn
+
+    def _copy(
+        self,
+        tables: Sequence[PublishedTable],
+        anchor: Anchor,
+        conns: list[Conn],
+        stats: SnapshotStats,
+    ) -> None:
+        cache = RelationCache(ValueLoaders())
+        infos: dict[str, RelationInfo] = {}
+        for table in tables:
+            for typ in table.types:
+                cache.add_type(typ)
+            infos[table.name] = cache.add_relation(table.relation)
+        self.sink.start_snapshot(list(infos.values()), clear=infos)
+        work: queue.SimpleQueue[tuple[PublishedTable, plan.Chunk]] = queue.SimpleQueue()
+        # big tables first: they set the job's length, small ones fill the gaps
+        for table in sorted(tables, key=lambda t: -t.pages):
+            for chunk in plan.chunks(table.name, table.pages):
+                work.put((table, chunk))
+        table_rows = dict.fromkeys(infos, 0)
+        errors: list[BaseException] = []
+
+        def worker(conn: Conn) -> None:
+            try:
+                while not self.stopping and not errors:
+                    try:
+                        table, chunk = work.get_nowait()
+                    except queue.Empty:
+                        return
+                    rows = self._copy_chunk(conn, table, infos[table.name], chunk, anchor)
+                    with self._lock:
+                        stats.chunks += 1
+                        stats.rows += rows
+                        table_rows[table.name] += rows
+                        event = ChunkCopied(
+                            table.name, chunk.index, chunk.count, rows,
+                            table_rows[table.name], table.estimate,
+                        )  # fmt: skip
+                    if self.on_progress is not None:
+                        self.on_progress(event)
+            except _Stopped:
+                return
+            except BaseException as exc:  # reported by run() in the main thread
+                errors.append(exc)
+
+        threads = [
+            threading.Thread(target=worker, args=(c,), name=f"snapshot-{i}", daemon=True)
+            for i, c in enumerate(conns)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            first = errors[0]
+            if isinstance(first, BridgeError):
+                raise first
+            if isinstance(first, psycopg.Error):
+                raise ReplicationError(f"cannot read the source: {str(first).strip()}") from None
+            raise first
+
+    def _copy_chunk(
+        self,
+        conn: Conn,
+        table: PublishedTable,
+        info: RelationInfo,
+        chunk: plan.Chunk,
+        anchor: Anchor,
+    ) -> int:
+        query = table.copy_query(*plan.ctid_bounds(chunk))
+        done = plan.ChunkDone(table.name, chunk.index, chunk.count, int(anchor.lsn), 0)
+        backoff = 0.1
+        while True:
+            conn.execute("SAVEPOINT chunk")  # a failed target write re-reads the chunk
+            try:
+                with conn.cursor().copy(query) as copy:
+                    return self.sink.copy_chunk(info, self._rows(copy, info.ncols), done)
+            except TargetUnavailableError as exc:
+                conn.execute("ROLLBACK TO SAVEPOINT chunk")
+                if self.stopping:
+                    raise _Stopped from None
+                log.warning("%s; retrying the chunk in %.1fs", exc, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self.options.max_backoff)
+            except psycopg.errors.InsufficientPrivilege as exc:
+                raise ConfigError(
+                    f"cannot read {table.name}: {str(exc).strip()}: GRANT SELECT ON "
+                    f"{table.name} to the replication role"
+                ) from None
+
+    def _rows(self, copy: psycopg.Copy, ncols: int) -> Iterator[list[bytes | None]]:
+        stop = self._stop
+        for n, line in enumerate(copy):
+            if not n & 1023 and stop.is_set():
+                raise _Stopped
+            yield split_row(line, ncols)
