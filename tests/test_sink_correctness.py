@@ -22,7 +22,6 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from pglogrepl_bridge import SinkError, StreamOptions
-from pglogrepl_bridge.postgres.stream import ReplicationStream
 from pglogrepl_bridge.testing.postgres import PostgresServer, postgres_server
 
 from .mariadb_server import mariadb_available
