@@ -19,6 +19,7 @@ from pglogrepl_bridge.pgoutput.transaction import Transaction
 from pglogrepl_bridge.postgres.connection import connect_waiting, identify_system
 from pglogrepl_bridge.postgres.stream import ReplicationStream, StreamOptions
 from pglogrepl_bridge.progress import Progress
+from pglogrepl_bridge.snapshot.plan import CHUNK_PAGES
 from pglogrepl_bridge.snapshot.runner import (
     DEFAULT_WORKERS,
     ChunkCopied,
@@ -92,6 +93,7 @@ def run_replicate(
     snapshot: SnapshotMode = "initial",
     snapshot_workers: int = DEFAULT_WORKERS,
     on_snapshot_progress: Callable[[ChunkCopied], None] | None = None,
+    snapshot_chunk_pages: int = CHUNK_PAGES,
 ) -> ReplicateStats:
     """Apply the stream to ``target`` until stopped (or ``until``); returns what was done.
 
@@ -117,7 +119,12 @@ def run_replicate(
     stats = ReplicateStats(resumed_from=sink.checkpoint())
     if stats.resumed_from is None and snapshot != "never":
         job = SnapshotJob(
-            dsn, sink, options, workers=snapshot_workers, on_progress=on_snapshot_progress
+            dsn,
+            sink,
+            options,
+            workers=snapshot_workers,
+            on_progress=on_snapshot_progress,
+            chunk_pages=snapshot_chunk_pages,
         )
         if on_stream is not None:
             on_stream(job)

@@ -49,8 +49,10 @@ WHERE i.indrelid = %s AND (CASE %s WHEN 'd' THEN i.indisprimary WHEN 'i' THEN i.
 # the heap pages to cover: the table's own, or its largest leaf partition's (a ctid range on a
 # partitioned table applies to each leaf)
 _PAGES = """
-SELECT coalesce(max(pg_relation_size(p.relid) / current_setting('block_size')::int), 0)
-FROM pg_partition_tree(%s) p WHERE p.isleaf
+SELECT greatest(pg_relation_size(%(oid)s::oid::regclass),
+                (SELECT max(pg_relation_size(p.relid))
+                 FROM pg_partition_tree(%(oid)s::oid::regclass) p WHERE p.isleaf))
+       / current_setting('block_size')::int
 """
 
 _TYPES = """
@@ -131,14 +133,14 @@ def _describe(
         for attname, typid, typmod in conn.execute(_COLUMNS, (oid,)).fetchall()
         if attname in attnames
     )
-    pages = conn.execute(_PAGES, (oid,)).fetchone()
+    pages = conn.execute(_PAGES, {"oid": oid}).fetchone()
     table = sql.Identifier(schema, name)
     return PublishedTable(
         relation=Relation(None, oid, schema, name, ident, columns),
         types=_types(conn, {c.type_oid for c in columns if c.type_oid >= FIRST_CUSTOM_OID}),
         ident=table if kind == "p" else sql.SQL("ONLY {}").format(table),
         row_filter=None if unfiltered or not filters else " OR ".join(f"({f})" for f in filters),
-        pages=int(pages[0]) if pages else 0,
+        pages=int(pages[0]) if pages and pages[0] is not None else 0,
         estimate=int(reltuples),
     )
 

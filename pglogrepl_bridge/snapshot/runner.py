@@ -96,6 +96,7 @@ class SnapshotJob:
         *,
         workers: int = DEFAULT_WORKERS,
         on_progress: Callable[[ChunkCopied], None] | None = None,
+        chunk_pages: int = plan.CHUNK_PAGES,
     ) -> None:
         if workers < 1:
             raise ConfigError("--snapshot-workers must be at least 1")
@@ -104,6 +105,7 @@ class SnapshotJob:
         self.options = options
         self.workers = workers
         self.on_progress = on_progress
+        self.chunk_pages = chunk_pages
         self._stop = threading.Event()
         self._lock = threading.Lock()
 
@@ -230,7 +232,7 @@ class SnapshotJob:
         work: queue.SimpleQueue[tuple[PublishedTable, plan.Chunk]] = queue.SimpleQueue()
         # big tables first: they set the job's length, small ones fill the gaps
         for table in sorted(tables, key=lambda t: -t.pages):
-            for chunk in plan.chunks(table.name, table.pages):
+            for chunk in plan.chunks(table.name, table.pages, self.chunk_pages):
                 work.put((table, chunk))
         table_rows = dict.fromkeys(infos, 0)
         errors: list[BaseException] = []

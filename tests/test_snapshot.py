@@ -1,0 +1,386 @@
+"""Snapshot + stream: the rows that exist are copied, consistent with the stream that follows.
+
+Every live case compares the target with the source row by row (keyed tables) or as a
+multiset (keyless tables), into SQLite, PostgreSQL and MariaDB.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pglogrepl_bridge import ConfigError, SinkError, StreamOptions
+from pglogrepl_bridge.sinks.replicate import run_replicate
+from pglogrepl_bridge.snapshot import plan
+from pglogrepl_bridge.snapshot.copytext import split_row
+from pglogrepl_bridge.testing.postgres import PostgresServer
+
+from .streamkit import Conn, last_commit_end, pg_url
+from .test_sink_correctness import Tables, assert_equal, target_rows
+
+REPO = Path(__file__).resolve().parent.parent
+
+# -- the pure rules ---------------------------------------------------------------------------
+
+
+@given(st.integers(0, 10_000), st.integers(1, 64))
+def test_chunks_cover_every_page_once_and_end_open(pages: int, per_chunk: int) -> None:
+    chunks = plan.chunks("t", pages, per_chunk)
+    assert chunks[0].first_page == 0 and chunks[-1].end_page is None
+    for a, b in itertools.pairwise(chunks):
+        assert a.end_page == b.first_page
+    assert all(c.count == len(chunks) and c.index == i for i, c in enumerate(chunks))
+    assert len(chunks) == max(1, -(-pages // per_chunk))
+
+
+def test_resume_keeps_complete_tables_and_copies_the_rest_again() -> None:
+    done = [
+        plan.ChunkDone("a", 0, 2, 100, 5),
+        plan.ChunkDone("a", 1, 2, 100, 5),  # complete at 100
+        plan.ChunkDone("b", 0, 2, 100, 5),  # half done: copied again, cleared first
+        plan.ChunkDone("c", 0, 1, 90, 0),
+        plan.ChunkDone("c", 0, 1, 100, 0),  # two anchors: not one consistent copy
+    ]
+    got = plan.resume(["a", "b", "c", "d"], done)
+    assert got.kept == {"a": 100}
+    assert got.to_copy == ("b", "c", "d")
+    assert got.to_clear == ("b", "c")
+    assert plan.checkpoint([100, 120]) == 100
+    assert plan.skipped_until({"a": 100, "b": 120}, 100) == {"b": 120}
+
+
+def _copy_escape(value: bytes) -> bytes:
+    """COPY TO's text escaping, as PostgreSQL's CopyAttributeOutText writes it."""
+    out = bytearray()
+    names = {8: b"b", 9: b"t", 10: b"n", 11: b"v", 12: b"f", 13: b"r", 92: b"\\"}
+    for byte in value:
+        out += b"\\" + names[byte] if byte in names else bytes([byte])
+    return bytes(out)
+
+
+@given(st.lists(st.one_of(st.none(), st.binary(max_size=20)), min_size=1, max_size=6))
+def test_copy_text_rows_read_back_to_the_values(values: list[bytes | None]) -> None:
+    line = b"\t".join(b"\\N" if v is None else _copy_escape(v) for v in values) + b"\n"
+    assert split_row(line, len(values)) == values
+    with pytest.raises(ValueError, match="columns"):
+        split_row(line, len(values) + 1)
+
+
+# -- live -------------------------------------------------------------------------------------
+
+
+class Writers:
+    """Concurrent writers on ``Tables``: inserts, updates (key changes included), deletes,
+    TOASTed values, on the keyed and the keyless table, until stopped."""
+
+    def __init__(self, dsn: str, t: Tables, seed: int) -> None:
+        self.dsn, self.t = dsn, t
+        self.rng = random.Random(seed)
+        self._stop = threading.Event()
+        self.errors: list[BaseException] = []
+        self.count = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        k, kl, rng = self.t.keyed, self.t.keyless, self.rng
+        try:
+            with psycopg.connect(self.dsn, autocommit=True) as conn:
+                while not self._stop.is_set():
+                    i = rng.randrange(4000)
+                    with conn.transaction():
+                        conn.execute(
+                            f"INSERT INTO {k} VALUES ({i}, {i}, 'w', NULL) ON CONFLICT DO NOTHING"
+                        )
+                        j = rng.randrange(4000)
+                        conn.execute(f"UPDATE {k} SET n = n + 1, note = 'u{j}' WHERE id = {j}")
+                        moved = rng.randrange(4000)
+                        conn.execute(
+                            f"UPDATE {k} SET id = id + 10000 WHERE id = {moved} "
+                            f"AND NOT EXISTS (SELECT 1 FROM {k} WHERE id = {moved + 10000})"
+                        )
+                        conn.execute(f"DELETE FROM {k} WHERE id = {rng.randrange(4000)}")
+                        if rng.random() < 0.2:
+                            big = "'" + str(i) * 3000 + "'"
+                            conn.execute(f"UPDATE {k} SET big = {big} WHERE id = {i}")
+                        conn.execute(f"INSERT INTO {kl} VALUES ({i % 7}, NULL)")
+                        conn.execute(
+                            f"DELETE FROM {kl} WHERE ctid = (SELECT ctid FROM {kl} "
+                            f"WHERE a = {rng.randrange(7)} LIMIT 1)"
+                        )
+                    self.count += 1
+        except BaseException as exc:
+            self.errors.append(exc)
+
+    def __enter__(self) -> Writers:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self.thread.join(30)
+        assert not self.errors, self.errors
+
+
+def _fill(t: Tables, rows: int = 3000) -> None:
+    t.conn.execute(
+        f"INSERT INTO {t.keyed} SELECT g, g, 'row ' || g, CASE WHEN g % 50 = 0 "
+        f"THEN repeat(g::text, 2000) END FROM generate_series(0, {rows - 1}) g"
+    )
+    t.conn.execute(
+        f"INSERT INTO {t.keyless} SELECT g % 7, CASE WHEN g % 3 = 0 THEN NULL ELSE 'x' END "
+        f"FROM generate_series(1, {rows // 3}) g"
+    )
+
+
+@pytest.mark.parametrize("method", ["existing_slot", "new_slot"])
+def test_snapshot_under_concurrent_writers_equals_the_source(
+    pg: PostgresServer, pg_conn: Conn, target: str, method: str
+) -> None:
+    t = Tables(pg_conn)
+    _fill(t)
+    options = t.options()
+    if method == "new_slot":
+        options = replace(options, slot=t.slots[0] + "_new", create_slot=True)
+    with Writers(pg.dsn, t, seed=1) as writers:
+        time.sleep(0.2)  # writers are busy when the snapshot is exported
+        stats = run_replicate(
+            pg.dsn, target, options, snapshot="only", snapshot_workers=3, snapshot_chunk_pages=2
+        )
+        time.sleep(0.3)
+    assert writers.count > 5
+    copied = stats.snapshot
+    assert copied is not None and copied.complete and copied.chunks > 10
+    assert copied.rows > 3000
+    end = last_commit_end(pg_conn, options.slot, t.pub)
+    again = run_replicate(pg.dsn, target, options, until=end)
+    assert again.snapshot is None and again.transactions > 0  # streamed, not copied again
+    assert_equal(target, t)
+
+
+def test_partitioned_empty_and_filtered_tables(
+    pg: PostgresServer, pg_conn: Conn, target: str
+) -> None:
+    c = pg_conn
+    c.execute(
+        "CREATE TABLE IF NOT EXISTS sp (id int, region text, v int, PRIMARY KEY (id, region)) "
+        "PARTITION BY LIST (region)"
+    )
+    c.execute("CREATE TABLE IF NOT EXISTS sp_eu PARTITION OF sp FOR VALUES IN ('eu')")
+    c.execute("CREATE TABLE IF NOT EXISTS sp_us PARTITION OF sp FOR VALUES IN ('us')")
+    c.execute("TRUNCATE sp")
+    c.execute(
+        "INSERT INTO sp SELECT g, CASE WHEN g % 2 = 0 THEN 'eu' ELSE 'us' END, g "
+        "FROM generate_series(1, 500) g"
+    )
+    c.execute("CREATE TABLE IF NOT EXISTS sempty (id int PRIMARY KEY, t text)")
+    c.execute("CREATE TABLE IF NOT EXISTS sfilt (id int PRIMARY KEY, a int, secret text)")
+    c.execute("TRUNCATE sfilt")
+    c.execute("INSERT INTO sfilt SELECT g, g % 10, 'hidden' FROM generate_series(1, 300) g")
+    suffix = str(abs(hash(target)) % 10**8)
+    results = {}
+    for via_root in (True, False):
+        pub, slot = f"sppub_{suffix}_{int(via_root)}", f"spslot_{suffix}_{int(via_root)}"
+        c.execute(
+            f"CREATE PUBLICATION {pub} FOR TABLE sp, sempty, sfilt (id, a) WHERE (a > 5) "
+            f"WITH (publish_via_partition_root = {str(via_root).lower()})"
+        )
+        c.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
+        url = target if via_root else _second_target(target, pg, c, suffix)
+        opts = StreamOptions(slot=slot, publications=(pub,))
+        stats = run_replicate(pg.dsn, url, opts, snapshot="only", snapshot_chunk_pages=1)
+        assert stats.snapshot is not None and stats.snapshot.complete
+        results[via_root] = _read(url)
+        c.execute(f"DROP PUBLICATION {pub}")
+        c.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+    source_sp = sorted(c.execute("SELECT id, region, v FROM sp").fetchall())
+    source_filt = sorted(c.execute("SELECT id, a FROM sfilt WHERE a > 5").fetchall())
+    root = results[True]
+    assert sorted(root["sp"]) == source_sp
+    assert "sp_eu" not in root
+    leaves = results[False]
+    assert "sp" not in leaves and sorted(leaves["sp_eu"] + leaves["sp_us"]) == source_sp
+    for got in results.values():
+        assert got["sempty"] == []
+        assert sorted(got["sfilt"]) == source_filt  # the row filter and the column list hold
+        assert got["sfilt_columns"] == ["id", "a"]
+
+
+def _second_target(target: str, pg: PostgresServer, c: Conn, suffix: str) -> str:
+    if target.startswith("sqlite"):
+        return target.replace("target.db", "target2.db")
+    if target.startswith("postgresql"):
+        name = f"second_{suffix}"
+        c.execute(f"CREATE DATABASE {name}")
+        return pg_url(pg.dsn, name).render_as_string(hide_password=False)
+    engine = sa.create_engine(target)  # MariaDB: one database, emptied
+    with engine.begin() as conn:
+        for (table,) in conn.execute(sa.text("SHOW TABLES")).all():
+            conn.execute(sa.text(f"DROP TABLE `{table}`"))
+    engine.dispose()
+    return target
+
+
+def _read(url: str) -> dict[str, Any]:
+    engine = sa.create_engine(url)
+    out: dict[str, Any] = {}
+    try:
+        with engine.connect() as c:
+            inspector = sa.inspect(c)
+            for name in ("sp", "sp_eu", "sp_us", "sempty", "sfilt"):
+                if inspector.has_table(name):
+                    cols = [x["name"] for x in inspector.get_columns(name)]
+                    out[name] = [tuple(r) for r in c.execute(sa.text(f"SELECT * FROM {name}"))]
+                    if name == "sfilt":
+                        out["sfilt_columns"] = cols
+    finally:
+        engine.dispose()
+    return out
+
+
+_KILLED_RUN = """
+import sys
+from pglogrepl_bridge import StreamOptions
+from pglogrepl_bridge.sinks.replicate import run_replicate
+options = StreamOptions(slot=sys.argv[3], publications=(sys.argv[4],))
+run_replicate(sys.argv[1], sys.argv[2], options, snapshot="only", snapshot_workers=2,
+              snapshot_chunk_pages=1)
+"""
+
+
+def test_kill_9_during_the_snapshot_then_resume(
+    pg: PostgresServer, pg_conn: Conn, tmp_path: Path
+) -> None:
+    t = Tables(pg_conn)
+    _fill(t, rows=60_000)
+    url = f"sqlite:///{tmp_path / 'killed.db'}"
+    rng = random.Random(7)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    kills = 0
+    with Writers(pg.dsn, t, seed=2):
+        for _ in range(3):
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _KILLED_RUN, pg.dsn, url, t.slots[0], t.pub],
+                env=env,
+                stderr=subprocess.PIPE,
+            )
+            time.sleep(rng.uniform(1.0, 2.5))
+            if proc.poll() is None:
+                proc.kill()
+                kills += 1
+            proc.wait()
+    assert kills >= 2  # a run that finished first is fine: the next ones then just stream
+    done = [plan.ChunkDone(*row[2:]) for row in _progress(url)]
+    expected_kept = sorted(plan.resume([f"public.{t.keyed}", f"public.{t.keyless}"], done).kept)
+    end = last_commit_end(pg_conn, t.slots[0], t.pub)
+    stats = run_replicate(pg.dsn, url, t.options(), until=end, snapshot_chunk_pages=1)
+    if stats.snapshot is not None:  # resumed: tables that were complete are not copied again
+        assert stats.snapshot.complete
+        assert stats.snapshot.kept == expected_kept
+        assert not set(stats.snapshot.copied) & set(expected_kept)
+    assert_equal(url, t)
+
+
+def _progress(url: str) -> list[tuple[Any, ...]]:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as c:
+            if not sa.inspect(c).has_table("pglogrepl_bridge_snapshot"):
+                return []
+            return [tuple(r) for r in c.execute(sa.text("SELECT * FROM pglogrepl_bridge_snapshot"))]
+    finally:
+        engine.dispose()
+
+
+def test_snapshot_only_then_replicate_on_the_command_line(
+    pg: PostgresServer, pg_conn: Conn, tmp_path: Path
+) -> None:
+    t = Tables(pg_conn)
+    _fill(t, rows=500)
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    base = [sys.executable, "-m", "pglogrepl_bridge", "replicate", "--dsn", pg.dsn]
+    base += ["--slot", t.slots[0], "-p", t.pub, "--target", url]
+    first = subprocess.run(
+        [*base, "--snapshot", "only"], capture_output=True, text=True, timeout=120
+    )
+    assert first.returncode == 0, first.stderr
+    assert "snapshot: copied" in first.stderr and "2 tables" in first.stderr
+    assert "snapshot table=public." in first.stderr  # progress lines off a terminal
+    assert_equal(url, t)
+    t.txn(
+        f"UPDATE {t.keyed} SET note = 'after' WHERE id < 10", f"DELETE FROM {t.keyless} WHERE a = 1"
+    )
+    end = last_commit_end(pg_conn, t.slots[0], t.pub)
+    second = subprocess.run(
+        [*base, "--until-lsn", str(end)], capture_output=True, text=True, timeout=120
+    )
+    assert second.returncode == 0, second.stderr
+    assert "snapshot:" not in second.stderr
+    assert_equal(url, t)
+
+
+def test_bad_input_is_refused_with_the_fix(
+    pg: PostgresServer, pg_conn: Conn, tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'bad.db'}"
+    pg_conn.execute("CREATE PUBLICATION snap_nothing")
+    pg_conn.execute("SELECT pg_create_logical_replication_slot('snap_nothing_slot', 'pgoutput')")
+    try:
+        opts = StreamOptions(slot="snap_nothing_slot", publications=("snap_nothing",))
+        with pytest.raises(ConfigError, match="publish no tables"):
+            run_replicate(pg.dsn, url, opts)
+        with pytest.raises(ConfigError, match="permanent slot"):
+            run_replicate(pg.dsn, url, replace(opts, create_slot=True, temporary=True))
+        with pytest.raises(ConfigError, match="does not exist"):
+            run_replicate(pg.dsn, url, replace(opts, slot="snap_no_such_slot"))
+    finally:
+        pg_conn.execute("DROP PUBLICATION snap_nothing")
+    # a slot of another database
+    pg_conn.execute("CREATE DATABASE snap_other")
+    with psycopg.connect(pg.dsn, dbname="snap_other", autocommit=True) as other:
+        other.execute("SELECT pg_create_logical_replication_slot('snap_other_slot', 'pgoutput')")
+    t = Tables(pg_conn)
+    with pytest.raises(ConfigError, match="belongs to database 'snap_other'"):
+        run_replicate(pg.dsn, url, replace(t.options(), slot="snap_other_slot"))
+    # a target that rejects a row names the table
+    _fill(t, rows=100)
+    engine = sa.create_engine(url)
+    with engine.begin() as c:
+        c.execute(
+            sa.text(
+                f"CREATE TABLE {t.keyed} (id INTEGER PRIMARY KEY, n INTEGER CHECK (n < 50), "
+                "note TEXT, big TEXT)"
+            )
+        )
+    engine.dispose()
+    with pytest.raises(SinkError, match=f"{t.keyed}.*CHECK"):
+        run_replicate(pg.dsn, url, t.options())
+    # nothing half-applied or unrecorded: the keyless table's chunk committed with its
+    # progress row (kept by the next run), the refused one left neither rows nor progress
+    keyed, keyless = target_rows(url, t)
+    assert keyed == [] and keyless == t.source_rows()[1]
+    assert {row[2] for row in _progress(url)} == {f"public.{t.keyless}"}
+
+
+def test_a_table_the_role_cannot_read(pg: PostgresServer, pg_conn: Conn, tmp_path: Path) -> None:
+    t = Tables(pg_conn)
+    _fill(t, rows=10)
+    pg_conn.execute("DROP ROLE IF EXISTS snap_reader")
+    pg_conn.execute("CREATE ROLE snap_reader LOGIN REPLICATION PASSWORD 'pw'")
+    pg_conn.execute(f"GRANT SELECT ON {t.keyless} TO snap_reader")
+    dsn = psycopg.conninfo.make_conninfo(pg.dsn, user="snap_reader", password="pw")
+    with pytest.raises(ConfigError, match=f"GRANT SELECT ON public.{t.keyed}"):
+        run_replicate(dsn, f"sqlite:///{tmp_path / 'r.db'}", t.options())
