@@ -25,11 +25,12 @@ from hypothesis import strategies as st
 
 from pglogrepl_bridge import ConfigError, SinkError, StreamOptions
 from pglogrepl_bridge.sinks.replicate import run_replicate
+from pglogrepl_bridge.sinks.sql import Conflict
 from pglogrepl_bridge.snapshot import plan
 from pglogrepl_bridge.snapshot.copytext import split_row
 from pglogrepl_bridge.testing.postgres import PostgresServer
 
-from .streamkit import Conn, last_commit_end, pg_url
+from .streamkit import Conn, last_commit_end, pg_url, wait_for
 from .test_sink_correctness import Tables, assert_equal, target_rows
 
 REPO = Path(__file__).resolve().parent.parent
@@ -146,9 +147,10 @@ def _fill(t: Tables, rows: int = 3000) -> None:
     )
 
 
+@pytest.mark.parametrize("mode", ["source", "lww"])
 @pytest.mark.parametrize("method", ["existing_slot", "new_slot"])
 def test_snapshot_under_concurrent_writers_equals_the_source(
-    pg: PostgresServer, pg_conn: Conn, target: str, method: str
+    pg: PostgresServer, pg_conn: Conn, target: str, method: str, mode: Conflict
 ) -> None:
     t = Tables(pg_conn)
     _fill(t)
@@ -158,7 +160,13 @@ def test_snapshot_under_concurrent_writers_equals_the_source(
     with Writers(pg.dsn, t, seed=1) as writers:
         time.sleep(0.2)  # writers are busy when the snapshot is exported
         stats = run_replicate(
-            pg.dsn, target, options, snapshot="only", snapshot_workers=3, snapshot_chunk_pages=2
+            pg.dsn,
+            target,
+            options,
+            conflict=mode,
+            snapshot="only",
+            snapshot_workers=3,
+            snapshot_chunk_pages=2,
         )
         time.sleep(0.3)
     assert writers.count > 5
@@ -166,7 +174,7 @@ def test_snapshot_under_concurrent_writers_equals_the_source(
     assert copied is not None and copied.complete and copied.chunks > 10
     assert copied.rows > 3000
     end = last_commit_end(pg_conn, options.slot, t.pub)
-    again = run_replicate(pg.dsn, target, options, until=end)
+    again = run_replicate(pg.dsn, target, options, conflict=mode, until=end)
     assert again.snapshot is None and again.transactions > 0  # streamed, not copied again
     assert_equal(target, t)
 
@@ -255,6 +263,7 @@ _KILLED_RUN = """
 import sys
 from pglogrepl_bridge import StreamOptions
 from pglogrepl_bridge.sinks.replicate import run_replicate
+from pglogrepl_bridge.sinks.sql import Conflict
 options = StreamOptions(slot=sys.argv[3], publications=(sys.argv[4],))
 run_replicate(sys.argv[1], sys.argv[2], options, snapshot="only", snapshot_workers=2,
               snapshot_chunk_pages=1)
@@ -283,6 +292,12 @@ def test_kill_9_during_the_snapshot_then_resume(
                 kills += 1
             proc.wait()
     assert kills >= 2  # a run that finished first is fine: the next ones then just stream
+    # a killed run's backend may still hold the slot for a moment (slot advance)
+    active = "SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s AND active"
+    wait_for(
+        lambda: pg_conn.execute(active, (t.slots[0],)).fetchone() == (0,),
+        what="the killed run's backend to let go of the slot",
+    )
     done = [plan.ChunkDone(*row[2:]) for row in _progress(url)]
     expected_kept = sorted(plan.resume([f"public.{t.keyed}", f"public.{t.keyless}"], done).kept)
     end = last_commit_end(pg_conn, t.slots[0], t.pub)

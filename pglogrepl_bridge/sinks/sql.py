@@ -454,27 +454,34 @@ class SqlSink:
         except SQLAlchemyError as exc:
             raise self._failure(exc, "read the snapshot's progress from") from None
 
-    def start_snapshot(self, relations: Sequence[RelationInfo], clear: Iterable[str]) -> None:
-        """Create the target tables of ``relations`` (the snapshot's workers then only insert)
-        and empty those named in ``clear``, with their progress: their copy starts over."""
-        clear = set(clear)
+    def start_snapshot(self, relations: Sequence[RelationInfo], interrupted: Iterable[str]) -> None:
+        """Create the target tables of ``relations`` (the snapshot's workers then only insert),
+        forget their earlier progress, and empty them: the copy is the table's whole content.
+
+        Under ``--conflict lww`` other sources' rows stay: only the rows of this source's
+        ``interrupted`` copy go (a keyed table's unversioned rows, a keyless table's rows)."""
+        interrupted = set(interrupted)
         sc = self.snapshot_chunks
-        if self.conflict == "lww":  # other sources' rows stay; a copied row only fills gaps
-            clear = {
-                r.qualified_name for r in relations if r.qualified_name in clear and is_keyless(r)
-            }
         try:
             with self._write_lock, self.engine.begin() as conn:
                 for rel in relations:
                     target = self._target(conn, rel)
-                    if rel.qualified_name in clear:
-                        conn.execute(sa.delete(target.table))
+                    conn.execute(
+                        sa.delete(sc).where(
+                            sc.c.source_id == self.source_id,
+                            sc.c.slot == self.slot,
+                            sc.c.tbl == rel.qualified_name,
+                        )
+                    )
+                    table = target.table
+                    if self.conflict != "lww":
+                        conn.execute(sa.delete(table))
+                    elif rel.qualified_name in interrupted:
+                        keyless = target.keyless
                         conn.execute(
-                            sa.delete(sc).where(
-                                sc.c.source_id == self.source_id,
-                                sc.c.slot == self.slot,
-                                sc.c.tbl == rel.qualified_name,
-                            )
+                            sa.delete(table)
+                            if keyless
+                            else sa.delete(table).where(table.c[TS_COL].is_(None))
                         )
         except SQLAlchemyError as exc:
             self._targets.clear()

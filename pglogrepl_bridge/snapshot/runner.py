@@ -180,7 +180,7 @@ class SnapshotJob:
             stats.kept = sorted(resumed.kept)
             stats.copied = list(resumed.to_copy)
             todo = [t for t in tables if t.name in set(resumed.to_copy)]
-            self._copy(todo, anchor, conns, stats)
+            self._copy(todo, anchor, conns, stats, resumed.to_clear)
         finally:
             for conn in conns:
                 conn.close()
@@ -221,6 +221,7 @@ class SnapshotJob:
         anchor: Anchor,
         conns: list[Conn],
         stats: SnapshotStats,
+        interrupted: Sequence[str],
     ) -> None:
         cache = RelationCache(ValueLoaders())
         infos: dict[str, RelationInfo] = {}
@@ -228,7 +229,7 @@ class SnapshotJob:
             for typ in table.types:
                 cache.add_type(typ)
             infos[table.name] = cache.add_relation(table.relation)
-        self.sink.start_snapshot(list(infos.values()), clear=infos)
+        self.sink.start_snapshot(list(infos.values()), interrupted)
         work: queue.SimpleQueue[tuple[PublishedTable, plan.Chunk]] = queue.SimpleQueue()
         # big tables first: they set the job's length, small ones fill the gaps
         for table in sorted(tables, key=lambda t: -t.pages):
