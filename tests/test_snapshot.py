@@ -7,6 +7,7 @@ multiset (keyless tables), into SQLite, PostgreSQL and MariaDB.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import random
 import subprocess
@@ -399,3 +400,38 @@ def test_a_table_the_role_cannot_read(pg: PostgresServer, pg_conn: Conn, tmp_pat
     dsn = psycopg.conninfo.make_conninfo(pg.dsn, user="snap_reader", password="pw")
     with pytest.raises(ConfigError, match=f"GRANT SELECT ON public.{t.keyed}"):
         run_replicate(dsn, f"sqlite:///{tmp_path / 'r.db'}", t.options())
+
+
+def test_tail_snapshot_then_stream_folds_to_the_source(pg: PostgresServer, pg_conn: Conn) -> None:
+    """``tail --snapshot`` under concurrent writers: the read rows, then the changes, applied
+    by key, give the source's table."""
+    t = Tables(pg_conn)
+    _fill(t, rows=2000)
+    cmd = [sys.executable, "-m", "pglogrepl_bridge", "tail", "--dsn", pg.dsn, "--slot"]
+    cmd += [t.slots[0], "-p", t.pub, "--snapshot", "--format", "jsonl", "--table", t.keyed]
+    with Writers(pg.dsn, t, seed=3):
+        time.sleep(0.2)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(1.0)
+    t.txn(f"INSERT INTO {t.keyed} VALUES (-1, -1, 'the end', NULL)")
+    state: dict[int, tuple[Any, ...]] = {}
+    reads = 0
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        txn = json.loads(line)
+        for change in txn["changes"]:
+            new, old = change.get("new"), change.get("old")
+            if change["op"] == "read":
+                assert txn["snapshot"] is True and new["id"] not in state
+                reads += 1
+            moved = state.pop(old["id"], None) if old is not None else None
+            if change["op"] == "delete":
+                continue
+            full = moved or state.get(new["id"], (None, None, None, None))
+            state[new["id"]] = (new["id"], new["n"], new["note"], new.get("big", full[3]))
+        if any((c.get("new") or {}).get("id") == -1 for c in txn["changes"]):
+            break
+    proc.terminate()
+    assert proc.wait(10) == 0, proc.stderr.read() if proc.stderr else ""
+    assert reads > 1000
+    assert sorted(state.values()) == t.source_rows()[0]

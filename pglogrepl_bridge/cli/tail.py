@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
 from dataclasses import replace
@@ -33,11 +34,13 @@ from pglogrepl_bridge.cli.app import (
     stream_options,
 )
 from pglogrepl_bridge.errors import ConfigError
-from pglogrepl_bridge.lsn import Lsn
+from pglogrepl_bridge.lsn import Lsn, format_lsn
+from pglogrepl_bridge.pgoutput.relcache import RelationInfo
 from pglogrepl_bridge.pgoutput.transaction import Change, RowChange, Transaction, TruncateChange
 from pglogrepl_bridge.postgres.stream import ReplicationStream, StreamOptions
 from pglogrepl_bridge.progress import Progress
 from pglogrepl_bridge.render.jsonl import JsonRenderer
+from pglogrepl_bridge.snapshot.plan import ChunkDone
 
 
 class Format(StrEnum):
@@ -63,6 +66,7 @@ class Op(StrEnum):
     delete = "delete"
     truncate = "truncate"
     message = "message"
+    read = "read"  # a row of --snapshot
 
 
 def change_filter(tables: list[str], ops: list[Op]) -> Callable[[Change], bool] | None:
@@ -122,6 +126,14 @@ def tail(
     messages: Annotated[
         bool, typer.Option("--messages/--no-messages", help="Include logical decoding messages.")
     ] = True,
+    snapshot: Annotated[
+        bool,
+        typer.Option(
+            "--snapshot",
+            help="First print the rows that exist (op read), consistent with the stream "
+            "that follows.",
+        ),
+    ] = False,
     metrics_port: MetricsPort = None,
     verbose: Verbose = False,
 ) -> None:
@@ -130,6 +142,8 @@ def tail(
     with handled():
         if values is Values.text and binary:
             raise ConfigError("--values text needs the text format: drop --binary")
+        if snapshot and start_lsn is not None:
+            raise ConfigError("--snapshot starts where the copy ends: drop --start-lsn")
         until = parse_lsn(until_lsn, "--until-lsn")
         options = stream_options(
             slot,
@@ -146,9 +160,15 @@ def tail(
             messages=messages,
         )
         out_format = fmt or (Format.pretty if sys.stdout.isatty() else Format.jsonl)
-        run_tail(
-            dsn, options, out_format, values.value, change_filter(table, op), until, metrics_port
-        )
+        keep = change_filter(table, op)
+        if snapshot:
+            after = print_snapshot(dsn, options, out_format, values.value, table, op)
+            if after is None:
+                return  # stopped during the copy
+            if until is not None and after.start_lsn is not None and after.start_lsn >= until:
+                return
+            options = after
+        run_tail(dsn, options, out_format, values.value, keep, until, metrics_port)
 
 
 def _pretty_printer() -> Callable[[Transaction, list[Change]], None]:
@@ -159,6 +179,63 @@ def _pretty_printer() -> Callable[[Transaction, list[Change]], None]:
 
     console = Console(highlight=False, soft_wrap=True)
     return lambda txn, changes: print_transaction(console, txn, changes)
+
+
+def print_snapshot(
+    dsn: str,
+    options: StreamOptions,
+    out_format: Format,
+    values: str,
+    tables: list[str],
+    ops: list[Op],
+) -> StreamOptions | None:
+    """Print the rows that exist, as ``read`` changes in lines of up to 1000 rows of one
+    table; returns the options to stream on from the snapshot's anchor (None if stopped)."""
+    from pglogrepl_bridge.snapshot.readrows import ReadRows
+    from pglogrepl_bridge.snapshot.runner import SnapshotJob
+
+    wanted = {t if "." in t else f"public.{t}" for t in tables}
+    if ops and Op.read not in ops:
+        wanted = {"-"}  # no table matches: rows are read (the anchor is needed) but not shown
+    renderer = JsonRenderer(values)  # type: ignore[arg-type]
+    console = None
+    if out_format is Format.pretty:
+        from rich.console import Console
+
+        console = Console(highlight=False, soft_wrap=True)
+
+    def on_rows(rel: RelationInfo, chunk: ChunkDone, rows: list[bytes]) -> None:
+        if wanted and rel.qualified_name not in wanted:
+            return
+        if out_format is Format.null:
+            for raw in rows:
+                rel.row_at(raw, 0)
+            return
+        head = (
+            f'{{"op":"read","schema":{json.dumps(rel.namespace)},'
+            f'"table":{json.dumps(rel.name)},"new":'
+        )
+        if console is not None:
+            for raw in rows:
+                console.print(
+                    f"[dim]snapshot[/] read {rel.qualified_name} {renderer.row(rel, raw, 0)}",
+                    markup=True,
+                )
+            return
+        lsn = format_lsn(Lsn(chunk.anchor))
+        changes = ",".join(head + renderer.row(rel, raw, 0) + "}" for raw in rows)
+        sys.stdout.write(
+            f'{{"snapshot":true,"lsn":"{lsn}","end_lsn":"{lsn}",'
+            f'"table":{json.dumps(rel.qualified_name)},"changes":[{changes}]}}\n'
+        )
+        sys.stdout.flush()
+
+    job = SnapshotJob(dsn, ReadRows(on_rows), options, advance_slot=False)
+    with stop_on_signals(job.stop):
+        stats = job.run()
+    if not stats.complete or stats.checkpoint is None:
+        return None
+    return replace(options, start_lsn=stats.checkpoint, create_slot=False)
 
 
 def run_tail(

@@ -13,9 +13,9 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import psycopg
 from psycopg import sql
@@ -37,9 +37,6 @@ from pglogrepl_bridge.snapshot import plan
 from pglogrepl_bridge.snapshot.anchor import Anchor, ExportedSnapshot
 from pglogrepl_bridge.snapshot.catalog import PublishedTable, published_tables
 from pglogrepl_bridge.snapshot.copytext import split_row
-
-if TYPE_CHECKING:
-    from pglogrepl_bridge.sinks.sql import SqlSink
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +80,29 @@ class _Stopped(Exception):
     pass
 
 
+class SnapshotSink(Protocol):
+    """Where a snapshot's rows go: ``sinks.sql.SqlSink`` (durable, resumable) or
+    ``snapshot.readrows.ReadRows`` (handed on, e.g. printed)."""
+
+    def snapshot_progress(self) -> list[plan.ChunkDone]:
+        """Chunks that committed in an earlier run."""
+        ...
+
+    def start_snapshot(self, relations: Sequence[RelationInfo], interrupted: Sequence[str]) -> None:
+        """Prepare the tables about to be copied."""
+        ...
+
+    def copy_chunk(
+        self, rel: RelationInfo, rows: Iterable[Sequence[bytes | None]], chunk: plan.ChunkDone
+    ) -> int:
+        """Take a chunk's rows (and record the chunk); returns how many."""
+        ...
+
+    def finish_snapshot(self, checkpoint: int) -> None:
+        """Record the checkpoint the stream resumes from."""
+        ...
+
+
 class SnapshotJob:
     """Copies the publications' tables into ``sink`` as of one exported snapshot, then records
     the checkpoint the stream continues from. Resumes an interrupted copy (``plan.resume``).
@@ -91,12 +111,13 @@ class SnapshotJob:
     def __init__(
         self,
         dsn: str,
-        sink: SqlSink,
+        sink: SnapshotSink,
         options: StreamOptions,
         *,
         workers: int = DEFAULT_WORKERS,
         on_progress: Callable[[ChunkCopied], None] | None = None,
         chunk_pages: int = plan.CHUNK_PAGES,
+        advance_slot: bool = True,
     ) -> None:
         if workers < 1:
             raise ConfigError("--snapshot-workers must be at least 1")
@@ -106,6 +127,7 @@ class SnapshotJob:
         self.workers = workers
         self.on_progress = on_progress
         self.chunk_pages = chunk_pages
+        self.advance_slot = advance_slot
         self._stop = threading.Event()
         self._lock = threading.Lock()
 
@@ -190,7 +212,8 @@ class SnapshotJob:
         self.sink.finish_snapshot(lowest)
         stats.checkpoint = Lsn(lowest)
         stats.complete = True
-        self._advance_slot(Lsn(lowest))
+        if self.advance_slot:
+            self._advance_slot(Lsn(lowest))
         return stats
 
     def _advance_slot(self, lsn: Lsn) -> None:
