@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -435,3 +436,91 @@ def test_tail_snapshot_then_stream_folds_to_the_source(pg: PostgresServer, pg_co
     assert proc.wait(10) == 0, proc.stderr.read() if proc.stderr else ""
     assert reads > 1000
     assert sorted(state.values()) == t.source_rows()[0]
+
+
+def _eventually_equal(check: Callable[[], None], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            check()
+            return
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def test_a_requested_snapshot_and_a_table_added_while_running(
+    pg: PostgresServer, pg_conn: Conn, target: str
+) -> None:
+    """``snapshot request`` repairs a drifted target table while the stream runs, and a table
+    added to the publication is backfilled; both under concurrent writers."""
+    t = Tables(pg_conn)
+    _fill(t, rows=1500)
+    added = f"{t.keyed}_added"
+    pg_conn.execute(f"CREATE TABLE {added} (id int PRIMARY KEY, v text)")
+    pg_conn.execute(f"INSERT INTO {added} SELECT g, 'old ' || g FROM generate_series(1, 300) g")
+    running: list[Any] = []
+    result: list[Any] = []
+
+    def replicate() -> None:
+        try:
+            options = replace(t.options(), status_interval=0.2)
+            result.append(
+                run_replicate(
+                    pg.dsn, target, options, on_stream=running.append, snapshot_chunk_pages=1
+                )
+            )
+        except BaseException as exc:  # reported below
+            result.append(exc)
+
+    thread = threading.Thread(target=replicate, daemon=True)
+    thread.start()
+    try:
+        _eventually_equal(lambda: assert_equal(target, t))
+        engine = sa.create_engine(target)
+        with engine.begin() as c:  # the target drifts: rows lost, values changed
+            c.execute(sa.text(f"DELETE FROM {t.keyed} WHERE id < 100"))
+            c.execute(sa.text(f"UPDATE {t.keyed} SET note = 'drift' WHERE id >= 100"))
+        engine.dispose()
+        with pytest.raises(AssertionError):
+            assert_equal(target, t)
+        with Writers(pg.dsn, t, seed=4):
+            time.sleep(0.2)
+            request = [sys.executable, "-m", "pglogrepl_bridge", "snapshot", "request"]
+            asked = subprocess.run(
+                [*request, "--dsn", pg.dsn, "--slot", t.slots[0], "--table", t.keyed],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert asked.returncode == 0, asked.stderr
+            time.sleep(0.5)
+            pg_conn.execute(f"ALTER PUBLICATION {t.pub} ADD TABLE {added}")
+            pg_conn.execute(f"UPDATE {added} SET v = 'new' WHERE id % 10 = 0")
+            time.sleep(0.5)
+        t.txn(f"INSERT INTO {added} VALUES (1000, 'last')")
+
+        def all_equal() -> None:
+            assert_equal(target, t)
+            engine = sa.create_engine(target)
+            try:
+                with engine.connect() as c:
+                    got = sorted(tuple(r) for r in c.execute(sa.text(f"SELECT id, v FROM {added}")))
+            except sa.exc.SQLAlchemyError as exc:
+                raise AssertionError(str(exc)) from None
+            finally:
+                engine.dispose()
+            assert got == sorted(pg_conn.execute(f"SELECT id, v FROM {added}").fetchall())
+
+        _eventually_equal(all_equal)
+    finally:
+        for job_or_stream in running:
+            job_or_stream.stop()
+        thread.join(60)
+    assert result and not isinstance(result[0], BaseException), result
+    stats = result[0]
+    assert stats.snapshot is not None and stats.snapshot.complete
+    copied = sorted(name for backfill in stats.backfills for name in backfill.copied)
+    assert copied == sorted([f"public.{added}", f"public.{t.keyed}"])
+    assert all(b.complete for b in stats.backfills)

@@ -26,6 +26,7 @@ COMMAND_MODULES = {
     "slot": "admin",
     "publication": "admin",
     "status": "admin",
+    "snapshot": "admin",
     "doctor": "doctor",
 }
 

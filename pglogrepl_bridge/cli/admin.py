@@ -1,4 +1,5 @@
-"""The ``slot``, ``publication`` and ``status`` commands: small administrative helpers."""
+"""The ``slot``, ``publication``, ``snapshot`` and ``status`` commands: small administrative
+helpers."""
 
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ slot_app = typer.Typer(help="Create, drop and list replication slots.", no_args_
 pub_app = typer.Typer(help="Create, drop and list publications.", no_args_is_help=True)
 app.add_typer(slot_app, name="slot")
 app.add_typer(pub_app, name="publication")
+snapshot_app = typer.Typer(
+    help="Ask a running replicate to copy tables again.", no_args_is_help=True
+)
+app.add_typer(snapshot_app, name="snapshot")
 
 
 # -- slots, publications, status -------------------------------------------------------------
@@ -171,3 +176,25 @@ def status(
             while not stopped["now"]:
                 time.sleep(interval)
                 live.update(_slots_table(admin.list_slots(conn), conn.info.server_version // 10000))
+
+
+@snapshot_app.command("request")
+def snapshot_request(
+    slot: Annotated[
+        str, typer.Option("--slot", "-s", help="The slot a running replicate streams from.")
+    ],
+    table: Annotated[
+        list[str], typer.Option("--table", "-t", help="schema.name to copy again (repeatable).")
+    ],
+    dsn: Dsn = "",
+    verbose: Verbose = False,
+) -> None:
+    """Copy tables again into the target of the replicate running on SLOT, while it streams.
+
+    The request is a logical decoding message: it is ordered with the changes, and a
+    replicate that is not running now acts on it when it comes to it.
+    """
+    setup_logging(verbose)
+    with handled(), connect(dsn, replication=False) as conn:
+        lsn = admin.request_snapshot(conn, slot, tuple(table))
+        typer.echo(f"requested a snapshot of {', '.join(table)} on slot {slot} at {lsn}")

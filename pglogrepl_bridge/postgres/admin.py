@@ -5,6 +5,7 @@ Statements are composed with psycopg.sql (identifiers quoted), never by string p
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -15,6 +16,7 @@ from psycopg import sql
 from pglogrepl_bridge.errors import ConfigError
 from pglogrepl_bridge.lsn import Lsn
 from pglogrepl_bridge.postgres.connection import Conn, server_error
+from pglogrepl_bridge.snapshot.plan import SNAPSHOT_REQUEST_PREFIX
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,3 +259,23 @@ def last_commit_lsn(conn: Conn, slot: str, publications: tuple[str, ...]) -> Lsn
         (slot, publication_names_option(publications)),
     ).fetchone()
     return None if row is None or row[0] is None else Lsn.parse(row[0])
+
+
+def request_snapshot(conn: Conn, slot: str, tables: tuple[str, ...]) -> Lsn:
+    """Ask a running ``replicate`` on ``slot`` to copy ``tables`` again: a transactional
+    logical decoding message, ordered with the changes and kept in the WAL until the slot
+    has passed it. Returns the message's LSN. Tables are ``schema.name`` or ``name``."""
+    names = [t if "." in t else f"public.{t}" for t in tables]
+    for name in names:
+        found = conn.execute(
+            "SELECT to_regclass(%s) IS NOT NULL",
+            (str(sql.Identifier(*name.split(".", 1)).as_string(conn)),),
+        ).fetchone()
+        if not found or not found[0]:
+            raise ConfigError(f"table {name} does not exist: name it as schema.table")
+    content = json.dumps({"slot": slot, "tables": names})
+    row = conn.execute(
+        "SELECT pg_logical_emit_message(true, %s, %s)", (SNAPSHOT_REQUEST_PREFIX, content)
+    ).fetchone()
+    assert row is not None
+    return Lsn.parse(str(row[0]))

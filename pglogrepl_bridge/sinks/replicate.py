@@ -10,7 +10,7 @@ import logging
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
 from pglogrepl_bridge.errors import TargetUnavailableError
@@ -71,6 +71,8 @@ class ReplicateStats:
     resumed_from: Lsn | None = None
     last_lsn: Lsn | None = None
     snapshot: SnapshotStats | None = None
+    #: copies made while streaming (snapshot requests, tables new to the target)
+    backfills: list[SnapshotStats] = field(default_factory=list)
 
 
 def source_identity(dsn: str, wait: float = 0.0) -> str:
@@ -99,7 +101,10 @@ def run_replicate(
 
     With ``snapshot="initial"`` (the default) and no checkpoint in the target for this
     (source, slot), the publications' existing rows are copied first (``snapshot.runner``),
-    consistent with the stream that follows; ``"only"`` stops after the copy.
+    consistent with the stream that follows; ``"only"`` stops after the copy. Unless it is
+    ``"never"``, a table named by ``pglogrepl-bridge snapshot request`` (a logical decoding
+    message in the stream) or new to the target (added to a publication) is copied again
+    while the stream waits, each from its own consistent point.
 
     Batches of up to ``batch_changes`` changes are applied in one target transaction with
     the checkpoint, then acknowledged; a batch is also flushed whenever the stream catches
@@ -117,6 +122,30 @@ def run_replicate(
         node_id=zlib.crc32(system_id.encode()) & 0x7FFFFFFF if node_id is None else node_id,
     )
     stats = ReplicateStats(resumed_from=sink.checkpoint())
+    if snapshot != "never":
+        # snapshot requests travel as logical decoding messages; tables new to the target
+        # (added to a publication) are copied too
+        options = replace(options, messages=True)
+        sink.backfill = True
+
+    def copy_tables(tables: list[str]) -> bool:
+        """Copy ``tables`` again while the stream waits; False if stopped meanwhile."""
+        job = SnapshotJob(
+            dsn,
+            sink,
+            options,
+            workers=snapshot_workers,
+            on_progress=on_snapshot_progress,
+            chunk_pages=snapshot_chunk_pages,
+            advance_slot=False,
+            only=tables,
+        )
+        if on_stream is not None:
+            on_stream(job)
+        done = job.run()
+        stats.backfills.append(done)
+        return done.complete
+
     if stats.resumed_from is None and snapshot != "never":
         job = SnapshotJob(
             dsn,
@@ -134,6 +163,9 @@ def run_replicate(
         stats.last_lsn = stats.snapshot.checkpoint
     elif stats.resumed_from is not None:
         sink.load_skips(int(stats.resumed_from))
+        pending_copies = sink.pending_copies() if snapshot != "never" else []
+        if pending_copies and not copy_tables(pending_copies):
+            return stats  # stopped during the copy: it is resumed on the next run
     if snapshot == "only":
         return stats
     start = stats.last_lsn or stats.resumed_from
@@ -158,6 +190,8 @@ def run_replicate(
         stats.last_lsn = pending[-1].end_lsn
         pending.clear()
         size = 0
+        if sink.requested:  # a snapshot request, or a new table, was in the batch
+            copy_tables(sink.pending_copies())
 
     stream = ReplicationStream(dsn, options, on_idle=flush)
     if on_stream is not None:

@@ -24,6 +24,7 @@ what the target committed.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -44,7 +45,12 @@ from pglogrepl_bridge.pgoutput.transaction import RowChange, Transaction, Trunca
 from pglogrepl_bridge.sinks import lww
 from pglogrepl_bridge.sinks.lww import NODE_COL, TS_COL, VERSION_COLS
 from pglogrepl_bridge.sinks.sqltypes import column_type, loaders, text_is_driver_value
-from pglogrepl_bridge.snapshot.plan import ChunkDone, skipped_until
+from pglogrepl_bridge.snapshot.plan import (
+    SNAPSHOT_REQUEST_PREFIX,
+    ChunkDone,
+    resume,
+    skipped_until,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +59,10 @@ TOMBSTONE_TABLE = "pglogrepl_bridge_tombstone"
 SNAPSHOT_TABLE = "pglogrepl_bridge_snapshot"  # the snapshot's chunks that committed
 #: rows per executemany while copying a chunk: bounded memory, few round trips
 COPY_BATCH = 2000
+#: the chunk number of a "copy this table (again)" marker in the snapshot table
+REQUESTED = -1
+#: a requested table's changes are skipped until its copy's anchor is known
+UNTIL_COPIED = 2**63 - 1
 ROWID_COL = "_pglb_rowid"  # the surrogate key of a keyless table
 __all__ = ["CHECKPOINT_TABLE", "NODE_COL", "TS_COL", "Conflict", "SqlSink", "base_columns"]
 
@@ -154,6 +164,12 @@ class SqlSink:
         self._source_columns: dict[str, dict[str, Column]] = {}
         #: tables whose changes the stream skips up to their snapshot anchor (snapshot.plan)
         self._skip: dict[str, int] = {}
+        #: backfill: a snapshot request in the stream, or a table new to the target, marks
+        #: the table to be copied (``requested``), and ``run_replicate`` copies it
+        self.backfill = False
+        self.requested = False
+        self._batch_skip: dict[str, int] = {}  # marked in the batch being applied
+        self._present: set[str] = set()  # tables known to exist in the target
         # SQLite has one writer: parallel snapshot workers take turns instead of timing out
         self._write_lock: AbstractContextManager[Any] = (
             threading.Lock() if self.dialect == "sqlite" else nullcontext()
@@ -213,20 +229,26 @@ class SqlSink:
             return
         end = int(txns[-1].end_lsn)  # a plain int for drivers
         past_snapshot = bool(self._skip) and end >= max(self._skip.values())
+        self._batch_skip = {}
         try:
             with self.engine.begin() as conn:
                 for txn in txns:
                     self._apply_txn(conn, txn, grouped=True)
                 self._write_checkpoint(conn, end)
-                if past_snapshot:  # every table's anchor passed: its progress is history
+                if past_snapshot and not self._batch_skip:
+                    # every table's anchor passed: its progress is history
                     sc = self.snapshot_chunks
                     conn.execute(
                         sa.delete(sc).where(
                             sc.c.source_id == self.source_id, sc.c.slot == self.slot
                         )
                     )
-            if past_snapshot:
+            if past_snapshot and not self._batch_skip:
                 self._skip = {}
+            if self._batch_skip:  # committed: the marked tables wait for their copy
+                self._skip.update(self._batch_skip)
+                self._present.update(self._batch_skip)
+                self.requested = True
         except SinkError:
             self._targets.clear()
             raise
@@ -262,7 +284,9 @@ class SqlSink:
         raise SinkError(f"cannot write to the target {self.url}: {_reason(first)}")
 
     def _apply_txn(self, conn: sa.Connection, txn: Transaction, *, grouped: bool) -> None:
-        if self._skip:
+        if self.backfill:
+            self._mark_requests(conn, txn)
+        if self._skip or self._batch_skip:
             txn = self._unskipped(txn)
         if self.conflict == "lww":
             for pos, change in enumerate(txn.changes):
@@ -466,13 +490,15 @@ class SqlSink:
             with self._write_lock, self.engine.begin() as conn:
                 for rel in relations:
                     target = self._target(conn, rel)
-                    conn.execute(
+                    conn.execute(  # a request's marker stays until the copy is done
                         sa.delete(sc).where(
                             sc.c.source_id == self.source_id,
                             sc.c.slot == self.slot,
                             sc.c.tbl == rel.qualified_name,
+                            sc.c.chunk != REQUESTED,
                         )
                     )
+                    self._present.add(rel.qualified_name)
                     table = target.table
                     if self.conflict != "lww":
                         conn.execute(sa.delete(table))
@@ -552,24 +578,106 @@ class SqlSink:
             ) from None
         return len(batch)
 
-    def finish_snapshot(self, checkpoint: int) -> None:
+    def finish_snapshot(self, checkpoint: int | None, copied: Sequence[str] = ()) -> None:
         """Record the snapshot's end: the checkpoint the stream resumes from (the lowest
-        anchor); then the stream skips each table's changes up to its own anchor."""
+        anchor; None while streaming, when the checkpoint stays) and that the ``copied``
+        tables' requests are done. The stream then skips each table's changes up to its
+        own anchor."""
+        sc = self.snapshot_chunks
         try:
             with self._write_lock, self.engine.begin() as conn:
-                self._write_checkpoint(conn, checkpoint)
+                if checkpoint is not None:
+                    self._write_checkpoint(conn, checkpoint)
+                if copied:
+                    conn.execute(
+                        sa.delete(sc).where(
+                            sc.c.source_id == self.source_id,
+                            sc.c.slot == self.slot,
+                            sc.c.tbl.in_(list(copied)),
+                            sc.c.chunk == REQUESTED,
+                        )
+                    )
         except SQLAlchemyError as exc:
             raise self._failure(exc, "record the snapshot's end in") from None
-        self.load_skips(checkpoint)
+        current = checkpoint if checkpoint is not None else self.checkpoint()
+        self.load_skips(int(current or 0))
+        self.requested = bool(self.pending_copies())
 
     def load_skips(self, checkpoint: int) -> None:
         """Skip, in the stream, each snapshotted table's changes up to its anchor (rule 5)."""
-        anchors = {c.table: c.anchor for c in self.snapshot_progress()}
+        anchors: dict[str, int] = {}
+        for chunk in self.snapshot_progress():
+            anchors[chunk.table] = max(anchors.get(chunk.table, 0), chunk.anchor)
         self._skip = skipped_until(anchors, checkpoint)
+
+    def _mark_requests(self, conn: sa.Connection, txn: Transaction) -> None:
+        """Mark for copying, in this target transaction, the tables a snapshot request in
+        ``txn`` names and the tables the target has never seen (added to a publication)."""
+        tables: list[str] = []
+        for change in txn.changes:
+            if isinstance(change, Message):
+                if change.prefix == SNAPSHOT_REQUEST_PREFIX:
+                    tables += self._requested_tables(change)
+                continue
+            rels = change.relations if isinstance(change, TruncateChange) else (change.relation,)
+            for rel in rels:
+                name = rel.qualified_name
+                if rel in self._targets or name in self._present or name in self._batch_skip:
+                    continue
+                if sa.inspect(conn).has_table(target_name(rel)):
+                    self._present.add(name)
+                else:
+                    log.info("%s is new to the target: copying its rows", name)
+                    tables.append(name)
+        if tables:
+            self._mark(conn, tables)
+
+    def _requested_tables(self, message: Message) -> list[str]:
+        try:
+            request = json.loads(message.content)
+            slot = request.get("slot")
+            tables = [str(t) if "." in str(t) else f"public.{t}" for t in request["tables"]]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            log.warning("ignored a malformed snapshot request: %r", bytes(message.content)[:200])
+            return []
+        if slot not in (None, self.slot):
+            return []
+        log.info("snapshot requested for %s", ", ".join(tables))
+        return tables
+
+    def _mark(self, conn: sa.Connection, tables: list[str]) -> None:
+        sc = self.snapshot_chunks
+        for name in dict.fromkeys(tables):
+            conn.execute(
+                sa.delete(sc).where(
+                    sc.c.source_id == self.source_id,
+                    sc.c.slot == self.slot,
+                    sc.c.tbl == name,
+                    sc.c.chunk == REQUESTED,
+                )
+            )
+            conn.execute(
+                sa.insert(sc).values(
+                    source_id=self.source_id,
+                    slot=self.slot,
+                    tbl=name,
+                    chunk=REQUESTED,
+                    chunks=0,
+                    anchor=UNTIL_COPIED,
+                    rows=0,
+                )
+            )
+            self._batch_skip[name] = UNTIL_COPIED
+
+    def pending_copies(self) -> list[str]:
+        """Tables marked for copying, or whose copy was interrupted (``snapshot.plan``)."""
+        done = self.snapshot_progress()
+        return list(resume(sorted({c.table for c in done}), done).to_copy)
 
     def _unskipped(self, txn: Transaction) -> Transaction:
         """The transaction without its changes to tables whose copy already holds them."""
-        end, skip = int(txn.end_lsn), self._skip
+        end = int(txn.end_lsn)
+        skip = {**self._skip, **self._batch_skip} if self._batch_skip else self._skip
 
         def copied(rel: RelationInfo) -> bool:
             return skip.get(rel.qualified_name, 0) >= end

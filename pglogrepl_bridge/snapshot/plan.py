@@ -23,6 +23,10 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+#: the prefix of the logical decoding message that asks a running ``replicate`` on a slot to
+#: copy tables again: content ``{"slot": S, "tables": ["schema.name", ...]}``
+SNAPSHOT_REQUEST_PREFIX = "pglogrepl_bridge.snapshot"
+
 #: heap pages per chunk: 32 MiB of table with the default 8 kB block size. Small enough
 #: that a big table is copied by every worker, large enough that a chunk's setup is noise.
 CHUNK_PAGES = 4096

@@ -71,5 +71,5 @@ class ReadRows:
             self.on_rows(rel, chunk, batch)
         return len(batch)
 
-    def finish_snapshot(self, checkpoint: int) -> None:
+    def finish_snapshot(self, checkpoint: int | None, copied: Sequence[str] = ()) -> None:
         """Nothing to record."""

@@ -13,7 +13,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -98,8 +98,9 @@ class SnapshotSink(Protocol):
         """Take a chunk's rows (and record the chunk); returns how many."""
         ...
 
-    def finish_snapshot(self, checkpoint: int) -> None:
-        """Record the checkpoint the stream resumes from."""
+    def finish_snapshot(self, checkpoint: int | None, copied: Sequence[str] = ()) -> None:
+        """Record the checkpoint the stream resumes from (None: it stays), and that the
+        ``copied`` tables' requests are done."""
         ...
 
 
@@ -118,6 +119,7 @@ class SnapshotJob:
         on_progress: Callable[[ChunkCopied], None] | None = None,
         chunk_pages: int = plan.CHUNK_PAGES,
         advance_slot: bool = True,
+        only: Collection[str] | None = None,
     ) -> None:
         if workers < 1:
             raise ConfigError("--snapshot-workers must be at least 1")
@@ -128,6 +130,9 @@ class SnapshotJob:
         self.on_progress = on_progress
         self.chunk_pages = chunk_pages
         self.advance_slot = advance_slot
+        #: copy just these tables while the stream runs (a request, a table new to the
+        #: target): the checkpoint stays, each table skips its changes up to its own anchor
+        self.only = None if only is None else frozenset(only)
         self._stop = threading.Event()
         self._lock = threading.Lock()
 
@@ -144,33 +149,10 @@ class SnapshotJob:
         """Copy, then record the checkpoint; returns what was done."""
         started = time.monotonic()
         stats = SnapshotStats()
-        opts = self.options
-        if opts.temporary:
-            raise ConfigError(
-                "a snapshot needs a permanent slot (the copy and the stream must share it): "
-                "drop --temporary, or use --snapshot never"
-            )
         done = self.sink.snapshot_progress()
-        with connect(self.dsn, replication=False) as meta:
-            slot = admin.get_slot(meta, opts.slot)
-            dbname = meta.info.dbname
-        if slot is not None:
-            confirmed = check_slot(opts.slot, slot, backend_pid=-1)
-            if slot.database != dbname:
-                raise ConfigError(
-                    f"replication slot {opts.slot!r} belongs to database {slot.database!r}, "
-                    f"not {dbname!r}: connect to that database, or use another slot"
-                )
-            exporter = ExportedSnapshot(self.dsn)
-        elif opts.create_slot:
-            confirmed = None  # the slot starts at the anchor
-            exporter = ExportedSnapshot(self.dsn, slot=opts.slot, two_phase=opts.two_phase)
-        else:
-            raise ConfigError(
-                f"replication slot {opts.slot!r} does not exist: create it with --create-slot "
-                f"or 'pglogrepl-bridge slot create {opts.slot}'"
-            )
+        exporter, confirmed = self._exporter()
         conns: list[Conn] = []
+        online = self.only is not None
         try:
             with exporter as anchor:
                 log.info(
@@ -180,24 +162,20 @@ class SnapshotJob:
                     anchor.slot,
                 )
                 conns = [self._worker_conn(anchor) for _ in range(self.workers)]
-                tables = published_tables(conns[0], opts.publications)
+                tables = published_tables(conns[0], self.options.publications)
             # the export ends here: the workers' transactions hold the snapshot
             stats.anchor = anchor.lsn
-            if not tables:
-                raise ConfigError(
-                    f"publication(s) {', '.join(opts.publications)} publish no tables: "
-                    "add tables (ALTER PUBLICATION ... ADD TABLE), or use --snapshot never"
-                )
+            tables = self._chosen(tables)
             resumed = plan.resume([t.name for t in tables], done)
             for name in resumed.to_clear:
                 log.info("the copy of %s was interrupted: copying it again", name)
             anchors = {**resumed.kept, **dict.fromkeys(resumed.to_copy, int(anchor.lsn))}
-            lowest = plan.checkpoint(anchors.values())
+            lowest = plan.checkpoint(anchors.values()) if anchors else int(anchor.lsn)
             if confirmed is not None and confirmed > lowest:
                 raise ReplicationError(
-                    f"replication slot {opts.slot!r} is at {format_lsn(confirmed)}, past the "
-                    f"snapshot's {format_lsn(Lsn(lowest))}: changes in between are gone. Empty "
-                    "the target (or use another one) and run again"
+                    f"replication slot {self.options.slot!r} is at {format_lsn(confirmed)}, "
+                    f"past the snapshot's {format_lsn(Lsn(lowest))}: changes in between are "
+                    "gone. Empty the target (or use another one) and run again"
                 )
             stats.kept = sorted(resumed.kept)
             stats.copied = list(resumed.to_copy)
@@ -209,12 +187,62 @@ class SnapshotJob:
         stats.seconds = time.monotonic() - started
         if self.stopping:
             return stats
+        if online:  # the stream's checkpoint stays; the requests are done
+            self.sink.finish_snapshot(None, sorted(self.only or ()))
+            stats.complete = True
+            return stats
         self.sink.finish_snapshot(lowest)
         stats.checkpoint = Lsn(lowest)
         stats.complete = True
         if self.advance_slot:
             self._advance_slot(Lsn(lowest))
         return stats
+
+    def _exporter(self) -> tuple[ExportedSnapshot, Lsn | None]:
+        """Where the snapshot comes from, and the slot's confirmed position to check against
+        (None: a new slot, or a copy while our own stream holds the slot)."""
+        opts = self.options
+        if self.only is not None:
+            return ExportedSnapshot(self.dsn), None
+        if opts.temporary:
+            raise ConfigError(
+                "a snapshot needs a permanent slot (the copy and the stream must share it): "
+                "drop --temporary, or use --snapshot never"
+            )
+        with connect(self.dsn, replication=False) as meta:
+            slot = admin.get_slot(meta, opts.slot)
+            dbname = meta.info.dbname
+        if slot is not None:
+            confirmed = check_slot(opts.slot, slot, backend_pid=-1)
+            if slot.database != dbname:
+                raise ConfigError(
+                    f"replication slot {opts.slot!r} belongs to database {slot.database!r}, "
+                    f"not {dbname!r}: connect to that database, or use another slot"
+                )
+            return ExportedSnapshot(self.dsn), confirmed
+        if opts.create_slot:  # the slot starts at the anchor
+            return ExportedSnapshot(self.dsn, slot=opts.slot, two_phase=opts.two_phase), None
+        raise ConfigError(
+            f"replication slot {opts.slot!r} does not exist: create it with --create-slot "
+            f"or 'pglogrepl-bridge slot create {opts.slot}'"
+        )
+
+    def _chosen(self, tables: list[PublishedTable]) -> list[PublishedTable]:
+        """The published tables to copy: all of them, or those asked for while streaming."""
+        pubs = ", ".join(self.options.publications)
+        if self.only is None:
+            if not tables:
+                raise ConfigError(
+                    f"publication(s) {pubs} publish no tables: add tables (ALTER PUBLICATION "
+                    "... ADD TABLE), or use --snapshot never"
+                )
+            return tables
+        unknown = set(self.only) - {t.name for t in tables}
+        if unknown:
+            log.warning(
+                "snapshot requested for %s, not published by %s: ignored", sorted(unknown), pubs
+            )
+        return [t for t in tables if t.name in self.only]
 
     def _advance_slot(self, lsn: Lsn) -> None:
         """Confirm the slot up to the checkpoint: the target holds all before it, and the WAL
