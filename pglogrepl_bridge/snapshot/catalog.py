@@ -33,7 +33,7 @@ ORDER BY pt.schemaname, pt.tablename
 """
 
 _COLUMNS = """
-SELECT a.attname, a.atttypid, a.atttypmod
+SELECT a.attname, a.atttypid, a.atttypmod, a.attgenerated
 FROM pg_attribute a
 WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped
 ORDER BY a.attnum
@@ -128,10 +128,13 @@ def _describe(
     reltuples: float,
 ) -> PublishedTable:
     keys = {r[0] for r in conn.execute(_IDENTITY, (oid, ident)).fetchall()}
+    # generated columns: never published before 18 (pg_publication_tables lists them all
+    # the same), STORED ones on 18 when the publication asks, virtual ones never
+    unpublished = ("s", "v") if conn.info.server_version < 180000 else ("v",)
     columns = tuple(
         Column(attname, typid, typmod, ident == "f" or attname in keys)
-        for attname, typid, typmod in conn.execute(_COLUMNS, (oid,)).fetchall()
-        if attname in attnames
+        for attname, typid, typmod, generated in conn.execute(_COLUMNS, (oid,)).fetchall()
+        if attname in attnames and generated not in unpublished
     )
     pages = conn.execute(_PAGES, {"oid": oid}).fetchone()
     table = sql.Identifier(schema, name)
