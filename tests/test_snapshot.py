@@ -276,19 +276,19 @@ def test_kill_9_during_the_snapshot_then_resume(
     pg: PostgresServer, pg_conn: Conn, tmp_path: Path
 ) -> None:
     t = Tables(pg_conn)
-    _fill(t, rows=60_000)
+    _fill(t, rows=100_000)
     url = f"sqlite:///{tmp_path / 'killed.db'}"
     rng = random.Random(7)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = [sys.executable, "-c", _KILLED_RUN, pg.dsn]
+    started = time.monotonic()  # a whole run, into another target, sets the kill times
+    subprocess.run([*run, f"sqlite:///{tmp_path / 'whole.db'}", t.slots[0], t.pub], check=True)
+    whole = time.monotonic() - started
     kills = 0
     with Writers(pg.dsn, t, seed=2):
         for _ in range(3):
-            proc = subprocess.Popen(
-                [sys.executable, "-c", _KILLED_RUN, pg.dsn, url, t.slots[0], t.pub],
-                env=env,
-                stderr=subprocess.PIPE,
-            )
-            time.sleep(rng.uniform(1.0, 2.5))
+            proc = subprocess.Popen([*run, url, t.slots[0], t.pub], env=env, stderr=subprocess.PIPE)
+            time.sleep(rng.uniform(0.2, 0.7) * whole)
             if proc.poll() is None:
                 proc.kill()
                 kills += 1
