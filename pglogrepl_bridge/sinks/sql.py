@@ -34,7 +34,9 @@ from datetime import UTC, datetime
 from operator import itemgetter
 from typing import Any, Literal
 
+import psycopg
 import sqlalchemy as sa
+from psycopg import sql as psql
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from pglogrepl_bridge.errors import ConfigError, SinkError, TargetUnavailableError
@@ -541,20 +543,62 @@ class SqlSink:
                         batch = []
                 if batch:
                     done += self._copy_batch(conn, target, batch)
-                conn.execute(
-                    sa.insert(self.snapshot_chunks).values(
-                        source_id=self.source_id,
-                        slot=self.slot,
-                        tbl=chunk.table,
-                        chunk=chunk.index,
-                        chunks=chunk.count,
-                        anchor=chunk.anchor,
-                        rows=done,
-                    )
-                )
+                self._record_chunk(conn, chunk, done)
         except SQLAlchemyError as exc:
             raise self._failure(exc, f"copy rows of {chunk.table} into") from None
         return done
+
+    def takes_copy_text(self, rel: RelationInfo) -> bool:
+        """Whether ``copy_lines`` can take this relation's COPY text as it is: into a
+        PostgreSQL target, whose columns are the source's types or text (``sqltypes``), so
+        COPY's input functions give each value the meaning the stream's loaders give it."""
+        return self.dialect == "postgresql" and self.conflict == "source"
+
+    def copy_lines(self, rel: RelationInfo, lines: Iterable[bytes], chunk: ChunkDone) -> int:
+        """``copy_chunk`` for a PostgreSQL target: the source's COPY text lines go into the
+        target's ``COPY FROM STDIN`` unparsed, then the progress row, in one transaction."""
+        done = 0
+        try:
+            with self._write_lock, self.engine.begin() as conn:
+                target = self._target(conn, rel)
+                cols = psql.SQL(", ").join(psql.Identifier(c.name) for c in rel.columns)
+                stmt = psql.SQL("COPY {} ({}) FROM STDIN").format(
+                    psql.Identifier(target.table.name), cols
+                )
+                driver = conn.connection.driver_connection
+                assert isinstance(driver, psycopg.Connection)
+                with driver.cursor().copy(stmt) as copy:
+                    for line in lines:
+                        copy.write(line)
+                        done += 1
+                self._record_chunk(conn, chunk, done)
+        except psycopg.Error as exc:
+            code = exc.sqlstate or ""
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if code.startswith(("08", "57P")) or not code:
+                raise TargetUnavailableError(
+                    f"cannot copy rows of {chunk.table} into the target {self.url}: {reason}"
+                ) from None
+            raise SinkError(
+                f"cannot copy a row of {target_name(rel)} into the target {self.url}: {reason}. "
+                "Fix the target and run again: copied chunks are kept"
+            ) from None
+        except SQLAlchemyError as exc:
+            raise self._failure(exc, f"copy rows of {chunk.table} into") from None
+        return done
+
+    def _record_chunk(self, conn: sa.Connection, chunk: ChunkDone, rows: int) -> None:
+        conn.execute(
+            sa.insert(self.snapshot_chunks).values(
+                source_id=self.source_id,
+                slot=self.slot,
+                tbl=chunk.table,
+                chunk=chunk.index,
+                chunks=chunk.count,
+                anchor=chunk.anchor,
+                rows=rows,
+            )
+        )
 
     def _copy_batch(self, conn: sa.Connection, target: _Target, batch: list[dict[str, Any]]) -> int:
         if self.conflict == "lww" and not target.keyless:

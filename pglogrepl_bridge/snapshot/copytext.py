@@ -45,9 +45,10 @@ def split_row(line: bytes | bytearray | memoryview, ncols: int) -> list[bytes | 
         return []
     if data.endswith(b"\n"):
         data = data[:-1]
-    fields: list[bytes | None] = data.split(b"\t")  # type: ignore[assignment]
-    if len(fields) != ncols:
-        raise ValueError(f"COPY row has {len(fields)} columns, expected {ncols}")
-    if b"\\" in data:
-        fields = [None if f == NULL else unescape(f) for f in fields]  # type: ignore[arg-type]
-    return fields
+    split = data.split(b"\t")
+    if len(split) != ncols:
+        raise ValueError(f"COPY row has {len(split)} columns, expected {ncols}")
+    if b"\\" not in data:
+        return split  # type: ignore[return-value]
+    sub, one = _ESCAPE.sub, _unescape_one
+    return [None if f == NULL else sub(one, f) if b"\\" in f else f for f in split]

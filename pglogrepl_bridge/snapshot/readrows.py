@@ -71,5 +71,13 @@ class ReadRows:
             self.on_rows(rel, chunk, batch)
         return len(batch)
 
+    def takes_copy_text(self, rel: RelationInfo) -> bool:
+        """Rows are handed on parsed."""
+        return False
+
+    def copy_lines(self, rel: RelationInfo, lines: Iterable[bytes], chunk: ChunkDone) -> int:
+        """Not used (``takes_copy_text`` is False)."""
+        raise NotImplementedError
+
     def finish_snapshot(self, checkpoint: int | None, copied: Sequence[str] = ()) -> None:
         """Nothing to record."""

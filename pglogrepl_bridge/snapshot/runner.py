@@ -98,6 +98,14 @@ class SnapshotSink(Protocol):
         """Take a chunk's rows (and record the chunk); returns how many."""
         ...
 
+    def takes_copy_text(self, rel: RelationInfo) -> bool:
+        """Whether ``copy_lines`` takes this relation's COPY text lines as they are."""
+        ...
+
+    def copy_lines(self, rel: RelationInfo, lines: Iterable[bytes], chunk: plan.ChunkDone) -> int:
+        """``copy_chunk`` for unparsed COPY text lines; returns how many."""
+        ...
+
     def finish_snapshot(self, checkpoint: int | None, copied: Sequence[str] = ()) -> None:
         """Record the checkpoint the stream resumes from (None: it stays), and that the
         ``copied`` tables' requests are done."""
@@ -343,6 +351,8 @@ class SnapshotJob:
             conn.execute("SAVEPOINT chunk")  # a failed target write re-reads the chunk
             try:
                 with conn.cursor().copy(query) as copy:
+                    if self.sink.takes_copy_text(info):  # COPY text as it is
+                        return self.sink.copy_lines(info, self._lines(copy), done)
                     return self.sink.copy_chunk(info, self._rows(copy, info.ncols), done)
             except TargetUnavailableError as exc:
                 conn.execute("ROLLBACK TO SAVEPOINT chunk")
@@ -356,6 +366,13 @@ class SnapshotJob:
                     f"cannot read {table.name}: {str(exc).strip()}: GRANT SELECT ON "
                     f"{table.name} to the replication role"
                 ) from None
+
+    def _lines(self, copy: psycopg.Copy) -> Iterator[bytes]:
+        stop = self._stop
+        for n, line in enumerate(copy):
+            if not n & 1023 and stop.is_set():
+                raise _Stopped
+            yield bytes(line)
 
     def _rows(self, copy: psycopg.Copy, ncols: int) -> Iterator[list[bytes | None]]:
         stop = self._stop
