@@ -555,8 +555,9 @@ class SqlSink:
         return self.dialect == "postgresql" and self.conflict == "source"
 
     def copy_lines(self, rel: RelationInfo, lines: Iterable[bytes], chunk: ChunkDone) -> int:
-        """``copy_chunk`` for a PostgreSQL target: the source's COPY text lines go into the
-        target's ``COPY FROM STDIN`` unparsed, then the progress row, in one transaction."""
+        """``copy_chunk`` for a PostgreSQL target: the source's COPY text (blocks of whole
+        rows) goes into the target's ``COPY FROM STDIN`` unparsed, then the progress row, in
+        one transaction."""
         done = 0
         try:
             with self._write_lock, self.engine.begin() as conn:
@@ -568,9 +569,9 @@ class SqlSink:
                 driver = conn.connection.driver_connection
                 assert isinstance(driver, psycopg.Connection)
                 with driver.cursor().copy(stmt) as copy:
-                    for line in lines:
-                        copy.write(line)
-                        done += 1
+                    for block in lines:  # whole rows; a newline inside a value is escaped
+                        copy.write(block)
+                        done += block.count(b"\n")
                 self._record_chunk(conn, chunk, done)
         except psycopg.Error as exc:
             code = exc.sqlstate or ""
