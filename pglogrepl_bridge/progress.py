@@ -18,7 +18,11 @@ from pglogrepl_bridge.postgres.stream import ReplicationStream
 log = logging.getLogger("pglogrepl_bridge.progress")
 
 
-class _Metrics:
+class Metrics:
+    """The Prometheus metrics served on ``127.0.0.1:port``: the stream's, and a snapshot's
+    (``pglogrepl_snapshot_rows_total``, tables pending and done). One per run, shared by
+    the snapshot and the stream that follows; ``close`` stops serving."""
+
     def __init__(self, port: int) -> None:
         # imported here: most runs serve no metrics, and every run pays for its imports
         from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
@@ -37,7 +41,22 @@ class _Metrics:
         self.transactions = Counter("pglogrepl_transactions", "Transactions delivered", registry=r)
         self.changes = Counter("pglogrepl_changes", "Changes delivered", registry=r)
         self.reconnects = Counter("pglogrepl_reconnects", "Reconnections to PostgreSQL", registry=r)
+        self.snapshot_rows = Counter(
+            "pglogrepl_snapshot_rows", "Rows copied by snapshots", registry=r
+        )
+        self.snapshot_pending = Gauge(
+            "pglogrepl_snapshot_tables_pending", "Tables the running snapshot has yet to copy",
+            registry=r,
+        )  # fmt: skip
+        self.snapshot_done = Gauge(
+            "pglogrepl_snapshot_tables_done", "Tables the running snapshot copied", registry=r
+        )
         self.server, self.thread = start_http_server(port, addr="127.0.0.1", registry=r)
+
+    def close(self) -> None:
+        """Stop serving."""
+        self.server.shutdown()
+        self.server.server_close()
 
 
 class Progress:
@@ -49,11 +68,14 @@ class Progress:
         *,
         live: bool | None = None,
         metrics_port: int | None = None,
+        metrics: Metrics | None = None,
         log_every: float = 10.0,
     ) -> None:
         self.stream = stream
         self.live = sys.stderr.isatty() if live is None else live
-        self.metrics = _Metrics(metrics_port) if metrics_port is not None else None
+        #: served by us (``metrics_port``) or by the caller (``metrics``, left open)
+        self._own_metrics = metrics is None and metrics_port is not None
+        self.metrics = Metrics(metrics_port) if self._own_metrics else metrics  # type: ignore[arg-type]
         self.log_every = log_every
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="progress", daemon=True)
@@ -68,8 +90,8 @@ class Progress:
     ) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        if self.metrics is not None:
-            self.metrics.server.shutdown()
+        if self.metrics is not None and self._own_metrics:
+            self.metrics.close()
 
     def snapshot(self) -> dict[str, int]:
         """The counters and positions shown and exported now."""

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -26,11 +27,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pglogrepl_bridge import ConfigError, SinkError, StreamOptions
+from pglogrepl_bridge.pgoutput.relcache import RelationInfo
 from pglogrepl_bridge.sinks.replicate import run_replicate
 from pglogrepl_bridge.sinks.sql import Conflict
 from pglogrepl_bridge.snapshot import plan
 from pglogrepl_bridge.snapshot.copytext import split_row
-from pglogrepl_bridge.testing.postgres import PostgresServer
+from pglogrepl_bridge.snapshot.readrows import ReadRows
+from pglogrepl_bridge.snapshot.runner import ChunkCopied, SnapshotJob
+from pglogrepl_bridge.testing.postgres import PostgresServer, free_port
 
 from .streamkit import Conn, last_commit_end, pg_url, wait_for
 from .test_sink_correctness import Tables, assert_equal, target_rows
@@ -524,3 +528,47 @@ def test_a_requested_snapshot_and_a_table_added_while_running(
     copied = sorted(name for backfill in stats.backfills for name in backfill.copied)
     assert copied == sorted([f"public.{added}", f"public.{t.keyed}"])
     assert all(b.complete for b in stats.backfills)
+
+
+def test_progress_metrics_and_status_during_a_snapshot(
+    pg: PostgresServer, pg_conn: Conn, tmp_path: Path
+) -> None:
+    """While rows are copied, ``status`` shows the worker's COPY, the metrics count the rows,
+    and each committed chunk is reported with its table's progress."""
+    t = Tables(pg_conn)
+    _fill(t, rows=100_000)  # tens of MB: the server still sends when the first batch is out
+    seen: dict[str, Any] = {}
+
+    def on_rows(rel: RelationInfo, chunk: plan.ChunkDone, rows: list[bytes]) -> None:
+        if "status" not in seen:  # the COPY is still running: this is its first batch
+            seen["status"] = subprocess.run(
+                [sys.executable, "-m", "pglogrepl_bridge", "status", "--dsn", pg.dsn],
+                capture_output=True, text=True, timeout=60,
+            ).stdout  # fmt: skip
+        seen.setdefault("rows", []).append(rel.row_at(rows[0], 0))
+
+    stats = SnapshotJob(pg.dsn, ReadRows(on_rows, batch=100), t.options(), workers=1).run()
+    assert stats.complete and stats.rows == 100_000 + 33_333
+    assert "running snapshot" in seen["status"] and f"public.{t.keyed}" in seen["status"]
+    assert {"id", "n", "note", "big"} <= set(seen["rows"][0]) or {"a", "b"} == set(seen["rows"][0])
+
+    port = free_port()
+    events: list[ChunkCopied] = []
+    scraped: list[str] = []
+
+    def on_progress(event: ChunkCopied) -> None:
+        events.append(event)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
+            scraped.append(page.read().decode())
+
+    url = f"sqlite:///{tmp_path / 'metrics.db'}"
+    run_replicate(
+        pg.dsn, url, t.options(), snapshot="only", metrics_port=port,
+        on_snapshot_progress=on_progress, snapshot_chunk_pages=64, snapshot_workers=1,
+    )  # fmt: skip
+    assert events[-1].tables_done == events[-1].tables == 2
+    assert sum(e.rows for e in events) == 133_333
+    assert all(e.table_rows <= 100_000 for e in events)
+    assert "pglogrepl_snapshot_rows_total 133333.0" in scraped[-1]
+    assert "pglogrepl_snapshot_tables_done 2.0" in scraped[-1]
+    assert "pglogrepl_snapshot_tables_pending 0.0" in scraped[-1]

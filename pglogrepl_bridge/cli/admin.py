@@ -152,6 +152,20 @@ def _slots_table(slots: list[admin.SlotInfo], major: int) -> Any:
     return table
 
 
+def _status(conn: Any) -> Any:
+    """The slots table, and under it the running snapshot's copies, if any."""
+    from rich.console import Group
+
+    slots = _slots_table(admin.list_slots(conn), conn.info.server_version // 10000)
+    copies = admin.snapshot_copies(conn)
+    if not copies:
+        return slots
+    table = Table("snapshot worker", "table", "rows copied", "bytes", title="running snapshot")
+    for c in copies:
+        table.add_row(str(c.pid), c.table, f"{c.rows:,}", f"{c.bytes:,}")
+    return Group(slots, table)
+
+
 @app.command()
 def status(
     dsn: Dsn = "",
@@ -159,23 +173,21 @@ def status(
     interval: Annotated[float, typer.Option("--interval", min=0.2)] = 2.0,
     verbose: Verbose = False,
 ) -> None:
-    """Each slot: active or not, confirmed and restart LSNs, lag in bytes, WAL status."""
+    """Each slot: active or not, confirmed and restart LSNs, lag in bytes, WAL status; and
+    the table copies of a running snapshot."""
     setup_logging(verbose)
     with handled(), connect(dsn, replication=False) as conn:
         if not watch:
-            out().print(_slots_table(admin.list_slots(conn), conn.info.server_version // 10000))
+            out().print(_status(conn))
             return
         stopped = {"now": False}
         with (
             stop_on_signals(lambda: stopped.update(now=True)),
-            Live(
-                _slots_table(admin.list_slots(conn), conn.info.server_version // 10000),
-                refresh_per_second=4,
-            ) as live,
+            Live(_status(conn), refresh_per_second=4) as live,
         ):
             while not stopped["now"]:
                 time.sleep(interval)
-                live.update(_slots_table(admin.list_slots(conn), conn.info.server_version // 10000))
+                live.update(_status(conn))
 
 
 @snapshot_app.command("request")

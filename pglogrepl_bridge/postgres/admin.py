@@ -279,3 +279,29 @@ def request_snapshot(conn: Conn, slot: str, tables: tuple[str, ...]) -> Lsn:
     ).fetchone()
     assert row is not None
     return Lsn.parse(str(row[0]))
+
+
+#: the application_name of a snapshot's worker sessions: ``status`` finds them by it
+SNAPSHOT_APPLICATION = "pglogrepl_bridge snapshot"
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotCopy:
+    """A snapshot worker's COPY running now (``pg_stat_progress_copy``)."""
+
+    pid: int
+    table: str
+    rows: int
+    bytes: int
+
+
+def snapshot_copies(conn: Conn) -> list[SnapshotCopy]:
+    """The COPYs that snapshot workers run now, on any database of the server."""
+    rows = conn.execute(
+        "SELECT p.pid, coalesce(substring(a.query from ' FROM (?:ONLY )?(\\S+) WHERE'), ''), "
+        "p.tuples_processed, p.bytes_processed "
+        "FROM pg_stat_progress_copy p JOIN pg_stat_activity a USING (pid) "
+        "WHERE a.application_name = %s ORDER BY p.pid",
+        (SNAPSHOT_APPLICATION,),
+    ).fetchall()
+    return [SnapshotCopy(int(r[0]), str(r[1]).replace('"', ""), int(r[2]), int(r[3])) for r in rows]

@@ -18,7 +18,7 @@ from pglogrepl_bridge.lsn import Lsn
 from pglogrepl_bridge.pgoutput.transaction import Transaction
 from pglogrepl_bridge.postgres.connection import connect_waiting, identify_system
 from pglogrepl_bridge.postgres.stream import ReplicationStream, StreamOptions
-from pglogrepl_bridge.progress import Progress
+from pglogrepl_bridge.progress import Metrics, Progress
 from pglogrepl_bridge.snapshot.plan import CHUNK_PAGES
 from pglogrepl_bridge.snapshot.runner import (
     DEFAULT_WORKERS,
@@ -121,7 +121,44 @@ def run_replicate(
         conflict=conflict,
         node_id=zlib.crc32(system_id.encode()) & 0x7FFFFFFF if node_id is None else node_id,
     )
-    stats = ReplicateStats(resumed_from=sink.checkpoint())
+    metrics = Metrics(metrics_port) if metrics_port is not None else None
+    try:
+        return _replicate(
+            dsn, sink, options, stats=ReplicateStats(resumed_from=sink.checkpoint()),
+            metrics=metrics, batch_changes=batch_changes, until=until, on_stream=on_stream,
+            snapshot=snapshot, snapshot_workers=snapshot_workers,
+            on_snapshot_progress=on_snapshot_progress, snapshot_chunk_pages=snapshot_chunk_pages,
+        )  # fmt: skip
+    finally:
+        if metrics is not None:
+            metrics.close()
+
+
+def _replicate(
+    dsn: str,
+    sink: SqlSink,
+    options: StreamOptions,
+    *,
+    stats: ReplicateStats,
+    metrics: Metrics | None,
+    batch_changes: int,
+    until: Lsn | None,
+    on_stream: Callable[[ReplicationStream | SnapshotJob], None] | None,
+    snapshot: SnapshotMode,
+    snapshot_workers: int,
+    on_snapshot_progress: Callable[[ChunkCopied], None] | None,
+    snapshot_chunk_pages: int,
+) -> ReplicateStats:
+    if metrics is not None:
+        shown = on_snapshot_progress
+
+        def on_snapshot_progress(event: ChunkCopied) -> None:
+            metrics.snapshot_rows.inc(event.rows)
+            metrics.snapshot_done.set(event.tables_done)
+            metrics.snapshot_pending.set(event.tables - event.tables_done)
+            if shown is not None:
+                shown(event)
+
     if snapshot != "never":
         # snapshot requests travel as logical decoding messages; tables new to the target
         # (added to a publication) are copied too
@@ -196,7 +233,7 @@ def run_replicate(
     stream = ReplicationStream(dsn, options, on_idle=flush)
     if on_stream is not None:
         on_stream(stream)
-    with stream, Progress(stream, metrics_port=metrics_port):
+    with stream, Progress(stream, metrics=metrics):
         for txn in stream:
             pending.append(txn)
             size += len(txn.changes) + 1

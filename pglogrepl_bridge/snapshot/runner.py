@@ -46,7 +46,11 @@ log = logging.getLogger(__name__)
 DEFAULT_WORKERS = max(1, min(4, os.cpu_count() or 1))
 
 #: settings of the workers' sessions: a long COPY must not hit the server's timeouts
-_WORKER_SETTINGS = {"statement_timeout": "0", "idle_in_transaction_session_timeout": "0"}
+_WORKER_SETTINGS = {
+    "statement_timeout": "0",
+    "idle_in_transaction_session_timeout": "0",
+    "application_name": admin.SNAPSHOT_APPLICATION,  # what ``status`` looks for
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +63,8 @@ class ChunkCopied:
     rows: int
     table_rows: int  # this table's rows so far, in this run
     estimate: int  # the table's row estimate (pg_class.reltuples), -1 if unknown
+    tables_done: int  # tables whose every chunk committed, in this run
+    tables: int  # tables this run copies
 
 
 @dataclass
@@ -295,6 +301,7 @@ class SnapshotJob:
             for chunk in plan.chunks(table.name, table.pages, self.chunk_pages):
                 work.put((table, chunk))
         table_rows = dict.fromkeys(infos, 0)
+        chunks_left = {t.name: len(plan.chunks(t.name, t.pages, self.chunk_pages)) for t in tables}
         errors: list[BaseException] = []
 
         def worker(conn: Conn) -> None:
@@ -309,9 +316,11 @@ class SnapshotJob:
                         stats.chunks += 1
                         stats.rows += rows
                         table_rows[table.name] += rows
+                        chunks_left[table.name] -= 1
                         event = ChunkCopied(
                             table.name, chunk.index, chunk.count, rows,
                             table_rows[table.name], table.estimate,
+                            sum(1 for n in chunks_left.values() if n == 0), len(chunks_left),
                         )  # fmt: skip
                     if self.on_progress is not None:
                         self.on_progress(event)
