@@ -52,3 +52,16 @@ def test_decode_benchmark_smoke() -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "changes/s" in result.stdout
+
+
+def test_snapshot_benchmark_smoke() -> None:
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "snapshot_bench.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for tool in ("ours → SQLite", "ours → PostgreSQL", "pg_dump | psql"):
+        assert tool in result.stdout
+    assert "checks: every copy has the source's row counts" in result.stdout
