@@ -36,9 +36,9 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import REAL_COLUMNS  # noqa: E402
+from bench import REAL_COLUMNS
 
-from pglogrepl_bridge.testing.postgres import PostgresServer, find_bindirs, postgres_server  # noqa: E402
+from pglogrepl_bridge.testing.postgres import PostgresServer, find_bindirs, postgres_server
 
 PY = sys.executable
 
@@ -89,7 +89,9 @@ def sqlite_count(path: Path) -> dict[str, int]:
     import sqlite3
 
     with sqlite3.connect(path) as db:
-        return {t: db.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("narrow", "real")}
+        return {
+            t: db.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("narrow", "real")
+        }
 
 
 def pg_count(dsn: str) -> dict[str, int]:
@@ -149,7 +151,8 @@ def main() -> None:
         for kind, values in ratios.items():
             if values:
                 shown = ", ".join(f"{v:.2f}" for v in values)
-                print(f"same-round ratio into {kind}: median {statistics.median(values):.2f} ({shown})")
+                median = statistics.median(values)
+                print(f"same-round ratio into {kind}: median {median:.2f} ({shown})")
         print(f"our peak RSS: {max(rss):.0f} MB")
         print("checks: every copy has the source's row counts")
     shutil.rmtree(tmp, ignore_errors=True)
