@@ -39,6 +39,7 @@ from pglogrepl_bridge.testing.postgres import PostgresServer, free_port
 from .streamkit import Conn, last_commit_end, pg_url, wait_for
 from .test_sink_correctness import Tables, assert_equal, target_rows
 from .test_types_live import _columns as _types_columns
+from .test_types_live import _same
 from .test_types_live import _setup as _types_setup
 
 REPO = Path(__file__).resolve().parent.parent
@@ -584,6 +585,13 @@ def test_every_type_lands_the_same_copied_or_streamed(
     _types_setup(pg_conn)
     pg_conn.execute("SELECT pg_create_logical_replication_slot('zoo_slot', 'pgoutput')")
     columns = _types_columns(pg_conn)
+    if target.startswith("mysql"):  # MariaDB holds no NaN or infinity (nor does the stream)
+        columns = {
+            **columns,
+            "c_numeric": ("numeric", ["1.5", "123456789012345678901234567890.000000001"]),
+            "c_float4": ("real", ["2.5", "1.5"]),
+            "c_float8": ("double precision", ["-1.25", "0"]),
+        }
     for i in range(2):
         values = ", ".join(v[i] for _, v in columns.values())
         pg_conn.execute(f"INSERT INTO all_types ({', '.join(columns)}) VALUES ({values})")
@@ -601,7 +609,13 @@ def test_every_type_lands_the_same_copied_or_streamed(
     run_replicate(pg.dsn, target, options, snapshot="only")
     by_copy = _rows_of(target, "all_types")
     assert len(by_copy) == 3
-    assert by_copy == by_stream
+    for copied, streamed_row in zip(by_copy, by_stream, strict=True):
+        differ = [
+            (i, a, b)
+            for i, (a, b) in enumerate(zip(copied, streamed_row, strict=True))
+            if not _same(a, b)
+        ]
+        assert differ == []
 
 
 def _rows_of(url: str, table: str) -> list[tuple[Any, ...]]:

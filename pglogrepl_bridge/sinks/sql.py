@@ -904,8 +904,13 @@ class SqlSink:
         *,
         keyless: bool,
     ) -> sa.Table:
+        # MariaDB/MySQL (other dialects ignore it): text in PostgreSQL is UTF-8 of any
+        # plane; a server whose default charset is latin1 (or utf8mb3) would refuse it
         table = sa.Table(
-            name, sa.MetaData(), *self._columns(base_columns(rel), keys, keyless=keyless)
+            name,
+            sa.MetaData(),
+            *self._columns(base_columns(rel), keys, keyless=keyless),
+            mysql_charset="utf8mb4",
         )
         table.create(conn)
         log.info("created target table %s", name)
