@@ -37,16 +37,18 @@ from typing import Any, Literal
 import psycopg
 import sqlalchemy as sa
 from psycopg import sql as psql
+from psycopg.pq import Format
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from pglogrepl_bridge.errors import ConfigError, SinkError, TargetUnavailableError
 from pglogrepl_bridge.lsn import Lsn
-from pglogrepl_bridge.pgoutput.messages import Column, Message
+from pglogrepl_bridge.pgoutput.loaders import transformer
+from pglogrepl_bridge.pgoutput.messages import Column, Message, TupleData
 from pglogrepl_bridge.pgoutput.relcache import Fused, RelationInfo
 from pglogrepl_bridge.pgoutput.transaction import RowChange, Transaction, TruncateChange
 from pglogrepl_bridge.sinks import lww
 from pglogrepl_bridge.sinks.lww import NODE_COL, TS_COL, VERSION_COLS
-from pglogrepl_bridge.sinks.sqltypes import column_type, loaders, text_is_driver_value
+from pglogrepl_bridge.sinks.sqltypes import column_type, loaders, text_is_driver_value, value_path
 from pglogrepl_bridge.snapshot.plan import (
     SNAPSHOT_REQUEST_PREFIX,
     ChunkDone,
@@ -81,6 +83,9 @@ class _Target:
     key_params: tuple[tuple[str, str], ...]  # (key column, its old-key bind parameter)
     keyless: bool = False
     statements: dict[tuple[str, tuple[str, ...]], _Statement] = field(default_factory=dict)
+    #: a whole row of text values (None: NULL) to driver values in column order, in one
+    #: psycopg ``load_sequence`` call plus the few per-column steps (``sqltypes.value_path``)
+    row_values: Callable[[Sequence[bytes | None]], list[Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,8 @@ class _Statement:
 
     sql: str
     params: Callable[[dict[str, Any]], Any]
+    #: the parameters' names in the driver's order, when it takes a plain sequence
+    order: tuple[str, ...] | None = None
 
 
 def base_columns(rel: RelationInfo) -> tuple[Column, ...]:
@@ -463,7 +470,8 @@ class SqlSink:
         if fixed:
             by_row = params
             params = lambda row: by_row({**fixed, **row})  # noqa: E731
-        stmt = target.statements[(op, names)] = _Statement(str(compiled), params)
+        positional = tuple(order) if order is not None and not escaped and not fixed else None
+        stmt = target.statements[(op, names)] = _Statement(str(compiled), params, positional)
         return stmt
 
     # -- snapshot (rules in snapshot.plan) ----------------------------------------------
@@ -529,20 +537,21 @@ class SqlSink:
             with self._write_lock, self.engine.begin() as conn:
                 target = self._target(conn, rel)
                 names = tuple(name for name, _, _ in target.driver_fused)
-                loads = tuple(load for _, load, _ in target.driver_fused)
-                batch: list[dict[str, Any]] = []
+                convert = target.row_values
+                assert convert is not None
+                batch: list[list[Any]] = []
                 for values in rows:
-                    batch.append(
-                        {
-                            n: None if v is None else load(v)
-                            for n, load, v in zip(names, loads, values, strict=True)
-                        }
-                    )
+                    try:
+                        batch.append(convert(values))
+                    except Exception:  # a value that does not convert: reported, kept as text
+                        kinds = bytes(0x6E if v is None else 0x74 for v in values)
+                        careful = rel.row(TupleData(kinds, tuple(values)), target.driver_fused)
+                        batch.append([careful.get(n) for n in names])
                     if len(batch) >= COPY_BATCH:
-                        done += self._copy_batch(conn, target, batch)
+                        done += self._copy_batch(conn, target, names, batch)
                         batch = []
                 if batch:
-                    done += self._copy_batch(conn, target, batch)
+                    done += self._copy_batch(conn, target, names, batch)
                 self._record_chunk(conn, chunk, done)
         except SQLAlchemyError as exc:
             raise self._failure(exc, f"copy rows of {chunk.table} into") from None
@@ -601,19 +610,31 @@ class SqlSink:
             )
         )
 
-    def _copy_batch(self, conn: sa.Connection, target: _Target, batch: list[dict[str, Any]]) -> int:
+    def _copy_batch(
+        self, conn: sa.Connection, target: _Target, names: tuple[str, ...], rows: list[list[Any]]
+    ) -> int:
+        """Insert rows of driver values (in ``names`` order) with one ``executemany``."""
         if self.conflict == "lww" and not target.keyless:
             table, tomb = target.table, self.tombstones
-            batch = [
+            at = [names.index(k) for k in target.keys]
+            rows = [
                 row
-                for row in batch
-                if lww.stored_version(conn, table, tomb, {k: row[k] for k in target.keys})[0]
+                for row in rows
+                if lww.stored_version(
+                    conn, table, tomb, {k: row[i] for k, i in zip(target.keys, at, strict=True)}
+                )[0]
                 is None
             ]
-            if not batch:
+            if not rows:
                 return 0
+        stmt = self._statement(conn, target, "insert", names)
+        params: list[Any] = (
+            list(map(tuple, rows))
+            if stmt.order == names
+            else [stmt.params(dict(zip(names, row, strict=True))) for row in rows]
+        )
         try:
-            self._execute(conn, target, "insert", batch)
+            conn.exec_driver_sql(stmt.sql, params)
         except DBAPIError as exc:
             if _transient(exc):
                 raise
@@ -621,7 +642,7 @@ class SqlSink:
                 f"cannot copy a row of {target.table.name} into the target {self.url}: "
                 f"{_reason(exc)}. Fix the target and run again: copied chunks are kept"
             ) from None
-        return len(batch)
+        return len(rows)
 
     def finish_snapshot(self, checkpoint: int | None, copied: Sequence[str] = ()) -> None:
         """Record the snapshot's end: the checkpoint the stream resumes from (the lowest
@@ -844,7 +865,13 @@ class SqlSink:
             for name, tload, bload in fused
         )
         return _Target(
-            table, fused, driver_fused, keys, tuple((k, _KEY + k) for k in keys), keyless
+            table,
+            fused,
+            driver_fused,
+            keys,
+            tuple((k, _KEY + k) for k in keys),
+            keyless,
+            row_values=_row_values(columns, table, dialect, passthrough),
         )
 
     def _columns(
@@ -940,6 +967,47 @@ def _then_bind(
 
 def _decode(data: bytes) -> str:
     return bytes(data).decode()
+
+
+_TEXT_OID = 25
+
+
+def _chain(first: Callable[[Any], Any], then: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    return lambda value: then(first(value))
+
+
+def _row_values(
+    columns: tuple[Column, ...], table: sa.Table, dialect: sa.Dialect, passthrough: set[str]
+) -> Callable[[Sequence[bytes | None]], list[Any]]:
+    """``_Target.row_values``: the same values as ``driver_fused``, a row at a time."""
+    oids: list[int] = []
+    steps: list[tuple[int, Callable[[Any], Any]]] = []
+    for i, col in enumerate(columns):
+        oid, post = (None, None) if col.name in passthrough else value_path(col, dialect.name)
+        oids.append(_TEXT_OID if oid is None else oid)
+        process = (
+            None
+            if oid is None
+            else table.c[col.name].type.dialect_impl(dialect).bind_processor(dialect)
+        )
+        if post is not None and process is not None:
+            steps.append((i, _chain(post, process)))
+        elif post is not None:
+            steps.append((i, post))
+        elif process is not None:
+            steps.append((i, process))
+    rows = transformer()
+    rows.set_loader_types(oids, Format.TEXT)
+    load = rows.load_sequence
+
+    def convert(values: Sequence[bytes | None]) -> list[Any]:
+        row = list(load(values))
+        for i, step in steps:
+            if row[i] is not None:
+                row[i] = step(row[i])
+        return row
+
+    return convert
 
 
 def is_keyless(rel: RelationInfo) -> bool:

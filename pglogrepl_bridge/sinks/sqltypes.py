@@ -163,6 +163,26 @@ def loaders(col: Column, dialect: str) -> tuple[Adapt, Adapt]:
     return _decode, _hex
 
 
+_JSON_NATIVE = frozenset({"int2", "int4", "int8", "float4", "float8", "bool", "text", "varchar"})
+
+
+def value_path(col: Column, dialect: str) -> tuple[int | None, Adapt | None]:
+    """How ``loaders`` gets this column's value, in two steps that batch well: the type OID
+    whose psycopg loader to use (None: keep the text, decoded), then what to apply to a
+    non-NULL loaded value (None: nothing). ``loaders`` composes the same two steps."""
+    name, elem = describe(col.type_oid)
+    if not ((name in MAPPED) or (elem is not None and elem in MAPPED)):
+        return None, None
+    if elem is not None and dialect != "postgresql":
+        # lists of these are JSON as psycopg loads them (_jsonable returns them unchanged)
+        return col.type_oid, None if elem in _JSON_NATIVE else _jsonable
+    if name == "numeric" and dialect == "sqlite":
+        return col.type_oid, str
+    if name in ("timestamptz", "timetz") and dialect != "postgresql":
+        return col.type_oid, _utc_naive
+    return col.type_oid, None
+
+
 def _then(load: Adapt, post: Adapt) -> Adapt:
     return lambda data: post(load(data))
 
