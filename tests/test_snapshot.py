@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pglogrepl_bridge import ConfigError, SinkError, StreamOptions
+from pglogrepl_bridge import ConfigError, SinkError, StreamOptions, TargetUnavailableError
 from pglogrepl_bridge.pgoutput.relcache import RelationInfo
 from pglogrepl_bridge.sinks.replicate import run_replicate
 from pglogrepl_bridge.sinks.sql import Conflict
@@ -626,3 +626,44 @@ def _rows_of(url: str, table: str) -> list[tuple[Any, ...]]:
     finally:
         engine.dispose()
     return [tuple(r) for r in rows]
+
+
+def test_a_chunk_is_read_again_after_the_target_went_away(
+    pg: PostgresServer, pg_conn: Conn
+) -> None:
+    """A target that fails mid-chunk: the source's COPY is cancelled, the worker's snapshot
+    transaction rolls back to before the chunk, and the chunk is read again, whole."""
+    t = Tables(pg_conn)
+    _fill(t, rows=20_000)
+    got: dict[str, list[bytes]] = {}
+    failures = {"left": 2}
+
+    class Flaky(ReadRows):
+        def copy_chunk(
+            self, rel: RelationInfo, rows: Iterable[Sequence[bytes | None]], chunk: plan.ChunkDone
+        ) -> int:
+            if failures["left"] and rel.name == t.keyed:
+                failures["left"] -= 1
+                for n, _ in enumerate(rows):  # part of the chunk, then the target is gone
+                    if n == 500:
+                        raise TargetUnavailableError("the target went away")
+            return super().copy_chunk(rel, rows, chunk)
+
+    def on_rows(rel: RelationInfo, chunk: plan.ChunkDone, rows: list[bytes]) -> None:
+        got.setdefault(rel.name, []).extend(rows)
+
+    options = replace(t.options(), max_backoff=0.1)
+    stats = SnapshotJob(pg.dsn, Flaky(on_rows), options, workers=1).run()
+    assert stats.complete and failures["left"] == 0
+    ids = sorted(rel_row["id"] for rel_row in (_relation_of(t.keyed)(raw) for raw in got[t.keyed]))
+    assert ids == sorted(r[0] for r in t.source_rows()[0])  # each row once
+
+
+def _relation_of(name: str) -> Callable[[bytes], dict[str, Any]]:
+    """Read the id out of a TupleData of the keyed table (id is its first column)."""
+
+    def read(raw: bytes) -> dict[str, Any]:
+        length = int.from_bytes(raw[3:7], "big")
+        return {"id": int(raw[7 : 7 + length])}
+
+    return read

@@ -13,7 +13,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -31,6 +31,7 @@ from pglogrepl_bridge.pgoutput.relcache import RelationCache, RelationInfo
 from pglogrepl_bridge.pgoutput.values import ValueLoaders
 from pglogrepl_bridge.postgres import admin
 from pglogrepl_bridge.postgres.connection import Conn, connect, connection_error
+from pglogrepl_bridge.postgres.copyout import copy_out
 from pglogrepl_bridge.postgres.options import StreamOptions
 from pglogrepl_bridge.postgres.startup import check_slot
 from pglogrepl_bridge.snapshot import plan
@@ -84,6 +85,10 @@ class SnapshotStats:
 
 class _Stopped(Exception):
     pass
+
+
+class _SourceError(Exception):
+    """A psycopg error of the source's COPY, carried past the sink's own error handling."""
 
 
 class SnapshotSink(Protocol):
@@ -358,11 +363,14 @@ class SnapshotJob:
         backoff = 0.1
         while True:
             conn.execute("SAVEPOINT chunk")  # a failed target write re-reads the chunk
+            blocks = self._source(copy_out(conn, query))
             try:
-                with conn.cursor().copy(query) as copy:
+                try:
                     if self.sink.takes_copy_text(info):  # COPY text as it is
-                        return self.sink.copy_lines(info, self._lines(copy), done)
-                    return self.sink.copy_chunk(info, self._rows(copy, info.ncols), done)
+                        return self.sink.copy_lines(info, map(b"".join, blocks), done)
+                    return self.sink.copy_chunk(info, _rows(blocks, info.ncols), done)
+                finally:
+                    blocks.close()  # an unfinished COPY is cancelled
             except TargetUnavailableError as exc:
                 conn.execute("ROLLBACK TO SAVEPOINT chunk")
                 if self.stopping:
@@ -370,29 +378,34 @@ class SnapshotJob:
                 log.warning("%s; retrying the chunk in %.1fs", exc, backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self.options.max_backoff)
-            except psycopg.errors.InsufficientPrivilege as exc:
-                raise ConfigError(
-                    f"cannot read {table.name}: {str(exc).strip()}: GRANT SELECT ON "
-                    f"{table.name} to the replication role"
+            except _SourceError as failed:
+                cause = failed.args[0]
+                if isinstance(cause, psycopg.errors.InsufficientPrivilege):
+                    raise ConfigError(
+                        f"cannot read {table.name}: {str(cause).strip()}: GRANT SELECT ON "
+                        f"{table.name} to the replication role"
+                    ) from None
+                raise ReplicationError(
+                    f"cannot read {table.name} from the source: {str(cause).strip()}"
                 ) from None
 
-    def _lines(self, copy: psycopg.Copy) -> Iterator[bytes]:
-        """The COPY text in blocks of up to 1024 whole rows (fewer writes downstream)."""
-        stop = self._stop
-        block: list[bytes] = []
-        for line in copy:
-            block.append(line)  # type: ignore[arg-type]
-            if len(block) == 1024:
-                if stop.is_set():
+    def _source(self, blocks: Iterator[list[bytes]]) -> Generator[list[bytes], None, None]:
+        """The source's blocks of rows, stopping between blocks; a failure of the source is
+        wrapped so that the sink, which catches its own driver's errors, lets it through."""
+        try:
+            for block in blocks:
+                if self._stop.is_set():
                     raise _Stopped
-                yield b"".join(block)
-                block = []
-        if block:
-            yield b"".join(block)
+                yield block
+        except psycopg.Error as exc:
+            raise _SourceError(exc) from exc
+        finally:
+            close = getattr(blocks, "close", None)
+            if close is not None:
+                close()
 
-    def _rows(self, copy: psycopg.Copy, ncols: int) -> Iterator[list[bytes | None]]:
-        stop = self._stop
-        for n, line in enumerate(copy):
-            if not n & 1023 and stop.is_set():
-                raise _Stopped
+
+def _rows(blocks: Iterator[list[bytes]], ncols: int) -> Iterator[list[bytes | None]]:
+    for block in blocks:
+        for line in block:
             yield split_row(line, ncols)
