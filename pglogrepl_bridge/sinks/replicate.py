@@ -165,8 +165,9 @@ def _replicate(
         options = replace(options, messages=True)
         sink.backfill = True
 
-    def copy_tables(tables: list[str]) -> bool:
-        """Copy ``tables`` again while the stream waits; False if stopped meanwhile."""
+    def run_job(only: list[str] | None = None) -> SnapshotStats:
+        """A snapshot job: all published tables first, or ``only`` these while streaming
+        (the slot then stays where the stream confirms it)."""
         job = SnapshotJob(
             dsn,
             sink,
@@ -174,27 +175,21 @@ def _replicate(
             workers=snapshot_workers,
             on_progress=on_snapshot_progress,
             chunk_pages=snapshot_chunk_pages,
-            advance_slot=False,
-            only=tables,
+            advance_slot=only is None,
+            only=only,
         )
         if on_stream is not None:
             on_stream(job)
-        done = job.run()
+        return job.run()
+
+    def copy_tables(tables: list[str]) -> bool:
+        """Copy ``tables`` again while the stream waits; False if stopped meanwhile."""
+        done = run_job(tables)
         stats.backfills.append(done)
         return done.complete
 
     if stats.resumed_from is None and snapshot != "never":
-        job = SnapshotJob(
-            dsn,
-            sink,
-            options,
-            workers=snapshot_workers,
-            on_progress=on_snapshot_progress,
-            chunk_pages=snapshot_chunk_pages,
-        )
-        if on_stream is not None:
-            on_stream(job)
-        stats.snapshot = job.run()
+        stats.snapshot = run_job()
         if not stats.snapshot.complete:
             return stats  # stopped: the next run resumes the copy
         stats.last_lsn = stats.snapshot.checkpoint
