@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -392,11 +393,13 @@ def test_bad_input_is_refused_with_the_fix(
     engine.dispose()
     with pytest.raises(SinkError, match=f"{t.keyed}.*CHECK"):
         run_replicate(pg.dsn, url, t.options())
-    # nothing half-applied or unrecorded: the keyless table's chunk committed with its
-    # progress row (kept by the next run), the refused one left neither rows nor progress
+    # nothing half-applied or unrecorded: the refused table left neither rows nor progress;
+    # the keyless one (copied by the other worker, or not yet when the job stopped) holds
+    # all its rows with its progress row, or neither
     keyed, keyless = target_rows(url, t)
-    assert keyed == [] and keyless == t.source_rows()[1]
-    assert {row[2] for row in _progress(url)} == {f"public.{t.keyless}"}
+    recorded = {row[2] for row in _progress(url)}
+    assert keyed == [] and recorded <= {f"public.{t.keyless}"}
+    assert keyless == (t.source_rows()[1] if recorded else Counter())
 
 
 def test_a_table_the_role_cannot_read(pg: PostgresServer, pg_conn: Conn, tmp_path: Path) -> None:
