@@ -384,7 +384,9 @@ def compare(
         Tool(
             "replicate into SQLite",
             lambda dsn, slot, end, d: [
-                *ours("replicate", "--target", f"sqlite:///{d / 'target.db'}")(dsn, slot, end, d)
+                *ours(
+                    "replicate", "--target", f"sqlite:///{d / 'target.db'}", "--snapshot", "never"
+                )(dsn, slot, end, d)
             ],
             count_rows,
         ),

@@ -680,15 +680,21 @@ class SqlSink:
         """Mark for copying, in this target transaction, the tables a snapshot request in
         ``txn`` names and the tables the target has never seen (added to a publication)."""
         tables: list[str] = []
+        known = self._targets
         for change in txn.changes:
-            if isinstance(change, Message):
+            if type(change) is RowChange:  # the common case, one dict lookup
+                if change.relation in known:
+                    continue
+                rels: tuple[RelationInfo, ...] = (change.relation,)
+            elif isinstance(change, Message):
                 if change.prefix == SNAPSHOT_REQUEST_PREFIX:
                     tables += self._requested_tables(change)
                 continue
-            rels = change.relations if isinstance(change, TruncateChange) else (change.relation,)
+            else:
+                rels = change.relations if isinstance(change, TruncateChange) else ()
             for rel in rels:
                 name = rel.qualified_name
-                if rel in self._targets or name in self._present or name in self._batch_skip:
+                if rel in known or name in self._present or name in self._batch_skip:
                     continue
                 if sa.inspect(conn).has_table(target_name(rel)):
                     self._present.add(name)
