@@ -60,6 +60,17 @@ class Tool:
     ratios: list[float] = field(default_factory=list)
 
 
+def narrow_changes(conn: psycopg.Connection[tuple[object, ...]], base: int) -> None:
+    """One transaction's changes to ``narrow`` (both workloads): 60 inserts from ``base``,
+    25 updates, 15 deletes."""
+    conn.execute(
+        "INSERT INTO narrow SELECT g, 'value ' || g, g FROM generate_series(%s::int, %s::int) g",
+        (base, base + 59),
+    )
+    conn.execute("UPDATE narrow SET n = n + 1 WHERE id >= %s AND id < %s", (base, base + 25))
+    conn.execute("DELETE FROM narrow WHERE id >= %s AND id < %s", (base + 45, base + 60))
+
+
 def workload(
     conn: psycopg.Connection[tuple[object, ...]], changes: int, *, wide: bool = True
 ) -> tuple[int, int]:
@@ -86,17 +97,7 @@ def workload(
                 )
                 conn.execute("DELETE FROM wide WHERE id >= %s AND id < %s", (base + 45, base + 60))
             else:
-                conn.execute(
-                    "INSERT INTO narrow SELECT g, 'value ' || g, g "
-                    "FROM generate_series(%s::int, %s::int) g",
-                    (base, base + 59),
-                )
-                conn.execute(
-                    "UPDATE narrow SET n = n + 1 WHERE id >= %s AND id < %s", (base, base + 25)
-                )
-                conn.execute(
-                    "DELETE FROM narrow WHERE id >= %s AND id < %s", (base + 45, base + 60)
-                )
+                narrow_changes(conn, base)
     return txns, txns * ROWS_PER_TXN
 
 
@@ -160,17 +161,7 @@ def realistic_workload(
                 )
                 conn.execute("DELETE FROM real WHERE id >= %s AND id < %s", (base + 45, base + 60))
             else:
-                conn.execute(
-                    "INSERT INTO narrow SELECT g, 'value ' || g, g "
-                    "FROM generate_series(%s::int, %s::int) g",
-                    (base, base + 59),
-                )
-                conn.execute(
-                    "UPDATE narrow SET n = n + 1 WHERE id >= %s AND id < %s", (base, base + 25)
-                )
-                conn.execute(
-                    "DELETE FROM narrow WHERE id >= %s AND id < %s", (base + 45, base + 60)
-                )
+                narrow_changes(conn, base)
     return txns, txns * ROWS_PER_TXN
 
 
