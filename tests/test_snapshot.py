@@ -29,12 +29,12 @@ from hypothesis import strategies as st
 
 from pglogrepl_bridge import ConfigError, SinkError, StreamOptions, TargetUnavailableError
 from pglogrepl_bridge.pgoutput.relcache import RelationInfo
-from pglogrepl_bridge.sinks.replicate import run_replicate
+from pglogrepl_bridge.sinks.replicate import ReplicateStats, run_replicate
 from pglogrepl_bridge.sinks.sql import Conflict
 from pglogrepl_bridge.snapshot import plan
 from pglogrepl_bridge.snapshot.copytext import split_row
 from pglogrepl_bridge.snapshot.readrows import ReadRows
-from pglogrepl_bridge.snapshot.runner import ChunkCopied, SnapshotJob
+from pglogrepl_bridge.snapshot.runner import ChunkCopied, SnapshotJob, SnapshotStats
 from pglogrepl_bridge.testing.postgres import PostgresServer, free_port
 
 from .streamkit import Conn, last_commit_end, pg_url, wait_for
@@ -62,16 +62,78 @@ def test_resume_keeps_complete_tables_and_copies_the_rest_again() -> None:
     done = [
         plan.ChunkDone("a", 0, 2, 100, 5),
         plan.ChunkDone("a", 1, 2, 100, 5),  # complete at 100
-        plan.ChunkDone("b", 0, 2, 100, 5),  # half done: copied again, cleared first
+        plan.ChunkDone("b", 0, 2, 100, 5),  # half done by ctid: copied again, cleared first
         plan.ChunkDone("c", 0, 1, 90, 0),
-        plan.ChunkDone("c", 0, 1, 100, 0),  # two anchors: not one consistent copy
+        plan.ChunkDone("c", 0, 1, 100, 0),  # one chunk twice: not one consistent copy
     ]
     got = plan.resume(["a", "b", "c", "d"], done)
-    assert got.kept == {"a": 100}
+    assert {k: dict(v.anchors) for k, v in got.kept.items()} == {"a": {0: 100, 1: 100}}
     assert got.to_copy == ("b", "c", "d")
     assert got.to_clear == ("b", "c")
+    assert got.partial == {}
     assert plan.checkpoint([100, 120]) == 100
-    assert plan.skipped_until({"a": 100, "b": 120}, 100) == {"b": 120}
+    assert plan.skipped_until([*done[:2], plan.ChunkDone("e", 0, 1, 120, 0)], 100) == {"e": 120}
+
+
+KEYS = plan.KeyRanges("id", ("100", "200", "300"))
+
+
+def test_a_key_split_resumes_by_chunk_under_each_chunks_anchor() -> None:
+    enc = KEYS.encode()
+    done = [
+        plan.ChunkDone("k", 0, 4, 100, 5, enc),
+        plan.ChunkDone("k", 2, 4, 100, 5, enc),  # chunks 1 and 3 were not copied
+        plan.ChunkDone("m", 0, 4, 100, 5, enc),
+        plan.ChunkDone("m", 1, 4, 100, 5, enc),
+        plan.ChunkDone("m", 2, 4, 150, 5, enc),  # resumed earlier: complete, two anchors
+        plan.ChunkDone("m", 3, 4, 150, 5, enc),
+        plan.ChunkDone("s", 0, 4, 100, 5, enc),  # its key is another column now
+    ]
+    got = plan.resume(["k", "m", "s"], done, {"k": "id", "m": "id", "s": "uid"})
+    assert got.to_copy == ("k", "s") and got.to_clear == ("s",)
+    assert dict(got.partial["k"].anchors) == {0: 100, 2: 100}
+    assert [c.index for c in plan.key_chunks("k", KEYS, got.partial["k"].anchors)] == [1, 3]
+    m = got.kept["m"]
+    assert m.complete and m.lowest == 100
+    rule = m.skip()
+    assert isinstance(rule, plan.KeySkip) and rule.highest == 150
+    bounds = [100, 200, 300]
+    assert [rule.anchor_at(bounds, v) for v in (-5, 99, 100, 199, 200, 10**9)] == [
+        100, 100, 100, 100, 150, 150,
+    ]  # fmt: skip
+    skips = plan.skipped_until(done, 120)
+    assert set(skips) == {"k", "m", "s"} and skips["k"] == plan.KeySkip(
+        KEYS, (100, plan.UNTIL_COPIED, 100, plan.UNTIL_COPIED)
+    )  # chunks not copied yet wait for their copy
+    assert plan.skipped_until(done[2:6], 150) == {}  # the stream is past every anchor
+    marked = [*done[2:6], plan.ChunkDone("m", -1, 0, plan.UNTIL_COPIED, 0)]
+    assert plan.resume(["m"], marked).partial["m"].count == 4  # a request: copy the rest
+    assert plan.skipped_until(marked, 0) == {"m": plan.UNTIL_COPIED}
+
+
+@given(st.lists(st.integers(0, 30), max_size=12))
+def test_key_ranges_spans_merge_adjacent_chunks(indexes: list[int]) -> None:
+    ranges = plan.KeyRanges("id", tuple(str(b) for b in range(10, 310, 10)))
+    spans = ranges.spans(indexes)
+    inside = {v for v in range(-5, 320) if any(
+        (lo is None or v >= int(lo)) and (hi is None or v < int(hi)) for lo, hi in spans
+    )}  # fmt: skip
+    chunk_of = {v: sum(1 for b in ranges.bounds if int(b) <= v) for v in range(-5, 320)}
+    assert inside == {v for v, i in chunk_of.items() if i in set(indexes)}
+    assert len(spans) <= len(set(indexes))
+    assert plan.KeyRanges.decode(ranges.encode()) == ranges
+    assert plan.KeyRanges.decode("not json") is None
+
+
+@given(st.integers(-(10**12), 10**12), st.integers(0, 10**6), st.integers(1, 64))
+def test_split_bounds_are_ascending_and_inside(low: int, span: int, count: int) -> None:
+    bounds = plan.split_bounds(low, low + span, count)
+    assert bounds == sorted(set(bounds)) and len(bounds) <= max(0, count - 1)
+    assert all(low < b <= low + span for b in bounds)
+    sample = [str(i) for i in range(low, low + min(span, 500) + 1)]
+    picked = plan.quantiles(sample, count)
+    assert len(set(picked)) == len(picked) <= max(0, count - 1)
+    assert all(p in sample and p != sample[0] for p in picked)
 
 
 def _copy_escape(value: bytes) -> bytes:
@@ -666,3 +728,156 @@ def _first_column_int(raw: bytes) -> int:
     """The first column of a TupleData in text format (2 bytes count, 't', 4 bytes length)."""
     length = int.from_bytes(raw[3:7], "big")
     return int(raw[7 : 7 + length])
+
+
+def _key_split_run(
+    pg: PostgresServer, c: Conn, target: str, name: str, window: Callable[[int], None]
+) -> tuple[int, SnapshotStats, ReplicateStats]:
+    """A key-split table whose first run stops after two chunks; ``window(bound)`` writes
+    between the runs (keys below ``bound`` are in the committed chunks); then a run that
+    resumes and streams to the end. Returns the chunk count, the resumed copy, the run."""
+    c.execute(f"CREATE TABLE {name} (id int PRIMARY KEY, v int, big text)")
+    c.execute(f"ALTER TABLE {name} ALTER COLUMN big SET STORAGE EXTERNAL")  # TOASTed as is
+    c.execute(
+        f"INSERT INTO {name} SELECT g, g, CASE WHEN g % 10 = 0 THEN repeat('x', 3000) END "
+        "FROM generate_series(0, 3999) g"
+    )
+    c.execute(f"CREATE PUBLICATION {name}_pub FOR TABLE {name}")
+    options = StreamOptions(slot=f"{name}_slot", publications=(f"{name}_pub",), create_slot=True)
+    jobs: list[SnapshotJob] = []
+
+    def on_stream(job: object) -> None:
+        if isinstance(job, SnapshotJob):
+            jobs.append(job)
+
+    def stop_after_two(event: ChunkCopied) -> None:
+        if event.index == 1:
+            jobs[-1].stop()
+
+    stopped = run_replicate(
+        pg.dsn, target, options, snapshot="only", snapshot_workers=1, snapshot_chunk_pages=2,
+        on_stream=on_stream, on_snapshot_progress=stop_after_two,
+    ).snapshot  # fmt: skip
+    assert stopped is not None and not stopped.complete and stopped.chunks == 2
+    progress = _progress(target)
+    assert sorted(r[3] for r in progress) == [0, 1]
+    ranges = plan.KeyRanges.decode(progress[0][-1])
+    assert ranges is not None and ranges.column == "id" and ranges.count > 3
+    window(int(ranges.bounds[1]))
+    end = last_commit_end(c, options.slot, f"{name}_pub")
+    options = replace(options, create_slot=False)
+    run = run_replicate(pg.dsn, target, options, snapshot_workers=1, snapshot_chunk_pages=2,
+                        until=end)  # fmt: skip
+    assert run.snapshot is not None and run.snapshot.complete
+    source = c.execute(f"SELECT id, v, big FROM {name} ORDER BY id").fetchall()
+    assert _rows_of(target, name) == [tuple(r) for r in source]
+    return ranges.count, run.snapshot, run
+
+
+def test_a_resumed_key_split_keeps_its_chunks_and_follows_moved_keys(
+    pg: PostgresServer, pg_conn: Conn, target: str
+) -> None:
+    c, name = pg_conn, f"rk_moves_{abs(hash(target)) % 10**8}"
+
+    def window(bound: int) -> None:  # keys below ``bound``: in the committed chunks
+        done, rest = 5, bound - bound % 10 + 101  # neither holds a TOASTed value
+        c.execute(f"UPDATE {name} SET v = -v WHERE id IN ({done}, {rest})")
+        c.execute(f"UPDATE {name} SET id = -1 WHERE id = {rest + 1}")  # rest → done: insert
+        c.execute(f"UPDATE {name} SET id = 9000 WHERE id = {done + 2}")  # done → rest: delete
+        c.execute(f"DELETE FROM {name} WHERE id IN ({done + 3}, {rest + 2})")
+        c.execute(f"INSERT INTO {name} VALUES (-2, 0, NULL), (5000, 0, NULL)")
+        c.execute(  # rest → done with its TOASTed value rewritten: sent whole, an insert
+            f"UPDATE {name} SET id = -3, big = repeat('y', 3000) WHERE id = {rest + 19}"
+        )
+
+    count, resumed, run = _key_split_run(pg, c, target, name, window)
+    # the committed chunks were not copied again, and the stream followed every key
+    assert resumed.chunks == count - 2 and resumed.copied == [f"public.{name}"]
+    assert run.backfills == [] and run.transactions == 6
+
+
+def test_a_key_moved_without_its_toasted_value_copies_the_table_again(
+    pg: PostgresServer, pg_conn: Conn, target: str
+) -> None:
+    c, name = pg_conn, f"rk_toast_{abs(hash(target)) % 10**8}"
+
+    def window(bound: int) -> None:  # a TOASTed row from the copied-later chunks moves into
+        row = bound + 100 - bound % 10  # the committed ones; pgoutput leaves its value out
+        c.execute(f"UPDATE {name} SET id = -1 WHERE id = {row}")
+        c.execute(f"UPDATE {name} SET v = -v WHERE id < 20")
+
+    _, _, run = _key_split_run(pg, c, target, name, window)
+    assert [b.copied for b in run.backfills] == [[f"public.{name}"]]
+
+
+def test_a_key_that_follows_the_heap_splits_by_key_a_random_one_by_ctid(
+    pg: PostgresServer, pg_conn: Conn, target: str
+) -> None:
+    c, suffix = pg_conn, abs(hash(target)) % 10**8
+    serial, random_key = f"ks_serial_{suffix}", f"ks_uuid_{suffix}"
+    c.execute(f"CREATE TABLE {serial} (id bigint PRIMARY KEY, v text)")
+    c.execute(f"CREATE TABLE {random_key} (id uuid PRIMARY KEY, v text)")
+    c.execute(f"INSERT INTO {serial} SELECT g, 'v' || g FROM generate_series(1, 3000) g")
+    c.execute(
+        f"INSERT INTO {random_key} SELECT gen_random_uuid(), 'v' FROM generate_series(1, 3000)"
+    )
+    c.execute(f"ANALYZE {serial}")
+    c.execute(f"ANALYZE {random_key}")
+    c.execute(f"CREATE PUBLICATION ks_{suffix} FOR TABLE {serial}, {random_key}")
+    options = StreamOptions(slot=f"ks_{suffix}", publications=(f"ks_{suffix}",), create_slot=True)
+    stats = run_replicate(pg.dsn, target, options, snapshot="only", snapshot_chunk_pages=2)
+    assert stats.snapshot is not None and stats.snapshot.complete
+    splits = {row[2]: plan.KeyRanges.decode(row[-1]) for row in _progress(target)}
+    by_key = splits[f"public.{serial}"]
+    assert by_key is not None and by_key.column == "id" and by_key.count > 3
+    assert splits[f"public.{random_key}"] is None  # by ctid: every chunk reads its own pages
+    for name in (serial, random_key):
+        source = sorted(tuple(r) for r in c.execute(f"SELECT id::text, v FROM {name}"))
+        got = sorted((str(i).replace("-", ""), v) for i, v in _rows_of(target, name))
+        assert got == sorted((i.replace("-", ""), v) for i, v in source)
+
+
+def test_publications_for_all_tables_and_for_tables_in_schema(
+    pg: PostgresServer, pg_conn: Conn, tmp_path: Path
+) -> None:
+    pg_conn.execute("DROP DATABASE IF EXISTS snap_pubs")
+    pg_conn.execute("CREATE DATABASE snap_pubs")  # FOR ALL TABLES: only these tables
+    dsn = psycopg.conninfo.make_conninfo(pg.dsn, dbname="snap_pubs")
+    # source table: (target table, its columns)
+    tables = {
+        "sales.orders": ("sales_orders", "id, total"),
+        "sales.lines": ("sales_lines", "order_id, n"),  # no key: an insert-only table
+        "public.users": ("users", "id, name"),
+    }
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("CREATE SCHEMA sales")
+        c.execute("CREATE TABLE sales.orders (id int PRIMARY KEY, total int)")
+        c.execute("CREATE TABLE sales.lines (order_id int, n int)")
+        c.execute("CREATE TABLE users (id bigint PRIMARY KEY, name text)")
+        c.execute("INSERT INTO sales.orders SELECT g, g * 3 FROM generate_series(1, 300) g")
+        c.execute("INSERT INTO sales.lines SELECT g % 300, g FROM generate_series(1, 900) g")
+        c.execute("INSERT INTO users SELECT g, 'user ' || g FROM generate_series(1, 200) g")
+        c.execute("CREATE PUBLICATION p_schema FOR TABLES IN SCHEMA sales")
+        c.execute("CREATE PUBLICATION p_all FOR ALL TABLES")
+        source = {
+            name: sorted(c.execute(f"SELECT {cols} FROM {name}").fetchall())
+            for name, (_, cols) in tables.items()
+        }
+    published = {"p_schema": {"sales.orders", "sales.lines"}, "p_all": set(tables)}
+    for pub, names in published.items():
+        url = f"sqlite:///{tmp_path / (pub + '.db')}"
+        options = StreamOptions(slot=f"s_{pub}", publications=(pub,), create_slot=True)
+        stats = run_replicate(dsn, url, options, snapshot="only", snapshot_chunk_pages=1)
+        assert stats.snapshot is not None and stats.snapshot.complete
+        assert set(stats.snapshot.copied) == names
+        engine = sa.create_engine(url)
+        try:
+            with engine.connect() as conn:
+                present = set(sa.inspect(conn).get_table_names())
+                assert {tables[n][0] for n in tables} & present == {tables[n][0] for n in names}
+                for name in names:
+                    target_table, cols = tables[name]
+                    got = conn.exec_driver_sql(f"SELECT {cols} FROM {target_table}").all()
+                    assert sorted(tuple(r) for r in got) == source[name], name
+        finally:
+            engine.dispose()

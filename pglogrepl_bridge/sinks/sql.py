@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -51,7 +51,11 @@ from pglogrepl_bridge.sinks.lww import NODE_COL, TS_COL, VERSION_COLS
 from pglogrepl_bridge.sinks.sqltypes import column_type, loaders, text_is_driver_value, value_path
 from pglogrepl_bridge.snapshot.plan import (
     SNAPSHOT_REQUEST_PREFIX,
+    UNTIL_COPIED,
     ChunkDone,
+    KeySkip,
+    TableCopy,
+    highest,
     resume,
     skipped_until,
 )
@@ -63,10 +67,9 @@ TOMBSTONE_TABLE = "pglogrepl_bridge_tombstone"
 SNAPSHOT_TABLE = "pglogrepl_bridge_snapshot"  # the snapshot's chunks that committed
 #: rows per executemany while copying a chunk: bounded memory, few round trips
 COPY_BATCH = 2000
-#: the chunk number of a "copy this table (again)" marker in the snapshot table
+#: the chunk number of a "copy this table (again)" marker in the snapshot table; its
+#: anchor is ``UNTIL_COPIED``: the table's changes are skipped until the copy is done
 REQUESTED = -1
-#: a requested table's changes are skipped until its copy's anchor is known
-UNTIL_COPIED = 2**63 - 1
 ROWID_COL = "_pglb_rowid"  # the surrogate key of a keyless table
 __all__ = ["CHECKPOINT_TABLE", "NODE_COL", "TS_COL", "Conflict", "SqlSink", "base_columns"]
 
@@ -168,11 +171,14 @@ class SqlSink:
             sa.Column("chunks", sa.Integer, nullable=False),
             sa.Column("anchor", sa.BigInteger, nullable=False),
             sa.Column("rows", sa.BigInteger, nullable=False),
+            sa.Column("ranges", sa.Text, nullable=True),  # plan.KeyRanges of a key split
         )
         self._targets: dict[RelationInfo, _Target] = {}
         self._source_columns: dict[str, dict[str, Column]] = {}
         #: tables whose changes the stream skips up to their snapshot anchor (snapshot.plan)
-        self._skip: dict[str, int] = {}
+        self._skip: dict[str, int | KeySkip] = {}
+        #: a key split's bounds loaded as the stream loads the key (per relation and rule)
+        self._bounds: dict[tuple[RelationInfo, KeySkip], list[Any]] = {}
         #: backfill: a snapshot request in the stream, or a table new to the target, marks
         #: the table to be copied (``requested``), and ``run_replicate`` copies it
         self.backfill = False
@@ -187,11 +193,14 @@ class SqlSink:
             self.meta.create_all(
                 self.engine, tables=[self.checkpoints, self.tombstones, self.snapshot_chunks]
             )
-            with self.engine.begin() as conn:  # a tombstone table of an older version
+            with self.engine.begin() as conn:  # tables of an older version
                 present = {c["name"] for c in sa.inspect(conn).get_columns(TOMBSTONE_TABLE)}
                 for name in VERSION_COLS:
                     if name not in present:
                         self._add_column(conn, TOMBSTONE_TABLE, sa.Column(name, sa.BigInteger))
+                present = {c["name"] for c in sa.inspect(conn).get_columns(SNAPSHOT_TABLE)}
+                if "ranges" not in present:
+                    self._add_column(conn, SNAPSHOT_TABLE, sa.Column("ranges", sa.Text))
         except SQLAlchemyError as exc:
             if _transient(exc):
                 raise TargetUnavailableError(
@@ -237,7 +246,7 @@ class SqlSink:
         if not txns:
             return
         end = int(txns[-1].end_lsn)  # a plain int for drivers
-        past_snapshot = bool(self._skip) and end >= max(self._skip.values())
+        past_snapshot = bool(self._skip) and end >= max(map(highest, self._skip.values()))
         self._batch_skip = {}
         try:
             with self.engine.begin() as conn:
@@ -296,7 +305,7 @@ class SqlSink:
         if self.backfill:
             self._mark_requests(conn, txn)
         if self._skip or self._batch_skip:
-            txn = self._unskipped(txn)
+            txn = self._unskipped(conn, txn)
         if self.conflict == "lww":
             for pos, change in enumerate(txn.changes):
                 self._apply_lww(conn, txn, pos, change)
@@ -479,49 +488,73 @@ class SqlSink:
     def snapshot_progress(self) -> list[ChunkDone]:
         """The chunks of an earlier snapshot of (source, slot) that committed."""
         sc = self.snapshot_chunks
-        query = sa.select(sc.c.tbl, sc.c.chunk, sc.c.chunks, sc.c.anchor, sc.c.rows).where(
-            sc.c.source_id == self.source_id, sc.c.slot == self.slot
-        )
+        query = sa.select(
+            sc.c.tbl, sc.c.chunk, sc.c.chunks, sc.c.anchor, sc.c.rows, sc.c.ranges
+        ).where(sc.c.source_id == self.source_id, sc.c.slot == self.slot)
         try:
             with self.engine.connect() as conn:
                 return [ChunkDone(*row) for row in conn.execute(query).all()]
         except SQLAlchemyError as exc:
             raise self._failure(exc, "read the snapshot's progress from") from None
 
-    def start_snapshot(self, relations: Sequence[RelationInfo], interrupted: Iterable[str]) -> None:
+    def start_snapshot(
+        self,
+        relations: Sequence[RelationInfo],
+        interrupted: Iterable[str],
+        partial: Mapping[str, TableCopy] | None = None,
+    ) -> None:
         """Create the target tables of ``relations`` (the snapshot's workers then only insert),
         forget their earlier progress, and empty them: the copy is the table's whole content.
+        A ``partial`` table (a resumed key split, ``snapshot.plan`` rule 4) keeps its
+        committed chunks and their key ranges' rows: only the other ranges are emptied.
 
         Under ``--conflict lww`` other sources' rows stay: only the rows of this source's
         ``interrupted`` copy go (a keyed table's unversioned rows, a keyless table's rows)."""
         interrupted = set(interrupted)
+        partial = partial or {}
         sc = self.snapshot_chunks
         try:
             with self._write_lock, self.engine.begin() as conn:
                 for rel in relations:
                     target = self._target(conn, rel)
-                    conn.execute(  # a request's marker stays until the copy is done
-                        sa.delete(sc).where(
-                            sc.c.source_id == self.source_id,
-                            sc.c.slot == self.slot,
-                            sc.c.tbl == rel.qualified_name,
-                            sc.c.chunk != REQUESTED,
-                        )
+                    name = rel.qualified_name
+                    kept = partial.get(name)
+                    forget = sa.delete(sc).where(
+                        sc.c.source_id == self.source_id,
+                        sc.c.slot == self.slot,
+                        sc.c.tbl == name,
+                        sc.c.chunk != REQUESTED,  # a request's marker stays until it is done
                     )
-                    self._present.add(rel.qualified_name)
+                    if kept is not None:
+                        forget = forget.where(sc.c.chunk.not_in(list(kept.anchors)))
+                    conn.execute(forget)
+                    self._present.add(name)
                     table = target.table
+                    outside = self._outside(target, kept)
                     if self.conflict != "lww":
-                        conn.execute(sa.delete(table))
-                    elif rel.qualified_name in interrupted:
-                        keyless = target.keyless
-                        conn.execute(
-                            sa.delete(table)
-                            if keyless
-                            else sa.delete(table).where(table.c[TS_COL].is_(None))
-                        )
+                        conn.execute(sa.delete(table).where(outside))
+                    elif name in interrupted or kept is not None:
+                        unversioned = sa.true() if target.keyless else table.c[TS_COL].is_(None)
+                        conn.execute(sa.delete(table).where(unversioned, outside))
         except SQLAlchemyError as exc:
             self._targets.clear()
             raise self._failure(exc, "prepare the snapshot's tables in") from None
+
+    def _outside(self, target: _Target, kept: TableCopy | None) -> sa.ColumnElement[bool]:
+        """The rows outside the key ranges of ``kept``'s chunks (all rows when None)."""
+        if kept is None or kept.ranges is None:
+            return sa.true()
+        column = target.table.c[kept.ranges.column]
+        load = next(tload for name, tload, _ in target.fused if name == kept.ranges.column)
+        inside = []
+        for low, high in kept.ranges.spans(kept.anchors):
+            cond = []
+            if low is not None:
+                cond.append(column >= load(low.encode()))
+            if high is not None:
+                cond.append(column < load(high.encode()))
+            inside.append(sa.and_(sa.true(), *cond))
+        return sa.not_(sa.or_(*inside))
 
     def copy_chunk(
         self, rel: RelationInfo, rows: Iterable[Sequence[bytes | None]], chunk: ChunkDone
@@ -607,6 +640,7 @@ class SqlSink:
                 chunks=chunk.count,
                 anchor=chunk.anchor,
                 rows=rows,
+                ranges=chunk.ranges,
             )
         )
 
@@ -670,11 +704,10 @@ class SqlSink:
         self.requested = bool(self.pending_copies())
 
     def load_skips(self, checkpoint: int) -> None:
-        """Skip, in the stream, each snapshotted table's changes up to its anchor (rule 5)."""
-        anchors: dict[str, int] = {}
-        for chunk in self.snapshot_progress():
-            anchors[chunk.table] = max(anchors.get(chunk.table, 0), chunk.anchor)
-        self._skip = skipped_until(anchors, checkpoint)
+        """Skip, in the stream, each snapshotted table's changes up to its chunks' anchors
+        (rule 5)."""
+        self._skip = skipped_until(self.snapshot_progress(), checkpoint)
+        self._bounds.clear()
 
     def _mark_requests(self, conn: sa.Connection, txn: Transaction) -> None:
         """Mark for copying, in this target transaction, the tables a snapshot request in
@@ -718,6 +751,8 @@ class SqlSink:
         return tables
 
     def _mark(self, conn: sa.Connection, tables: list[str]) -> None:
+        """Mark tables for copying: the marker replaces the table's earlier progress (an
+        older copy's chunks), so progress seen with a marker is always the new copy's."""
         sc = self.snapshot_chunks
         for name in dict.fromkeys(tables):
             conn.execute(
@@ -725,7 +760,6 @@ class SqlSink:
                     sc.c.source_id == self.source_id,
                     sc.c.slot == self.slot,
                     sc.c.tbl == name,
-                    sc.c.chunk == REQUESTED,
                 )
             )
             conn.execute(
@@ -746,26 +780,77 @@ class SqlSink:
         done = self.snapshot_progress()
         return list(resume(sorted({c.table for c in done}), done).to_copy)
 
-    def _unskipped(self, txn: Transaction) -> Transaction:
-        """The transaction without its changes to tables whose copy already holds them."""
+    def _unskipped(self, conn: sa.Connection, txn: Transaction) -> Transaction:
+        """The transaction without its changes that a copy already holds (``snapshot.plan``
+        rules 5 and 6)."""
         end = int(txn.end_lsn)
-        skip = {**self._skip, **self._batch_skip} if self._batch_skip else self._skip
-
-        def copied(rel: RelationInfo) -> bool:
-            return skip.get(rel.qualified_name, 0) >= end
-
         kept: list[Any] = []
         for change in txn.changes:
             if isinstance(change, RowChange):
-                if not copied(change.relation):
+                rule = self._rule(change.relation)
+                if rule is None or (type(rule) is int and rule < end):
                     kept.append(change)
+                elif isinstance(rule, KeySkip):
+                    kept += self._by_key(conn, change, rule, end)
             elif isinstance(change, TruncateChange):
-                rels = tuple(r for r in change.relations if not copied(r))
+                rels = []
+                for rel in change.relations:
+                    rule = self._rule(rel)
+                    if isinstance(rule, KeySkip) and min(rule.anchors) < end <= rule.highest:
+                        # chunks copied before the truncate and after it: copy it again
+                        self._mark(conn, [rel.qualified_name])
+                    elif rule is None or highest(rule) < end:
+                        rels.append(rel)
                 if rels:
-                    kept.append(replace(change, relations=rels))
+                    kept.append(replace(change, relations=tuple(rels)))
             else:
                 kept.append(change)
         return replace(txn, changes=tuple(kept))
+
+    def _rule(self, rel: RelationInfo) -> int | KeySkip | None:
+        name = rel.qualified_name
+        marked = self._batch_skip.get(name)
+        return marked if marked is not None else self._skip.get(name)
+
+    def _by_key(
+        self, conn: sa.Connection, change: RowChange, rule: KeySkip, end: int
+    ) -> list[RowChange]:
+        """Rules 5 and 6 for a table whose key ranges hold different anchors: the change as
+        applied where its key's chunk does not hold it yet ([] when it does)."""
+        rel = change.relation
+        target = self._target(conn, rel)
+        column = rule.ranges.column
+        bounds = self._bounds.get((rel, rule))
+        if bounds is None:
+            load = next(tload for name, tload, _ in target.fused if name == column)
+            bounds = self._bounds[(rel, rule)] = [load(b.encode()) for b in rule.ranges.bounds]
+
+        def copied(at: int) -> bool:
+            key = rel.row_at(change.raw, at, key_only=True, fused=target.fused)
+            return rule.anchor_at(bounds, key.get(column)) >= end
+
+        if change.op == "insert":
+            return [] if copied(change.new_at) else [change]
+        if change.op == "delete":
+            return [] if copied(change.old_at) else [change]
+        new_copied = copied(change.new_at)
+        if change.old_at < 0 or change.old_kind != "K":  # the key stayed
+            return [] if new_copied else [change]
+        old_copied = copied(change.old_at)
+        if old_copied == new_copied:
+            return [] if new_copied else [change]
+        if new_copied:  # the new row is in its chunk's copy; the old key's chunk still has it
+            return [RowChange("delete", rel, change.raw, -1, change.old_at, "K")]
+        if len(rel.row_at(change.raw, change.new_at, fused=target.fused)) < rel.ncols:
+            # the new row's chunk needs it whole, but an unchanged TOASTed value is not sent
+            log.info(
+                "%s: a key moved between chunks of different snapshots without its TOASTed "
+                "values: copying the table again",
+                rel.qualified_name,
+            )
+            self._mark(conn, [rel.qualified_name])
+            return []
+        return [RowChange("insert", rel, change.raw, change.new_at, -1, None)]
 
     def _failure(self, exc: SQLAlchemyError, what: str) -> SinkError:
         if _transient(exc):

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import struct
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from pglogrepl_bridge.pgoutput.relcache import RelationInfo
-from pglogrepl_bridge.snapshot.plan import ChunkDone
+from pglogrepl_bridge.snapshot.plan import ChunkDone, TableCopy
 
 _u16 = struct.Struct("!H").pack
 _u32 = struct.Struct("!I").pack
@@ -48,7 +48,12 @@ class ReadRows:
         """Nothing is kept between runs."""
         return []
 
-    def start_snapshot(self, relations: Sequence[RelationInfo], interrupted: Iterable[str]) -> None:
+    def start_snapshot(
+        self,
+        relations: Sequence[RelationInfo],
+        interrupted: Iterable[str],
+        partial: Mapping[str, TableCopy],
+    ) -> None:
         """Nothing to prepare."""
 
     def copy_chunk(

@@ -13,7 +13,15 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Sequence
+from collections.abc import (
+    Callable,
+    Collection,
+    Generator,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -36,7 +44,7 @@ from pglogrepl_bridge.postgres.options import StreamOptions
 from pglogrepl_bridge.postgres.startup import check_slot
 from pglogrepl_bridge.snapshot import plan
 from pglogrepl_bridge.snapshot.anchor import Anchor, ExportedSnapshot
-from pglogrepl_bridge.snapshot.catalog import PublishedTable, published_tables
+from pglogrepl_bridge.snapshot.catalog import PublishedTable, key_ranges, published_tables
 from pglogrepl_bridge.snapshot.copytext import split_row
 
 log = logging.getLogger(__name__)
@@ -99,8 +107,14 @@ class SnapshotSink(Protocol):
         """Chunks that committed in an earlier run."""
         ...
 
-    def start_snapshot(self, relations: Sequence[RelationInfo], interrupted: Sequence[str]) -> None:
-        """Prepare the tables about to be copied."""
+    def start_snapshot(
+        self,
+        relations: Sequence[RelationInfo],
+        interrupted: Sequence[str],
+        partial: Mapping[str, plan.TableCopy],
+    ) -> None:
+        """Prepare the tables about to be copied: ``interrupted`` ones lose an interrupted
+        copy's rows, ``partial`` ones keep the rows of their committed chunks' key ranges."""
         ...
 
     def copy_chunk(
@@ -185,11 +199,22 @@ class SnapshotJob:
             # the export ends here: the workers' transactions hold the snapshot
             stats.anchor = anchor.lsn
             tables = self._chosen(tables)
-            resumed = plan.resume([t.name for t in tables], done)
+            resumed = plan.resume(
+                [t.name for t in tables], done, {t.name: t.split_key for t in tables}
+            )
             for name in resumed.to_clear:
                 log.info("the copy of %s was interrupted: copying it again", name)
-            anchors = {**resumed.kept, **dict.fromkeys(resumed.to_copy, int(anchor.lsn))}
-            lowest = plan.checkpoint(anchors.values()) if anchors else int(anchor.lsn)
+            for name, part in resumed.partial.items():
+                log.info(
+                    "the copy of %s was interrupted: %d of %d chunks are kept, copying the rest",
+                    name,
+                    len(part.anchors),
+                    part.count,
+                )
+            anchors = [c.lowest for c in (*resumed.kept.values(), *resumed.partial.values())]
+            if resumed.to_copy:
+                anchors.append(int(anchor.lsn))
+            lowest = plan.checkpoint(anchors) if anchors else int(anchor.lsn)
             if confirmed is not None and confirmed > lowest:
                 raise ReplicationError(
                     f"replication slot {self.options.slot!r} is at {format_lsn(confirmed)}, "
@@ -199,7 +224,7 @@ class SnapshotJob:
             stats.kept = sorted(resumed.kept)
             stats.copied = list(resumed.to_copy)
             todo = [t for t in tables if t.name in set(resumed.to_copy)]
-            self._copy(todo, anchor, conns, stats, resumed.to_clear)
+            self._copy(todo, anchor, conns, stats, resumed)
         finally:
             for conn in conns:
                 conn.close()
@@ -291,7 +316,7 @@ class SnapshotJob:
         anchor: Anchor,
         conns: list[Conn],
         stats: SnapshotStats,
-        interrupted: Sequence[str],
+        resumed: plan.ResumePlan,
     ) -> None:
         cache = RelationCache(ValueLoaders())
         infos: dict[str, RelationInfo] = {}
@@ -299,14 +324,15 @@ class SnapshotJob:
             for typ in table.types:
                 cache.add_type(typ)
             infos[table.name] = cache.add_relation(table.relation)
-        self.sink.start_snapshot(list(infos.values()), interrupted)
+        plans = {t.name: self._chunks(conns[0], t, resumed.partial.get(t.name)) for t in tables}
+        self.sink.start_snapshot(list(infos.values()), resumed.to_clear, resumed.partial)
         work: queue.SimpleQueue[tuple[PublishedTable, plan.Chunk]] = queue.SimpleQueue()
         # big tables first: they set the job's length, small ones fill the gaps
         for table in sorted(tables, key=lambda t: -t.pages):
-            for chunk in plan.chunks(table.name, table.pages, self.chunk_pages):
+            for chunk in plans[table.name]:
                 work.put((table, chunk))
         table_rows = dict.fromkeys(infos, 0)
-        chunks_left = {t.name: len(plan.chunks(t.name, t.pages, self.chunk_pages)) for t in tables}
+        chunks_left = {name: len(chunks) for name, chunks in plans.items()}
         errors: list[BaseException] = []
 
         def worker(conn: Conn) -> None:
@@ -350,6 +376,24 @@ class SnapshotJob:
                 raise ReplicationError(f"cannot read the source: {str(first).strip()}") from None
             raise first
 
+    def _chunks(
+        self, conn: Conn, table: PublishedTable, partial: plan.TableCopy | None
+    ) -> list[plan.Chunk]:
+        """The chunks to copy (rule 2): a resumed key split's missing ones, else the table
+        split by key when it can be, else by ctid."""
+        if partial is not None and partial.ranges is not None:
+            return plan.key_chunks(table.name, partial.ranges, partial.anchors)
+        count = max(1, -(-table.pages // self.chunk_pages))
+        try:
+            ranges = key_ranges(conn, table, count)
+        except psycopg.Error as exc:
+            raise ReplicationError(
+                f"cannot plan the copy of {table.name}: {str(exc).strip()}"
+            ) from None
+        if ranges is not None:
+            return plan.key_chunks(table.name, ranges)
+        return plan.chunks(table.name, table.pages, self.chunk_pages)
+
     def _copy_chunk(
         self,
         conn: Conn,
@@ -358,8 +402,9 @@ class SnapshotJob:
         chunk: plan.Chunk,
         anchor: Anchor,
     ) -> int:
-        query = table.copy_query(*plan.ctid_bounds(chunk))
-        done = plan.ChunkDone(table.name, chunk.index, chunk.count, int(anchor.lsn), 0)
+        query = table.copy_query(chunk)
+        ranges = None if chunk.ranges is None else chunk.ranges.encode()
+        done = plan.ChunkDone(table.name, chunk.index, chunk.count, int(anchor.lsn), 0, ranges)
         backoff = 0.1
         while True:
             conn.execute("SAVEPOINT chunk")  # a failed target write re-reads the chunk
