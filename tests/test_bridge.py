@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import threading
 import time
@@ -16,7 +17,13 @@ from pglogrepl_bridge.bridge.network import Network, tls_context
 from pglogrepl_bridge.bridge.replica import ReplicaNode, TcpReplica
 from pglogrepl_bridge.bridge.runner import BridgeConfig, BridgeStats, run_bridge
 from pglogrepl_bridge.testing.postgres import PostgresServer
-from pglogrepl_bridge.wire.protocol import Promotion, RequestFrom, VoteRequest
+from pglogrepl_bridge.wire.protocol import (
+    Acknowledge,
+    Promotion,
+    RequestFrom,
+    VoteRequest,
+    frame,
+)
 
 from .streamkit import Conn, Source, make_source, wait_for
 
@@ -209,7 +216,7 @@ def test_replica_holding_everything_confirms_after_a_bridge_restart(
     pg: PostgresServer, pg_conn: Conn
 ) -> None:
     """Applied but never acknowledged; the bridge restarts and resends; the replica drops the
-    duplicates and its RequestFrom on reconnect is what lets the slot move on."""
+    duplicates and acknowledges the next new entry, which moves the slot on."""
     src = make_source(pg_conn)
     start = src.confirmed()
     node = ReplicaNode(node_id=9, ack=False)
@@ -227,8 +234,13 @@ def test_replica_holding_everything_confirms_after_a_bridge_restart(
     node.ack = True
     bridge = start_bridge(pg, src, BridgeConfig(replicas=[address]))
     try:
-        wait_for(lambda: (src.confirmed() or 0) >= node.last_lsn, what="confirmed")
-        assert len(node.applied) == 2  # resent copies are dropped, never applied twice
+        held = node.last_lsn
+        # its RequestFrom counts only up to what this connection was sent (the resent
+        # copies, when they went out first); a new entry it acknowledges moves the slot
+        src.insert(3)
+        wait_for(lambda: len(node.applied) == 3, what="the new entry applied")
+        wait_for(lambda: (src.confirmed() or 0) >= node.last_lsn > held, what="confirmed")
+        assert len(node.applied) == 3  # resent copies are dropped, never applied twice
         assert set(node.duplicates) <= {e.lsn for e in node.applied}
     finally:
         bridge.stop()
@@ -320,3 +332,70 @@ def test_mutual_tls(pg: PostgresServer, pg_conn: Conn, tmp_path: Path) -> None:
     finally:
         bridge.stop()
         rep.close()
+
+
+class _Liar:
+    """A replica that does not play by the rules: on each connection it acknowledges a huge
+    LSN it was never sent, first as one node and then as another (one connection posing as a
+    quorum of two)."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(0.2)
+        self.closed_by_bridge = 0
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.server.getsockname()[:2]
+        return host, port
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.sendall(frame(Acknowledge(200, 2**62)) + frame(Acknowledge(201, 2**62)))
+                conn.settimeout(5)
+                try:
+                    while conn.recv(65536):
+                        pass
+                    self.closed_by_bridge += 1
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self.server.close()
+        self.thread.join(5)
+
+
+def test_a_misbehaving_replica_is_dropped_and_never_moves_the_slot(
+    pg: PostgresServer, pg_conn: Conn, replicas: list[TcpReplica]
+) -> None:
+    src = make_source(pg_conn)
+    start = src.confirmed()
+    liar = _Liar()
+    honest = replicas[0]
+    config = BridgeConfig(replicas=[honest.listen(), liar.address], ack_quorum=2)
+    bridge = start_bridge(pg, src, config)
+    try:
+        for i in range(3):
+            src.insert(i)
+        wait_for(lambda: len(honest.node.applied) == 3, what="applied by the honest replica")
+        wait_for(lambda: liar.closed_by_bridge >= 1, what="the bridge to drop the liar")
+        time.sleep(0.5)
+        # one honest acknowledgement of the two needed: nothing is confirmed
+        assert src.confirmed() == start
+        assert bridge.network.hub.quorum_lsn == 0
+        assert bridge.network.hub.acked_by_node.get(201) is None
+        assert bridge.network.hub.acked_by_node.get(200, 0) <= honest.node.last_lsn
+    finally:
+        bridge.stop()
+        liar.close()

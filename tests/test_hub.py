@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pglogrepl_bridge.wire.hub import Hub, Rewind, StepDown
+from pglogrepl_bridge.wire.hub import Drop, Hub, Rewind, StepDown
 from pglogrepl_bridge.wire.protocol import (
     Acknowledge,
     FrameReader,
@@ -44,12 +44,46 @@ def test_quorum_lsn_needs_distinct_replicas() -> None:
         hub.connect(c)
     for lsn in (10, 20, 30):
         hub.publish(lsn, entry(lsn))
+    for c in ("a", "b", "c"):
+        hub.pending(c)
     hub.receive("a", Acknowledge(7, 30))
     assert hub.quorum_lsn == 0
-    hub.receive("b", Acknowledge(7, 30))  # the same node again, on another connection
+    # the same node again, on another connection: refused, not counted
+    assert hub.receive("b", Acknowledge(7, 30)) == [
+        Drop("b", "node 7 is already connected: a second connection claims it")
+    ]
     assert hub.quorum_lsn == 0
     hub.receive("c", Acknowledge(8, 20))
     assert hub.quorum_lsn == 20
+
+
+def test_one_connection_cannot_be_two_replicas() -> None:
+    hub = Hub(node_id=1, quorum=2)
+    hub.connect("liar")
+    hub.publish(10, entry(10))
+    hub.pending("liar")
+    assert hub.receive("liar", Acknowledge(7, 10)) == []
+    (drop,) = hub.receive("liar", Acknowledge(8, 10))  # --ack-quorum 2 on its own
+    assert drop == Drop("liar", "the connection of node 7 speaks for node 8 too")
+    assert hub.quorum_lsn == 0 and hub.acked_by_node == {7: 10}
+    hub.disconnect("liar")
+    hub.connect("again")  # once the first connection is gone, node 7 may come back
+    assert hub.receive("again", RequestFrom(7, 10)) == []
+
+
+def test_an_acknowledgement_counts_only_up_to_what_was_sent() -> None:
+    hub = Hub(node_id=1, quorum=1, window=2)
+    hub.connect("a")
+    for lsn in (10, 20, 30):
+        hub.publish(lsn, entry(lsn))
+    hub.receive("a", Acknowledge(7, 30))  # nothing sent yet: nothing to vouch for
+    assert hub.quorum_lsn == 0
+    assert lsns(hub.pending("a")) == [10, 20]
+    hub.receive("a", Acknowledge(7, 10**9))  # more than it was given
+    assert hub.quorum_lsn == 20
+    hub.receive("a", RequestFrom(7, 10**9))  # a replay request is no proof either
+    assert hub.quorum_lsn == 20
+    assert lsns(hub.pending("a")) == []  # it says it holds everything: nothing to resend
 
 
 def test_request_from_replays_out_of_the_buffer() -> None:
@@ -69,6 +103,7 @@ def test_request_from_older_than_the_buffer_rewinds() -> None:
     hub.connect("a")
     for lsn in (10, 20, 30):
         hub.publish(lsn, entry(lsn))
+    hub.pending("a")
     hub.receive("a", Acknowledge(7, 20))  # a quorum has 20: 10 and 20 may leave the buffer
     assert hub.floor == 20 and hub.backlog == 1
     assert hub.receive("a", RequestFrom(7, 5)) == [Rewind(5)]
@@ -84,6 +119,8 @@ def test_buffer_keeps_recent_entries_and_drops_only_what_a_quorum_has() -> None:
     hub.connect("slow")
     for lsn in range(1, 6):
         hub.publish(lsn, entry(lsn))
+    hub.pending("fast")
+    hub.pending("slow")
     hub.receive("fast", Acknowledge(1, 5))
     assert hub.backlog == 5 and hub.unconfirmed == 5  # no quorum yet: nothing may go
     hub.receive("slow", Acknowledge(2, 3))
@@ -130,6 +167,7 @@ def test_buffer_is_bounded_in_bytes_too() -> None:
     for lsn in range(1, 11):
         hub.publish(lsn, entry(lsn))
     assert hub.backlog == 10  # nothing acknowledged: nothing may go
+    hub.pending("a")
     hub.receive("a", Acknowledge(5, 8))
     assert hub.backlog == 3 and hub.floor == 7
 
@@ -140,6 +178,7 @@ def test_full_when_a_quorum_lags_too_far() -> None:
     for lsn in (1, 2, 3):
         hub.publish(lsn, entry(lsn))
     assert hub.full
+    hub.pending("a")
     hub.receive("a", Acknowledge(5, 1))
     assert not hub.full
     small = Hub(node_id=1, quorum=1, max_entries=100, max_bytes=2 * len(entry(1)))

@@ -17,7 +17,7 @@ import time
 from typing import TYPE_CHECKING
 
 from pglogrepl_bridge.errors import ConfigError, ProtocolError, ReplicationError
-from pglogrepl_bridge.wire.hub import Hub, Rewind, StepDown
+from pglogrepl_bridge.wire.hub import Drop, Hub, Rewind, StepDown
 from pglogrepl_bridge.wire.protocol import FrameReader
 
 if TYPE_CHECKING:
@@ -208,13 +208,18 @@ class Network:
                 with self.lock:
                     for msg in messages:
                         actions += self.hub.receive(id(conn), msg)
+                        if any(isinstance(a, Drop) for a in actions):
+                            break  # nothing more it says counts
                     self.lock.notify_all()
                 for action in actions:
+                    if isinstance(action, Drop):
+                        self._close(conn, action.reason)
+                        return
                     self._act(action)
         if mask & selectors.EVENT_WRITE:
             self._send(conn)
 
-    def _act(self, action: Rewind | StepDown) -> None:
+    def _act(self, action: Rewind | StepDown) -> None:  # Drop is handled by _io
         if isinstance(action, StepDown):
             log.error(
                 "node %d was promoted at term %d: this bridge stops streaming (split-brain guard)",

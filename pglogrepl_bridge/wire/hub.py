@@ -5,6 +5,11 @@ and what to answer. Connections are opaque ids; time is passed in; frames are by
 - A replica's acknowledgements are cumulative: it applies only ``lsn > last``, in order.
 - ``quorum_lsn`` is the highest LSN acknowledged by ``quorum`` distinct replicas; only that
   may be confirmed to PostgreSQL.
+- A quorum is made of distinct, real replicas. A connection's first Acknowledge or
+  RequestFrom binds its node id: a connection speaking for a second node id, or a second
+  connection claiming the id of a live one, is dropped (``Drop``) and what it said is not
+  counted. An acknowledgement counts only up to the highest LSN sent on that connection, so
+  no replica can vouch for an entry it was never given.
 - The newest ``max_entries`` stay in a buffer for RequestFrom; older ones leave it once a
   quorum holds them. A replay from before the buffer restarts the PostgreSQL stream, which
   works as long as the slot was not confirmed past it.
@@ -38,9 +43,10 @@ ConnId = Hashable
 class Replica:
     """The hub's view of one replica connection: what it was sent and what it acknowledged."""
 
-    node_id: int | None = None
-    sent: int = 0  # highest LSN sent on this connection
-    acked: int = 0  # highest LSN it acknowledged (cumulative)
+    node_id: int | None = None  # bound by its first Acknowledge or RequestFrom
+    sent: int = 0  # where sending continues: the highest LSN sent, or a replay's start
+    high: int = 0  # the highest LSN ever sent on this connection: acks count up to it
+    acked: int = 0  # highest LSN it acknowledged (cumulative, at most ``high``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +64,15 @@ class StepDown:
     term: int
 
 
-Action = Rewind | StepDown
+@dataclass(frozen=True, slots=True)
+class Drop:
+    """Close connection ``conn``: its peer broke the quorum's rules (``reason``)."""
+
+    conn: ConnId
+    reason: str
+
+
+Action = Rewind | StepDown | Drop
 
 
 @dataclass
@@ -170,6 +184,7 @@ class Hub:
             stop = min(len(self._lsns), start + room)
             out += self._frames[start:stop]
             rep.sent = self._lsns[stop - 1]
+            rep.high = max(rep.high, rep.sent)
         return out
 
     def heartbeat(self) -> bytes:
@@ -179,10 +194,15 @@ class Hub:
     def receive(self, conn: ConnId, msg: ReplicationMessage) -> list[Action]:
         """A reply from replica ``conn``; returns what the bridge must do, if anything."""
         rep = self.replicas[conn]
+        if isinstance(msg, Acknowledge | RequestFrom):
+            problem = self._bind(conn, rep, msg.node_id)
+            if problem is not None:
+                log.warning("dropping a replica connection: %s", problem)
+                return [Drop(conn, problem)]
         if isinstance(msg, Acknowledge):
             self._ack(rep, msg.node_id, msg.lsn)
         elif isinstance(msg, RequestFrom):
-            # it holds everything up to lsn: that counts as acknowledged
+            # it holds everything up to lsn: that counts as acknowledged (up to ``high``)
             self._ack(rep, msg.node_id, msg.lsn)
             if msg.lsn < self.floor:
                 log.warning(
@@ -208,12 +228,25 @@ class Hub:
             )
         return []
 
-    def _ack(self, rep: Replica, node_id: int, lsn: int) -> None:
+    def _bind(self, conn: ConnId, rep: Replica, node_id: int) -> str | None:
+        """Bind ``node_id`` to ``conn`` on its first word; the reason to drop it, if any."""
+        if rep.node_id == node_id:
+            return None
+        if rep.node_id is not None:
+            return f"the connection of node {rep.node_id} speaks for node {node_id} too"
+        for other, known in self.replicas.items():
+            if other != conn and known.node_id == node_id:
+                return f"node {node_id} is already connected: a second connection claims it"
         rep.node_id = node_id
-        rep.acked = max(rep.acked, lsn)
+        return None
+
+    def _ack(self, rep: Replica, node_id: int, lsn: int) -> None:
+        counted = min(lsn, rep.high)  # what it was given on this connection, at most
+        rep.acked = max(rep.acked, counted)
         rep.sent = max(rep.sent, rep.acked)
-        self.acked_by_node[node_id] = max(self.acked_by_node.get(node_id, 0), lsn)
-        self._trim()
+        if counted > self.acked_by_node.get(node_id, 0):
+            self.acked_by_node[node_id] = counted
+            self._trim()
 
     def _vote(self, req: VoteRequest) -> VoteResponse:
         """While we stream we are the master: no vote for anyone. Otherwise, the usual rules:
