@@ -13,7 +13,7 @@ import time
 from types import TracebackType
 
 from pglogrepl_bridge.lsn import format_lsn
-from pglogrepl_bridge.postgres.stream import ReplicationStream
+from pglogrepl_bridge.postgres.stream import _StreamBase
 
 log = logging.getLogger("pglogrepl_bridge.progress")
 
@@ -51,6 +51,17 @@ class Metrics:
         self.snapshot_done = Gauge(
             "pglogrepl_snapshot_tables_done", "Tables the running snapshot copied", registry=r
         )
+        self.nats_published = Counter(
+            "pglogrepl_nats_published", "Transactions JetStream acknowledged (publish)", registry=r
+        )
+        self.nats_pending = Gauge(
+            "pglogrepl_nats_pending_acks", "Publishes awaiting JetStream's acknowledgement",
+            registry=r,
+        )  # fmt: skip
+        self.nats_acked_lsn = Gauge(
+            "pglogrepl_nats_acked_lsn", "End LSN of the last transaction JetStream acknowledged",
+            registry=r,
+        )  # fmt: skip
         self.server, self.thread = start_http_server(port, addr="127.0.0.1", registry=r)
 
     def close(self) -> None:
@@ -64,7 +75,7 @@ class Progress:
 
     def __init__(
         self,
-        stream: ReplicationStream,
+        stream: _StreamBase,  # a ReplicationStream or an AsyncReplicationStream
         *,
         live: bool | None = None,
         metrics_port: int | None = None,

@@ -22,6 +22,7 @@ COMMAND_MODULES = {
     "tail": "tail",
     "replicate": "replicate",
     "bridge": "bridge",
+    "publish": "publish",
     "demo": "demo",
     "slot": "admin",
     "publication": "admin",
