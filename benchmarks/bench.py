@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench.py                  # 200k changes, PostgreSQL 15, 3 rounds
     .venv/bin/python benchmarks/bench.py --smoke          # tiny, checks only (CI runs this)
     .venv/bin/python benchmarks/bench.py --memory         # 1M-row transaction, peak RSS
+    .venv/bin/python benchmarks/bench.py --nats           # also publish into R1 and R3 streams
 
 Builds the workload on the embedded PostgreSQL after creating one slot per (round, tool), finds
 the exact end LSN of the final commit, then times each tool round-robin, each on its own slot
@@ -266,6 +267,12 @@ def main() -> None:
         help="also time another install's commands in the same rounds (e.g. a checkout of the "
         "previous commit with its own venv): before/after figures under the same noise",
     )
+    ap.add_argument(
+        "--nats",
+        action="store_true",
+        help="also time publish into an R1 and an R3 JetStream stream, on a three-node NATS "
+        "cluster started on loopback (one message per transaction)",
+    )
     args = ap.parse_args()
     if args.smoke:
         args.changes, args.rounds = 2_000, 1
@@ -275,7 +282,16 @@ def main() -> None:
         if args.memory:
             memory_check(pg, 200_000 if args.smoke else 1_000_000)
         else:
-            compare(pg, args.changes, args.rounds, versions[version], args.baseline, args.workload)
+            with contextlib.ExitStack() as stack:
+                urls = None
+                if args.nats:
+                    from pglogrepl_bridge.testing.nats import nats_cluster
+
+                    urls = stack.enter_context(nats_cluster(3)).urls
+                compare(
+                    pg, args.changes, args.rounds, versions[version], args.baseline,
+                    args.workload, urls,
+                )  # fmt: skip
 
 
 def precompile() -> None:
@@ -294,6 +310,7 @@ def compare(
     bindir: Path,
     baseline: str | None = None,
     kind: str = "basic",
+    nats_urls: list[str] | None = None,
 ) -> None:
     precompile()
     built = "built" if accel.json_row is not None else "NOT built (pure Python)"
@@ -382,6 +399,22 @@ def compare(
             count_rows,
         ),
     ]
+
+    def count_published(result: subprocess.CompletedProcess[str], d: Path) -> None:
+        assert f"published {txns} transactions" in result.stderr, result.stderr[-500:]
+
+    def publish(replicas: int) -> Callable[[str, str, Lsn, Path], list[str]]:
+        servers = [a for url in nats_urls or () for a in ("--nats", url)]
+        return lambda dsn, slot, end, d: [
+            *ours("publish", *servers, "--stream", f"B_{slot}", "--subject-prefix",
+                  f"bench.{slot}", "--replicas", str(replicas))(dsn, slot, end, d)
+        ]  # fmt: skip
+
+    if nats_urls:
+        tools += [
+            Tool("publish, R1 stream", publish(1), count_published),
+            Tool("publish, R3 stream", publish(3), count_published),
+        ]
     if baseline is not None:
         tools += [
             Tool("before: tail --format null", ours("tail", "--format", "null", python=baseline)),

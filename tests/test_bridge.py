@@ -335,11 +335,14 @@ def test_mutual_tls(pg: PostgresServer, pg_conn: Conn, tmp_path: Path) -> None:
 
 
 class _Liar:
-    """A replica that does not play by the rules: on each connection it acknowledges a huge
-    LSN it was never sent, first as one node and then as another (one connection posing as a
+    """A replica that does not play by the rules: once ``go`` is set, on each connection it
+    acknowledges a huge LSN it was never sent, posing as the honest replica's node (a second
+    connection claiming a live id) and then as another node too (one connection posing as a
     quorum of two)."""
 
-    def __init__(self) -> None:
+    def __init__(self, impersonated: int) -> None:
+        self.impersonated = impersonated
+        self.go = threading.Event()
         self.server = socket.create_server(("127.0.0.1", 0))
         self.server.settimeout(0.2)
         self.closed_by_bridge = 0
@@ -361,7 +364,9 @@ class _Liar:
             except OSError:
                 return
             with conn:
-                conn.sendall(frame(Acknowledge(200, 2**62)) + frame(Acknowledge(201, 2**62)))
+                self.go.wait(30)
+                lie = Acknowledge(self.impersonated, 2**62)
+                conn.sendall(frame(lie) + frame(Acknowledge(201, 2**62)))
                 conn.settimeout(5)
                 try:
                     while conn.recv(65536):
@@ -381,21 +386,23 @@ def test_a_misbehaving_replica_is_dropped_and_never_moves_the_slot(
 ) -> None:
     src = make_source(pg_conn)
     start = src.confirmed()
-    liar = _Liar()
     honest = replicas[0]
+    liar = _Liar(impersonated=honest.node.node_id)
     config = BridgeConfig(replicas=[honest.listen(), liar.address], ack_quorum=2)
     bridge = start_bridge(pg, src, config)
     try:
         for i in range(3):
             src.insert(i)
         wait_for(lambda: len(honest.node.applied) == 3, what="applied by the honest replica")
+        liar.go.set()  # the honest replica's node id is bound to its connection by now
         wait_for(lambda: liar.closed_by_bridge >= 1, what="the bridge to drop the liar")
         time.sleep(0.5)
         # one honest acknowledgement of the two needed: nothing is confirmed
         assert src.confirmed() == start
         assert bridge.network.hub.quorum_lsn == 0
-        assert bridge.network.hub.acked_by_node.get(201) is None
-        assert bridge.network.hub.acked_by_node.get(200, 0) <= honest.node.last_lsn
+        hub = bridge.network.hub
+        assert hub.acked_by_node.get(201) is None
+        assert hub.acked_by_node.get(honest.node.node_id, 0) <= honest.node.last_lsn
     finally:
         bridge.stop()
         liar.close()

@@ -65,10 +65,30 @@ def test_one_connection_cannot_be_two_replicas() -> None:
     assert hub.receive("liar", Acknowledge(7, 10)) == []
     (drop,) = hub.receive("liar", Acknowledge(8, 10))  # --ack-quorum 2 on its own
     assert drop == Drop("liar", "the connection of node 7 speaks for node 8 too")
-    assert hub.quorum_lsn == 0 and hub.acked_by_node == {7: 10}
+    assert hub.quorum_lsn == 0 and hub.acked_by_node == {}  # what it said no longer counts
     hub.disconnect("liar")
     hub.connect("again")  # once the first connection is gone, node 7 may come back
     assert hub.receive("again", RequestFrom(7, 10)) == []
+    assert hub.acked_by_node == {}  # nothing was sent to it yet
+
+
+def test_a_well_behaved_replica_keeps_its_credit_after_its_connection_closes() -> None:
+    hub = Hub(node_id=1, quorum=2)
+    hub.connect("a")
+    hub.connect("b")
+    hub.publish(10, entry(10))
+    hub.pending("a")
+    hub.pending("b")
+    hub.receive("a", Acknowledge(7, 10))
+    hub.disconnect("a")  # node 7 holds 10, connected or not
+    hub.receive("b", Acknowledge(8, 10))
+    assert hub.quorum_lsn == 10
+    hub.connect("c")  # node 7 again, then it misbehaves: its settled credit stays
+    hub.pending("c")
+    hub.receive("c", Acknowledge(7, 10))
+    (drop,) = hub.receive("c", Acknowledge(9, 10))
+    assert isinstance(drop, Drop) and drop.reason.endswith("node 9 too")
+    assert hub.acked_by_node[7] == 10 and hub.quorum_lsn == 10
 
 
 def test_an_acknowledgement_counts_only_up_to_what_was_sent() -> None:

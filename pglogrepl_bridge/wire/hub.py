@@ -7,8 +7,9 @@ and what to answer. Connections are opaque ids; time is passed in; frames are by
   may be confirmed to PostgreSQL.
 - A quorum is made of distinct, real replicas. A connection's first Acknowledge or
   RequestFrom binds its node id: a connection speaking for a second node id, or a second
-  connection claiming the id of a live one, is dropped (``Drop``) and what it said is not
-  counted. An acknowledgement counts only up to the highest LSN sent on that connection, so
+  connection claiming the id of a live one, is dropped (``Drop``) and nothing it said
+  counts, before or after: its credit is revoked in the same step, so a quorum never
+  includes it. An acknowledgement counts only up to the highest LSN sent on that connection, so
   no replica can vouch for an entry it was never given.
 - The newest ``max_entries`` stay in a buffer for RequestFrom; older ones leave it once a
   quorum holds them. A replay from before the buffer restarts the PostgreSQL stream, which
@@ -97,6 +98,9 @@ class Hub:
     last_lsn: int = 0
     replicas: dict[ConnId, Replica] = field(default_factory=dict)
     acked_by_node: dict[int, int] = field(default_factory=dict)
+    #: acknowledgements of connections that closed without breaking a rule: a replica holds
+    #: what it acknowledged after its connection is gone
+    settled: dict[int, int] = field(default_factory=dict)
     voted: dict[int, int] = field(default_factory=dict)  # term -> candidate we voted for
     outbox: dict[ConnId, list[bytes]] = field(default_factory=dict)
 
@@ -163,8 +167,10 @@ class Hub:
         """A replica connection went away; what it was sent but did not acknowledge is resent
         later.
         """
-        self.replicas.pop(conn, None)
+        rep = self.replicas.pop(conn, None)
         self.outbox.pop(conn, None)
+        if rep is not None and rep.node_id is not None and rep.acked:
+            self.settled[rep.node_id] = max(self.settled.get(rep.node_id, 0), rep.acked)
 
     @property
     def quorum_lsn(self) -> int:
@@ -198,6 +204,7 @@ class Hub:
             problem = self._bind(conn, rep, msg.node_id)
             if problem is not None:
                 log.warning("dropping a replica connection: %s", problem)
+                self._revoke(rep)
                 return [Drop(conn, problem)]
         if isinstance(msg, Acknowledge):
             self._ack(rep, msg.node_id, msg.lsn)
@@ -239,6 +246,19 @@ class Hub:
                 return f"node {node_id} is already connected: a second connection claims it"
         rep.node_id = node_id
         return None
+
+    def _revoke(self, rep: Replica) -> None:
+        """A connection broke a rule: what it acknowledged no longer counts (its node keeps
+        only what earlier, well-behaved connections of it acknowledged)."""
+        node = rep.node_id
+        rep.acked = 0
+        if node is None:
+            return  # it claimed a live node's id: that node's own connection keeps its credit
+        held = self.settled.get(node, 0)
+        if held:
+            self.acked_by_node[node] = held
+        else:
+            self.acked_by_node.pop(node, None)
 
     def _ack(self, rep: Replica, node_id: int, lsn: int) -> None:
         counted = min(lsn, rep.high)  # what it was given on this connection, at most
