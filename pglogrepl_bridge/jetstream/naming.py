@@ -12,7 +12,9 @@ Rules (the publisher follows them; ``docs/nats.md`` explains them to consumers):
 3. Messages are published one transaction at a time: the next only after JetStream
    acknowledged the previous one. The stream therefore holds, for a (system, slot), a gapless
    prefix of the transactions in commit order, and the slot is confirmed to the end LSN of
-   the last acknowledged message.
+   the last acknowledged message. Each message names the end LSN of the slot's previous
+   message in the stream (``Pglb-Prev-Lsn``; ``0/0`` for the first): a chain, so a consumer
+   tells a transaction it was not delivered yet (a gap) from one that never existed.
 4. On start, and after any failed publish, the last message on ``<prefix>.txn`` says where
    the stream stands (headers ``Pglb-System-Id``, ``Pglb-Slot``, ``Pglb-Lsn``): transactions
    ending at or before its LSN are already stored and are skipped (and confirmed), however
@@ -39,6 +41,8 @@ COMMIT_TIME_US = "Pglb-Commit-Time-Us"
 ORIGIN = "Pglb-Origin"
 CHANGES = "Pglb-Changes"
 PAYLOAD = "Pglb-Payload"
+RELATIONS = "Pglb-Relations"  # rule 5 (``entries``)
+PREV_LSN = "Pglb-Prev-Lsn"  # rule 3
 
 
 def txn_subject(prefix: str) -> str:
@@ -86,18 +90,23 @@ def msg_id(system_id: str, slot: str, end_lsn: int, index: int = 0) -> str:
     return f"{system_id}:{slot}:{end_lsn:016X}:{index}"
 
 
-def headers(txn: Transaction, system_id: str, slot: str, payload: str) -> dict[str, str]:
-    """The message's headers: its id (rule 2), where it comes from and what it is."""
+def headers(
+    txn: Transaction, system_id: str, slot: str, payload: str, relations: str, previous: Lsn
+) -> dict[str, str]:
+    """The message's headers: its id (rule 2), where it comes from and what it is, the
+    message before it (rule 3) and the relations it touches (``relations``: rule 5's value)."""
     out = {
         MSG_ID: msg_id(system_id, slot, int(txn.end_lsn)),
         SYSTEM_ID: system_id,
         SLOT: slot,
         LSN: format_lsn(txn.end_lsn),
+        PREV_LSN: format_lsn(previous),
         XID: str(txn.xid),
         COMMIT_TIME: txn.commit_time.isoformat(),
         COMMIT_TIME_US: str(txn.timestamp_us),
         CHANGES: str(len(txn.changes)),
         PAYLOAD: payload,
+        RELATIONS: relations,
     }
     if txn.origin:
         out[ORIGIN] = txn.origin

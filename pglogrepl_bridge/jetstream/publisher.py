@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pglogrepl_bridge.errors import ConfigError, ReplicationError
-from pglogrepl_bridge.jetstream import naming
+from pglogrepl_bridge.jetstream import client, naming
+from pglogrepl_bridge.jetstream.entries import RelationsHeader, relations_of
 from pglogrepl_bridge.lsn import Lsn, format_lsn
 from pglogrepl_bridge.pgoutput.transaction import Transaction
 from pglogrepl_bridge.postgres.aio import AsyncReplicationStream
@@ -28,7 +29,6 @@ from pglogrepl_bridge.wire.payload import PayloadFormat, encoder
 from pglogrepl_bridge.wire.protocol import WalEntry, to_bincode
 
 if TYPE_CHECKING:
-    from nats.aio.client import Client
     from nats.js import JetStreamContext
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ async def publish(
     subject = naming.txn_subject(prefix)
     system_id = await asyncio.to_thread(_system_id, dsn, options.wait_for_server)
     stats = PublishStats()
-    nc = await _connect(config)
+    nc = await client.connect(config.servers)
     metrics = Metrics(metrics_port) if metrics_port is not None else None
     try:
         js = nc.jetstream(timeout=config.ack_timeout)
@@ -109,6 +109,8 @@ async def publish(
         if stored is not None:
             log.info("stream %s holds this slot's transactions up to %s", config.stream, stored)
         encode = _body(config)
+        described = RelationsHeader()
+        previous = stored or Lsn(0)  # rule 3's chain
         stream = AsyncReplicationStream(dsn, options)
         if on_stream is not None:
             on_stream(stream)
@@ -123,11 +125,18 @@ async def publish(
                         elif txn.changes:
                             if metrics is not None:
                                 metrics.nats_pending.set(1)
-                            headers = naming.headers(txn, system_id, options.slot, config.payload)
+                            headers = naming.headers(
+                                txn,
+                                system_id,
+                                options.slot,
+                                config.payload,
+                                described(relations_of(txn)),
+                                previous,
+                            )
                             await _publish_one(
                                 js, stream, config, subject, encode(txn), headers, end, stats
                             )
-                            stats.last_acked_lsn = end
+                            stats.last_acked_lsn = previous = end
                             if metrics is not None:
                                 metrics.nats_pending.set(0)
                                 metrics.nats_published.inc()
@@ -137,7 +146,7 @@ async def publish(
                     pass
             stats.confirmed = stream.confirmed_lsn
     finally:
-        await _close(nc)
+        await client.close(nc)
         if metrics is not None:
             metrics.close()
     return stats
@@ -155,62 +164,6 @@ def _body(config: PublishConfig) -> Callable[[Transaction], bytes]:
         return data
     node_id = config.node_id
     return lambda txn: to_bincode(WalEntry(node_id, txn.end_lsn, txn.timestamp_us, data(txn)))
-
-
-async def _connect(config: PublishConfig) -> Client:
-    from nats.errors import Error as NatsError
-
-    servers = ", ".join(config.servers)
-    client: list[Client] = []
-
-    async def on_error(exc: Exception) -> None:
-        log.debug("NATS: %s", exc)
-
-    async def on_disconnect() -> None:
-        if client and not client[0].is_closed:
-            log.warning("disconnected from NATS; reconnecting")
-
-    async def on_reconnect() -> None:
-        log.info("reconnected to NATS")
-
-    try:
-        # nats-py retries the first connection as often as later ones (forever): bounded here
-        nc = await asyncio.wait_for(_dial(config, on_error, on_disconnect, on_reconnect), 10)
-        client.append(nc)
-        return nc
-    except (TimeoutError, NatsError, OSError) as exc:
-        why = "no server answered within 10s" if isinstance(exc, TimeoutError) else str(exc)
-        raise ReplicationError(
-            f"cannot connect to NATS at {servers}: {why or type(exc).__name__}: start the "
-            "servers, or fix --nats"
-        ) from None
-
-
-async def _dial(
-    config: PublishConfig,
-    on_error: Callable[[Exception], Awaitable[None]],
-    on_disconnect: Callable[[], Awaitable[None]],
-    on_reconnect: Callable[[], Awaitable[None]],
-) -> Client:
-    import nats
-
-    return await nats.connect(
-        servers=list(config.servers),
-        connect_timeout=2,
-        allow_reconnect=True,
-        max_reconnect_attempts=-1,
-        reconnect_time_wait=0.5,
-        error_cb=on_error,
-        disconnected_cb=on_disconnect,
-        reconnected_cb=on_reconnect,
-    )
-
-
-async def _close(nc: Client) -> None:
-    try:
-        await asyncio.wait_for(nc.close(), 5)
-    except Exception as exc:  # closing is best effort: what matters was acknowledged
-        log.debug("closing the NATS connection: %s", exc)
 
 
 async def _ensure_stream(js: JetStreamContext, config: PublishConfig, subject: str) -> None:

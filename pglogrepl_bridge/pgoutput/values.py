@@ -94,6 +94,7 @@ class ValueLoaders:
         self._transformer = transformer()
         self._type_map = dict(type_map or {})
         self._custom: dict[int, str] = {}
+        self._noted: dict[int, tuple[str, str]] = {}  # oid -> the Type message's names
         self.on_problem = on_problem or _log_problem
 
     def note_type(self, oid: int, namespace: str, name: str) -> None:
@@ -102,11 +103,17 @@ class ValueLoaders:
         For a domain, pgoutput names the *base* type (an empty namespace means pg_catalog),
         so a domain over a built-in type loads through that type with no configuration.
         """
+        self._noted[oid] = (namespace, name)
         if not namespace and builtin_types.get(name) is not None:
             self._type_map.setdefault(f"pg_catalog.{name}#{oid}", name)
             self._custom[oid] = f"pg_catalog.{name}#{oid}"
         else:
             self._custom[oid] = f"{namespace}.{name}"
+
+    def noted_type(self, oid: int) -> tuple[str, str] | None:
+        """(namespace, name) as the stream's Type message gave them for ``oid``, if it did:
+        what a consumer of a republished stream needs to load ``oid`` the same way."""
+        return self._noted.get(oid)
 
     def type_name(self, oid: int) -> str:
         """The type's name as PostgreSQL or the stream named it."""
