@@ -9,15 +9,18 @@ from the slot, on every column type.
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 import random
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 
@@ -115,7 +118,7 @@ def test_every_type_lands_as_replicate_lands_it(
     """The type zoo (enums, domains, composites, arrays, ranges...), through the slot into
     one SQLite file and through publish + the stream into another: the same tables."""
     _types_setup(pg_conn)
-    slot = f"zoo_nats_{int(binary)}"
+    slot = f"zoo_nats_{pg.version}_{int(binary)}"  # one NATS cluster serves every version
     pg_conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
     columns = _types_columns(pg_conn)
     for i in range(2):
@@ -307,8 +310,113 @@ def test_bad_input_is_refused_with_the_fix(
     for args, says in [
         (_cli(replace(json_cfg, stream="Nope"), target), "does not exist"),
         ([*_cli(json_cfg, target), "--slot", "s"], "--slot and --publication"),
-        ([*_cli(json_cfg, target), "--snapshot", "initial"], "--snapshot with --from-nats"),
+        ([*_cli(json_cfg, target), "--snapshot", "all"], "--snapshot must be"),
         ([*_REPLICATE, "--target", target], "needs --slot and --publication"),
     ]:
         done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
         assert done.returncode == 2 and says in done.stderr, (args, done.stderr)
+
+
+def test_a_snapshot_then_the_stream_while_writers_run(
+    pg: PostgresServer, pg_conn: Conn, nats: NatsCluster, target: str
+) -> None:
+    """Rows that existed before publish began are in no message: ``--snapshot initial``
+    copies them from the source, online, while publish and writers run; the stream's chain
+    then carries the target on from the copy's consistent point, with nothing twice."""
+    src = Source(pg_conn)
+    src.mixed_workload(0, 40)
+    pg_conn.execute("SELECT pg_replication_slot_advance(%s, pg_current_wal_lsn())", (src.slot,))
+    cfg = published(nats, src.slot)
+    running = Running(pg, src, cfg)  # type: ignore[arg-type]
+    writer = copy.copy(src)
+    writer.conn = psycopg.connect(pg.dsn, autocommit=True)
+    consumers: list[Any] = []
+    outcome: list[Any] = []
+    try:
+        src.mixed_workload(100, 5)  # the stream's first messages: the source is known
+        _published_to_the_end(src, nats, cfg)
+
+        def consume() -> None:
+            try:
+                outcome.append(run_consume(
+                    target, consumer(cfg, snapshot="initial", dsn=pg.dsn, snapshot_workers=2),
+                    on_consumer=consumers.append,
+                ))  # fmt: skip
+            except BaseException as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=consume, daemon=True)
+        thread.start()
+        for round_ in range(4):  # during the copy and after it
+            writer.mixed_workload(200 + 100 * round_, 10)
+        more_changes(writer)
+        last = _published_to_the_end(src, nats, cfg)
+        key = f"{src.slot}/apply"
+        wait_for(lambda: checkpoints(target).get(key, 0) >= int(last), timeout=90,
+                 what="the consumer to apply the stream")  # fmt: skip
+    finally:
+        for c in consumers:
+            c.stop()
+        for stream in running.streams:
+            stream.stop()
+        writer.conn.close()
+    thread.join(60)
+    (stats,) = outcome
+    assert not isinstance(stats, BaseException), stats
+    assert stats.snapshot is not None and stats.snapshot.complete and stats.snapshot.rows > 30
+    running.join()
+    assert assert_same(pg.dsn, target, src.items, "id") > 60
+    assert_same(pg.dsn, target, src.notes, "k")
+
+
+def _published_to_the_end(src: Source, nats: NatsCluster, cfg: PublishConfig) -> Lsn:
+    """Wait until publish confirmed everything written so far; the stream's last LSN."""
+    wal = src.conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+    assert wal is not None
+    now = Lsn.parse(wal[0])
+
+    def caught_up() -> bool:
+        row = src.conn.execute(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
+            (src.slot,),
+        ).fetchone()
+        return row is not None and Lsn.parse(row[0]) >= now
+
+    wait_for(caught_up, timeout=60, what="publish to catch up")
+    return Lsn.parse(read_stream(nats.urls, cfg.stream)[-1].headers[naming.LSN])
+
+
+def test_snapshot_only_of_one_table_then_stream_on_the_command_line(
+    pg: PostgresServer, pg_conn: Conn, nats: NatsCluster, tmp_path: Path
+) -> None:
+    src = Source(pg_conn)
+    src.mixed_workload(0, 20)
+    pg_conn.execute("SELECT pg_replication_slot_advance(%s, pg_current_wal_lsn())", (src.slot,))
+    cfg = published(nats, src.slot)
+    src.mixed_workload(500, 5)
+    end = src.end()
+    run_publish(pg.dsn, src.options(until_lsn=end), cfg)
+    target = f"sqlite:///{tmp_path}/t.db"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    base = _cli(cfg, target, "--dsn", pg.dsn, "--table", src.notes)
+    done = subprocess.run([*base, "--snapshot", "only"], env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "snapshot: copied" in done.stderr and "of 1 tables" in done.stderr
+    more_changes(src)
+    end = src.end()
+    run_publish(pg.dsn, src.options(until_lsn=end), cfg)
+    done = subprocess.run([*base, "--until-lsn", str(end)], env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert_same(pg.dsn, target, src.notes, "k")
+    engine = sa.create_engine(target)
+    try:
+        assert not sa.inspect(engine).has_table(src.items)
+    finally:
+        engine.dispose()
+    # a source that is not the stream's: refused before anything is copied
+    other = f"sqlite:///{tmp_path}/other.db"
+    with pytest.raises(ConfigError, match="none of the tables asked for"):
+        run_consume(other, consumer(cfg, "x", snapshot="only", dsn=pg.dsn,
+                                    tables=frozenset({"public.nope"})))  # fmt: skip

@@ -11,7 +11,7 @@ from pglogrepl_bridge.cli.snapshotprogress import snapshot_progress
 from pglogrepl_bridge.errors import ConfigError
 from pglogrepl_bridge.jetstream.consumer import ConsumeConfig, run_consume
 from pglogrepl_bridge.sinks.replicate import DEFAULT_TARGET, run_replicate
-from pglogrepl_bridge.snapshot.runner import DEFAULT_WORKERS, SnapshotJob
+from pglogrepl_bridge.snapshot.runner import DEFAULT_WORKERS, SnapshotJob, SnapshotStats
 
 OptionalSlot = Annotated[
     str | None,
@@ -62,7 +62,8 @@ def replicate(
             "--snapshot",
             help="initial (default): when the target holds nothing from this slot, copy the "
             "existing rows first, consistent with the stream; never: changes only; only: "
-            "copy, then stop (a later run streams on). With --from-nats: never.",
+            "copy, then stop (a later run streams on). With --from-nats the default is never; "
+            "initial and only copy from --dsn, consistent with the stream.",
         ),
     ] = None,
     snapshot_workers: Annotated[
@@ -114,10 +115,10 @@ def replicate(
         if conflict not in ("source", "lww"):
             raise ConfigError(f"--conflict must be 'source' or 'lww', not {conflict!r}")
         if from_nats:
-            if snapshot not in (None, "never"):
+            snapshot = snapshot or "never"
+            if snapshot not in ("initial", "never", "only"):
                 raise ConfigError(
-                    "--snapshot with --from-nats: not supported; the stream must hold the "
-                    "slot's transactions from its creation (publish --create-slot)"
+                    f"--snapshot must be 'initial', 'never' or 'only', not {snapshot!r}"
                 )
             if slot is not None or publication:
                 raise ConfigError(
@@ -130,6 +131,9 @@ def replicate(
                 signals,
                 target,
                 ConsumeConfig(
+                    snapshot=snapshot,  # type: ignore[arg-type]
+                    dsn=dsn,
+                    snapshot_workers=snapshot_workers,
                     servers=tuple(from_nats),
                     stream=stream,
                     durable=durable,
@@ -184,16 +188,7 @@ def replicate(
                 snapshot_workers=snapshot_workers,
                 on_snapshot_progress=progress,
             )
-        copied = stats.snapshot
-        if copied is not None:
-            state = "copied" if copied.complete else "stopped after copying"
-            cli.err().print(
-                f"snapshot: {state} {copied.rows} rows of {len(copied.copied)} tables in "
-                f"{copied.chunks} chunks ({copied.seconds:.1f}s)"
-                + (f", kept {len(copied.kept)} tables copied earlier" if copied.kept else "")
-                + ("" if copied.complete else "; run again to resume"),
-                highlight=False,
-            )
+        _print_snapshot(stats.snapshot)
         cli.err().print(
             f"replicated {stats.transactions} transactions ({stats.changes} changes) in "
             f"{stats.batches} batches; target at {stats.last_lsn or stats.resumed_from}",
@@ -210,18 +205,40 @@ def _from_nats(
     node_id: int | None,
     metrics_port: int | None,
 ) -> None:
-    stats = run_consume(
-        target,
-        config,
-        conflict=conflict,  # type: ignore[arg-type]
-        node_id=node_id,
-        on_consumer=signals.attach,
-        metrics_port=metrics_port,
-    )
+    with snapshot_progress() as progress:
+
+        def attach(job_or_consumer: object) -> None:
+            signals.attach(job_or_consumer)
+            if not isinstance(job_or_consumer, SnapshotJob):
+                progress.close()
+
+        stats = run_consume(
+            target,
+            config,
+            conflict=conflict,  # type: ignore[arg-type]
+            node_id=node_id,
+            on_consumer=attach,
+            metrics_port=metrics_port,
+            on_snapshot_progress=progress,
+        )
+    _print_snapshot(stats.snapshot)
     cli.err().print(
         f"applied {stats.transactions} transactions ({stats.changes} changes) from "
         f"{config.stream} in {stats.batches} batches ({stats.skipped} already applied, "
         f"{stats.refetched} read again by sequence); target at "
         f"{stats.last_lsn or stats.resumed_from}",
+        highlight=False,
+    )
+
+
+def _print_snapshot(copied: SnapshotStats | None) -> None:
+    if copied is None:
+        return
+    state = "copied" if copied.complete else "stopped after copying"
+    cli.err().print(
+        f"snapshot: {state} {copied.rows} rows of {len(copied.copied)} tables in "
+        f"{copied.chunks} chunks ({copied.seconds:.1f}s)"
+        + (f", kept {len(copied.kept)} tables copied earlier" if copied.kept else "")
+        + ("" if copied.complete else "; run again to resume"),
         highlight=False,
     )

@@ -20,7 +20,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pglogrepl_bridge.errors import ConfigError, ProtocolError, TargetUnavailableError
 from pglogrepl_bridge.jetstream import client, naming
@@ -28,11 +28,13 @@ from pglogrepl_bridge.jetstream.entries import EntryReader
 from pglogrepl_bridge.lsn import Lsn, format_lsn
 from pglogrepl_bridge.pgoutput.transaction import Change, RowChange, Transaction, TruncateChange
 from pglogrepl_bridge.progress import Metrics
+from pglogrepl_bridge.snapshot.runner import DEFAULT_WORKERS
 
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
 
     from pglogrepl_bridge.sinks.sql import Conflict, SqlSink
+    from pglogrepl_bridge.snapshot.runner import ChunkCopied, SnapshotJob, SnapshotStats
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,12 @@ class ConsumeConfig:
     subject_prefix: str = "cdc"
     #: apply only these tables' changes (``schema.name``); None: all
     tables: frozenset[str] | None = None
+    #: never: the target starts at the oldest message the stream holds; initial: when the
+    #: target holds nothing from this consumer, copy the published tables from ``dsn``
+    #: first (online, consistent with the stream); only: copy, record, stop
+    snapshot: Literal["initial", "never", "only"] = "never"
+    dsn: str = ""  # the source, for a snapshot
+    snapshot_workers: int = DEFAULT_WORKERS
     fetch: int = 256  # messages per pull, applied in one target transaction
     ack_wait: float = 60.0  # seconds before JetStream redelivers an unacknowledged message
     max_backoff: float = 5.0
@@ -70,6 +78,8 @@ class ConsumeStats:
     last_lsn: Lsn | None = None
     system_id: str = ""
     slot: str = ""
+    publications: tuple[str, ...] = ()
+    snapshot: SnapshotStats | None = None
 
 
 class Consumer:
@@ -89,10 +99,13 @@ def run_consume(
     *,
     conflict: Conflict = "source",
     node_id: int | None = None,
-    on_consumer: Callable[[Consumer], None] | None = None,
+    on_consumer: Callable[[Consumer | SnapshotJob], None] | None = None,
     metrics_port: int | None = None,
+    on_snapshot_progress: Callable[[ChunkCopied], None] | None = None,
 ) -> ConsumeStats:
-    """Apply the stream until stopped (or ``config.until``); returns what was done."""
+    """Apply the stream until stopped (or ``config.until``); returns what was done.
+
+    ``on_consumer`` receives the run's stop switch, and a snapshot job before it runs."""
     run = consume(
         target,
         config,
@@ -100,6 +113,7 @@ def run_consume(
         node_id=node_id,
         on_consumer=on_consumer,
         metrics_port=metrics_port,
+        on_snapshot_progress=on_snapshot_progress,
     )
     return asyncio.run(run)
 
@@ -110,8 +124,9 @@ async def consume(
     *,
     conflict: Conflict = "source",
     node_id: int | None = None,
-    on_consumer: Callable[[Consumer], None] | None = None,
+    on_consumer: Callable[[Consumer | SnapshotJob], None] | None = None,
     metrics_port: int | None = None,
+    on_snapshot_progress: Callable[[ChunkCopied], None] | None = None,
 ) -> ConsumeStats:
     """``run_consume`` for a running event loop."""
     prefix = naming.check_prefix(config.subject_prefix)
@@ -128,12 +143,15 @@ async def consume(
         first = await _source_of(js, config.stream, subject, runner)
         if first is None:
             return stats  # stopped before anything was published
-        stats.system_id, stats.slot = first
+        stats.system_id, stats.slot, stats.publications = first
         sink = await asyncio.to_thread(
             _open_sink, target, config, first, conflict=conflict, node_id=node_id
         )
         try:
-            await _Run(js, config, subject, sink, runner, stats, metrics).go()
+            run = _Run(js, config, subject, sink, runner, stats, metrics)
+            run.on_consumer = on_consumer
+            run.on_snapshot_progress = on_snapshot_progress
+            await run.go()
         finally:
             sink.engine.dispose()
     finally:
@@ -146,7 +164,7 @@ async def consume(
 def _open_sink(
     target: str,
     config: ConsumeConfig,
-    source: tuple[str, str],
+    source: tuple[str, str, tuple[str, ...]],
     *,
     conflict: Conflict,
     node_id: int | None,
@@ -155,7 +173,7 @@ def _open_sink(
 
     from pglogrepl_bridge.sinks.sql import SqlSink
 
-    system_id, slot = source
+    system_id, slot, _ = source
     key = CHECKPOINT_SLOT.format(slot=slot, durable=config.durable)
     if len(key) > 64:
         raise ConfigError(
@@ -197,9 +215,10 @@ async def _check_stream(js: JetStreamContext, stream: str, subject: str) -> None
 
 async def _source_of(
     js: JetStreamContext, stream: str, subject: str, runner: Consumer
-) -> tuple[str, str] | None:
-    """(system id, slot) of the stream's transactions: the last message says (the subject
-    holds one source's; ``naming`` rule 4). Waits for a first message (None: stopped)."""
+) -> tuple[str, str, tuple[str, ...]] | None:
+    """(system id, slot, publications) of the stream's transactions: the last message says
+    (the subject holds one source's; ``naming`` rule 4). Waits for a first message (None:
+    stopped)."""
     from nats.js.errors import NotFoundError
 
     waited = False
@@ -218,7 +237,8 @@ async def _source_of(
                 f"the last message on {subject} in stream {stream} was not written by "
                 "pglogrepl-bridge publish (no Pglb-System-Id/Pglb-Slot/Pglb-Lsn headers)"
             )
-        return position.system_id, position.slot
+        publications = naming.publications_of(msg.headers or {})
+        return position.system_id, position.slot, publications or ()
     return None
 
 
@@ -244,15 +264,30 @@ class _Run:
         self.metrics = metrics
         self.reader = EntryReader()
         self.applied = Lsn(0)
+        self.on_consumer: Callable[[Consumer | SnapshotJob], None] | None = None
+        self.on_snapshot_progress: Callable[[ChunkCopied], None] | None = None
 
     async def go(self) -> None:
         from nats.errors import TimeoutError as NatsTimeout
 
         checkpoint = await asyncio.to_thread(self.sink.checkpoint)
         self.stats.resumed_from = checkpoint
-        self.applied = checkpoint or Lsn(0)
         if checkpoint is not None:
             log.info("the target holds the stream up to %s", checkpoint)
+            await asyncio.to_thread(self.sink.load_skips, int(checkpoint))
+        elif self.config.snapshot != "never":
+            copied = self.stats.snapshot = await asyncio.to_thread(self._snapshot)
+            if not copied.complete:
+                return  # stopped: the next run resumes the copy
+            checkpoint = copied.checkpoint
+        if self.config.snapshot == "only" or self.runner.stopping:
+            return
+        if checkpoint is None:
+            checkpoint = await self._chain_start()
+            if checkpoint is None:
+                return  # stopped while waiting
+            log.info("a new target: applying the stream from after %s", checkpoint)
+        self.applied = checkpoint
         if self._done():
             return
         sub = await self._subscribe()
@@ -274,6 +309,58 @@ class _Run:
                 await sub.unsubscribe()
             except Exception as exc:
                 log.debug("unsubscribing: %s", exc)
+
+    def _snapshot(self) -> SnapshotStats:
+        """The published tables (or ``--table``'s) copied from the source as of one
+        consistent point, the checkpoint set to it; the stream's chain then says whether it
+        holds everything after (``_fill_gap``). The slot is publish's: left alone."""
+        from pglogrepl_bridge.postgres.options import StreamOptions
+        from pglogrepl_bridge.sinks.replicate import source_identity
+        from pglogrepl_bridge.snapshot.runner import SnapshotJob
+
+        stats, config = self.stats, self.config
+        if not stats.publications:
+            raise ConfigError(
+                f"the messages of stream {config.stream} do not say which publications they "
+                "come from (Pglb-Publications): republish with this version, or use "
+                "--snapshot never"
+            )
+        system_id = source_identity(config.dsn)
+        if system_id != stats.system_id:
+            raise ConfigError(
+                f"--dsn points at database system {system_id}, but the stream's transactions "
+                f"come from system {stats.system_id}: point --dsn at the source of the stream"
+            )
+        job = SnapshotJob(
+            config.dsn,
+            self.sink,
+            StreamOptions(slot=stats.slot, publications=stats.publications),
+            workers=config.snapshot_workers,
+            on_progress=self.on_snapshot_progress,
+            advance_slot=False,
+            tables=config.tables,
+            slot_feeds_target=False,
+        )
+        if self.on_consumer is not None:
+            self.on_consumer(job)
+        return job.run()
+
+    async def _chain_start(self) -> Lsn | None:
+        """Where a new target without a snapshot starts: after the ``Pglb-Prev-Lsn`` of the
+        oldest message the stream holds on our subject (None: stopped)."""
+        from nats.js.errors import NotFoundError
+
+        while not self.runner.stopping:
+            info = await self.js.stream_info(self.config.stream)
+            for seq in range(info.state.first_seq, info.state.last_seq + 1):
+                try:
+                    msg = await self.js.get_msg(self.config.stream, seq)
+                except NotFoundError:
+                    continue
+                if msg.subject == self.subject:
+                    return self._position(msg.headers or {})[1]
+            await asyncio.sleep(0.5)
+        return None
 
     def _done(self) -> bool:
         until = self.config.until
@@ -395,10 +482,10 @@ class _Run:
         while want > last:
             if at < oldest:
                 raise ConfigError(
-                    f"stream {self.config.stream} no longer holds the transactions after "
-                    f"{format_lsn(last)} (the oldest it holds follows {format_lsn(want)}): its "
-                    "limits removed them before this target applied them. Copy the target "
-                    "again (a new target, or replicate --snapshot)"
+                    f"stream {self.config.stream} does not hold the transactions between "
+                    f"{format_lsn(last)} and {format_lsn(want)}, which this target needs: its "
+                    "limits removed them, or publishing began after that point. Copy the "
+                    "target again (a new target with --snapshot initial)"
                 )
             try:
                 msg = await self.js.get_msg(self.config.stream, at)

@@ -13,8 +13,10 @@ Rules (the publisher follows them; ``docs/nats.md`` explains them to consumers):
    acknowledged the previous one. The stream therefore holds, for a (system, slot), a gapless
    prefix of the transactions in commit order, and the slot is confirmed to the end LSN of
    the last acknowledged message. Each message names the end LSN of the slot's previous
-   message in the stream (``Pglb-Prev-Lsn``; ``0/0`` for the first): a chain, so a consumer
-   tells a transaction it was not delivered yet (a gap) from one that never existed.
+   message in the stream (``Pglb-Prev-Lsn``); the first names the slot's confirmed position
+   when publishing began (the stream holds every transaction after it). A chain: a consumer
+   tells a transaction it was not delivered yet (a gap) from one that never existed, and
+   whether the stream holds everything after a given position.
 4. On start, and after any failed publish, the last message on ``<prefix>.txn`` says where
    the stream stands (headers ``Pglb-System-Id``, ``Pglb-Slot``, ``Pglb-Lsn``): transactions
    ending at or before its LSN are already stored and are skipped (and confirmed), however
@@ -23,7 +25,8 @@ Rules (the publisher follows them; ``docs/nats.md`` explains them to consumers):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from pglogrepl_bridge.errors import ConfigError
@@ -43,6 +46,7 @@ CHANGES = "Pglb-Changes"
 PAYLOAD = "Pglb-Payload"
 RELATIONS = "Pglb-Relations"  # rule 5 (``entries``)
 PREV_LSN = "Pglb-Prev-Lsn"  # rule 3
+PUBLICATIONS = "Pglb-Publications"  # JSON list: what the slot streams (a snapshot copies)
 
 
 def txn_subject(prefix: str) -> str:
@@ -53,6 +57,22 @@ def txn_subject(prefix: str) -> str:
 def stream_subjects(prefix: str) -> list[str]:
     """The subjects a stream created by ``publish`` takes."""
     return [f"{prefix}.>"]
+
+
+def publications_header(publications: Sequence[str]) -> str:
+    """The ``Pglb-Publications`` value: a compact JSON list (names may hold any character)."""
+    return json.dumps(list(publications), separators=(",", ":"))
+
+
+def publications_of(found: Mapping[str, str]) -> tuple[str, ...] | None:
+    """The publications a message says its slot streams (None: not said, or malformed)."""
+    try:
+        names = json.loads(found[PUBLICATIONS])
+    except (KeyError, ValueError):
+        return None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        return None
+    return tuple(names)
 
 
 def check_prefix(prefix: str) -> str:
@@ -91,7 +111,13 @@ def msg_id(system_id: str, slot: str, end_lsn: int, index: int = 0) -> str:
 
 
 def headers(
-    txn: Transaction, system_id: str, slot: str, payload: str, relations: str, previous: Lsn
+    txn: Transaction,
+    system_id: str,
+    slot: str,
+    payload: str,
+    relations: str,
+    previous: Lsn,
+    publications: str,
 ) -> dict[str, str]:
     """The message's headers: its id (rule 2), where it comes from and what it is, the
     message before it (rule 3) and the relations it touches (``relations``: rule 5's value)."""
@@ -107,6 +133,7 @@ def headers(
         CHANGES: str(len(txn.changes)),
         PAYLOAD: payload,
         RELATIONS: relations,
+        PUBLICATIONS: publications,
     }
     if txn.origin:
         out[ORIGIN] = txn.origin

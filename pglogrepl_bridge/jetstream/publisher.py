@@ -103,18 +103,22 @@ async def publish(
         js = nc.jetstream(timeout=config.ack_timeout)
         await _ensure_stream(js, config, subject)
         stored = naming.resume_after(
-            await _last_position(js, config.stream, subject), system_id, options.slot, config.stream
+            await _last_position(js, config.stream, subject, settle=5.0),
+            system_id,
+            options.slot,
+            config.stream,
         )
         stats.resumed_after = stored
         if stored is not None:
             log.info("stream %s holds this slot's transactions up to %s", config.stream, stored)
         encode = _body(config)
         described = RelationsHeader()
-        previous = stored or Lsn(0)  # rule 3's chain
+        publications = naming.publications_header(options.publications)
         stream = AsyncReplicationStream(dsn, options)
         if on_stream is not None:
             on_stream(stream)
         async with stream:
+            previous = stored  # rule 3's chain
             with Progress(stream, metrics=metrics):
                 try:
                     async for txn in stream:
@@ -125,6 +129,8 @@ async def publish(
                         elif txn.changes:
                             if metrics is not None:
                                 metrics.nats_pending.set(1)
+                            if previous is None:  # the first message: the chain
+                                previous = stream.confirmed_lsn  # starts where the slot stood
                             headers = naming.headers(
                                 txn,
                                 system_id,
@@ -132,6 +138,7 @@ async def publish(
                                 config.payload,
                                 described(relations_of(txn)),
                                 previous,
+                                publications,
                             )
                             await _publish_one(
                                 js, stream, config, subject, encode(txn), headers, end, stats
@@ -231,18 +238,27 @@ def _retry_or_raise(exc: Exception, attempt: int, what: str) -> None:
 
 
 async def _last_position(
-    js: JetStreamContext, stream: str, subject: str
+    js: JetStreamContext, stream: str, subject: str, *, settle: float = 0.0
 ) -> naming.StoredPosition | None:
-    """Rule 4: the position in the last message on ``subject`` (None: no message)."""
+    """Rule 4: the position in the last message on ``subject`` (None: no message).
+
+    ``settle``: seconds during which "no such stream" is taken for a stream just created
+    whose leader the cluster has not announced everywhere yet."""
     from nats.js.errors import NotFoundError
 
-    try:
-        msg = await js.get_last_msg(stream, subject)
-    except NotFoundError as exc:
-        if getattr(exc, "err_code", None) == 10059:  # the stream itself is gone
-            raise ConfigError(f"NATS stream {stream} does not exist (any more)") from None
-        return None
-    return naming.stored_position(msg.headers)
+    waited = 0.0
+    while True:
+        try:
+            msg = await js.get_last_msg(stream, subject)
+        except NotFoundError as exc:
+            if getattr(exc, "err_code", None) != 10059:
+                return None  # the stream has no message on the subject
+            if waited >= settle:  # the stream itself is gone
+                raise ConfigError(f"NATS stream {stream} does not exist (any more)") from None
+            await asyncio.sleep(0.1)
+            waited += 0.1
+            continue
+        return naming.stored_position(msg.headers)
 
 
 async def _publish_one(

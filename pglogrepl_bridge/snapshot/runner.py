@@ -153,6 +153,8 @@ class SnapshotJob:
         chunk_pages: int = plan.CHUNK_PAGES,
         advance_slot: bool = True,
         only: Collection[str] | None = None,
+        tables: Collection[str] | None = None,
+        slot_feeds_target: bool = True,
     ) -> None:
         if workers < 1:
             raise ConfigError("--snapshot-workers must be at least 1")
@@ -166,6 +168,11 @@ class SnapshotJob:
         #: copy just these tables while the stream runs (a request, a table new to the
         #: target): the checkpoint stays, each table skips its changes up to its own anchor
         self.only = None if only is None else frozenset(only)
+        #: copy only these of the published tables (a consumer that applies only them)
+        self.tables = None if tables is None else frozenset(tables)
+        #: False: the target is fed from elsewhere (a NATS stream that holds what the slot
+        #: confirmed), so the slot's position says nothing about what the target can get
+        self.slot_feeds_target = slot_feeds_target
         self._stop = threading.Event()
         self._lock = threading.Lock()
 
@@ -256,14 +263,15 @@ class SnapshotJob:
         with connect(self.dsn, replication=False) as meta:
             slot = admin.get_slot(meta, opts.slot)
             dbname = meta.info.dbname
+        if slot is not None and slot.database != dbname:
+            raise ConfigError(
+                f"replication slot {opts.slot!r} belongs to database {slot.database!r}, "
+                f"not {dbname!r}: connect to that database, or use another slot"
+            )
+        if not self.slot_feeds_target:  # its reader (publish) holds it; the stream has
+            return ExportedSnapshot(self.dsn), None  # what it confirmed
         if slot is not None:
-            confirmed = check_slot(opts.slot, slot, backend_pid=-1)
-            if slot.database != dbname:
-                raise ConfigError(
-                    f"replication slot {opts.slot!r} belongs to database {slot.database!r}, "
-                    f"not {dbname!r}: connect to that database, or use another slot"
-                )
-            return ExportedSnapshot(self.dsn), confirmed
+            return ExportedSnapshot(self.dsn), check_slot(opts.slot, slot, backend_pid=-1)
         if opts.create_slot:  # the slot starts at the anchor
             return ExportedSnapshot(self.dsn, slot=opts.slot, two_phase=opts.two_phase), None
         raise ConfigError(
@@ -274,6 +282,14 @@ class SnapshotJob:
     def _chosen(self, tables: list[PublishedTable]) -> list[PublishedTable]:
         """The published tables to copy: all of them, or those asked for while streaming."""
         pubs = ", ".join(self.options.publications)
+        if self.tables is not None:
+            chosen = [t for t in tables if t.name in self.tables]
+            if tables and not chosen:
+                raise ConfigError(
+                    f"none of the tables asked for ({', '.join(sorted(self.tables))}) is "
+                    f"published by {pubs}"
+                )
+            tables = chosen
         if self.only is None:
             if not tables:
                 raise ConfigError(
