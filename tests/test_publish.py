@@ -327,3 +327,53 @@ def test_the_plain_nats_py_consumer_example(
     assert [(op, json.loads(new), json.loads(old)) for op, new, old in changes] == [
         (c["op"], c.get("new"), c.get("old")) for c in expected
     ]
+
+
+def test_jetstream_stores_a_message_only_right_after_the_one_it_names(nats: NatsCluster) -> None:
+    """What rule 3's pipeline relies on, checked on the real servers: a message whose
+    predecessor was lost is refused, the stream takes the next publish as before, and a
+    re-publish of a stored message is a duplicate or refused, never stored twice."""
+    from nats.js.errors import APIError
+
+    from pglogrepl_bridge.jetstream.publisher import EXPECTED_LAST_SEQUENCE, WRONG_LAST_SEQUENCE
+
+    async def main(replicas: int) -> None:
+        import nats as nats_py
+        from nats.js.api import StreamConfig
+
+        nc = await nats_py.connect(servers=nats.urls)
+        name = f"GUARD{replicas}"
+        try:
+            js = nc.jetstream(timeout=10)
+            wanted = StreamConfig(
+                name=name, subjects=[f"{name}.>"], num_replicas=replicas, duplicate_window=60
+            )
+            for attempt in range(60):  # a cluster just started elects its meta leader first
+                try:
+                    await js.add_stream(wanted)
+                    break
+                except nats_py.errors.TimeoutError:
+                    if attempt == 59:
+                        raise
+                    await asyncio.sleep(0.5)
+
+            async def put(n: int, after: int) -> Any:
+                headers = {naming.MSG_ID: f"id{n}", EXPECTED_LAST_SEQUENCE: str(after)}
+                return await js.publish(f"{name}.txn", str(n).encode(), headers=headers)
+
+            assert (await put(1, 0)).seq == 1
+            with pytest.raises(APIError) as refused:  # 2 was lost: 3 must not overtake it
+                await put(3, 2)
+            assert refused.value.err_code == WRONG_LAST_SEQUENCE
+            assert (await put(2, 1)).seq == 2 and (await put(3, 2)).seq == 3
+            try:  # 2's acknowledgement was lost: sent again, with its old guard
+                again = await put(2, 1)
+                assert again.duplicate and again.seq == 2  # R3: de-duplicated first
+            except APIError as exc:
+                assert exc.err_code == WRONG_LAST_SEQUENCE  # R1: guarded first
+            assert (await js.stream_info(name)).state.messages == 3
+        finally:
+            await nc.close()
+
+    asyncio.run(main(1))
+    asyncio.run(main(3))

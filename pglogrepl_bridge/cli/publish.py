@@ -57,6 +57,16 @@ def publish(
         float,
         typer.Option("--ack-timeout", min=0.1, help="Seconds to wait for JetStream's ack."),
     ] = 5.0,
+    max_pending: Annotated[
+        int,
+        typer.Option(
+            "--max-pending",
+            min=1,
+            max=4096,
+            help="Messages awaiting JetStream's acknowledgement at most (each kept in memory "
+            "until then).",
+        ),
+    ] = 64,
     dsn: cli.Dsn = "",
     create_slot: cli.CreateSlot = False,
     until_lsn: cli.UntilLsn = None,
@@ -69,8 +79,9 @@ def publish(
 ) -> None:
     """Publish each committed transaction to a NATS JetStream stream, exactly once.
 
-    One message per transaction, with a Nats-Msg-Id JetStream de-duplicates by; the slot is
-    confirmed only after JetStream acknowledged (with --replicas 3: a majority stored it).
+    One message per transaction, with a Nats-Msg-Id JetStream de-duplicates by, up to
+    --max-pending in flight, each stored only right after the one before it; the slot is
+    confirmed only to what JetStream acknowledged (with --replicas 3: a majority stored).
     Message shape and headers: docs/nats.md.
     """
     cli.setup_logging(verbose)
@@ -98,6 +109,7 @@ def publish(
             create=create,
             node_id=node_id,
             ack_timeout=ack_timeout,
+            max_pending=max_pending,
         )
         stats = run_publish(
             dsn, options, config, on_stream=signals.attach, metrics_port=metrics_port

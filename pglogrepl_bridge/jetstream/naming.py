@@ -9,11 +9,18 @@ Rules (the publisher follows them; ``docs/nats.md`` explains them to consumers):
 2. ``Nats-Msg-Id`` is ``<system id>:<slot>:<end LSN, 16 hex digits>:<index>`` (index 0: the
    one message of the transaction), so a re-publish within the stream's duplicate window is
    dropped by JetStream.
-3. Messages are published one transaction at a time: the next only after JetStream
-   acknowledged the previous one. The stream therefore holds, for a (system, slot), a gapless
-   prefix of the transactions in commit order, and the slot is confirmed to the end LSN of
-   the last acknowledged message. Each message names the end LSN of the slot's previous
-   message in the stream (``Pglb-Prev-Lsn``); the first names the slot's confirmed position
+3. Messages are published in commit order, up to ``--max-pending`` awaiting JetStream's
+   acknowledgement. Each carries ``Nats-Expected-Last-Sequence``, the stream's sequence
+   after the message before it, so JetStream stores it only right after that one: a message
+   lost on the way (a timeout, a connection dropped with it) cannot be overtaken by the
+   next. The stream therefore holds, for a (system, slot), a gapless prefix of the
+   transactions in commit order, and the slot is confirmed to the end LSN of the last message
+   acknowledged together with all before it. (The guard needs the stream to be ours alone:
+   when its last message is another publisher's, messages go one at a time instead, each
+   after the previous one was acknowledged.) After a failure, what the stream holds is
+   read (rule 4) and the rest published again, one at a time, before the pipeline resumes.
+   Each message names the end LSN of the slot's previous message in the stream
+   (``Pglb-Prev-Lsn``); the first names the slot's confirmed position
    when publishing began (the stream holds every transaction after it). A chain: a consumer
    tells a transaction it was not delivered yet (a gap) from one that never existed, and
    whether the stream holds everything after a given position.

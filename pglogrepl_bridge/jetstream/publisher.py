@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pglogrepl_bridge.errors import ConfigError, ReplicationError
 from pglogrepl_bridge.jetstream import client, naming
@@ -30,6 +31,12 @@ from pglogrepl_bridge.wire.protocol import WalEntry, to_bincode
 
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
+
+#: rule 3's guard (``nats.js.api.Header.EXPECTED_LAST_SEQUENCE``) and JetStream's error code
+#: when the stream's last sequence is not the one it names. (Not Nats-Expected-Last-Msg-Id:
+#: nats-server 2.15 answers no publish to a clustered stream after refusing one of those.)
+EXPECTED_LAST_SEQUENCE = "Nats-Expected-Last-Sequence"
+WRONG_LAST_SEQUENCE = 10071
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +54,7 @@ class PublishConfig:
     create: bool = True
     node_id: int = 1  # the WalEntry's node_id with --payload bincode
     ack_timeout: float = 5.0  # seconds to wait for JetStream's acknowledgement
+    max_pending: int = 64  # messages awaiting acknowledgement at most (rule 3)
     max_backoff: float = 5.0
     duplicate_window: float = 120.0  # seconds, for a stream created here
 
@@ -119,6 +127,8 @@ async def publish(
             on_stream(stream)
         async with stream:
             previous = stored  # rule 3's chain
+            pipe = _Pipeline(js, stream, config, subject, stats, metrics)
+            await pipe.guard(system_id, options.slot, stored)
             with Progress(stream, metrics=metrics):
                 try:
                     async for txn in stream:
@@ -126,9 +136,8 @@ async def publish(
                         end = txn.end_lsn
                         if stored is not None and end <= stored:
                             stats.skipped += 1  # rule 4: stored before the last run stopped
+                            pipe.nothing_to_publish(end)
                         elif txn.changes:
-                            if metrics is not None:
-                                metrics.nats_pending.set(1)
                             if previous is None:  # the first message: the chain
                                 previous = stream.confirmed_lsn  # starts where the slot stood
                             headers = naming.headers(
@@ -140,15 +149,11 @@ async def publish(
                                 previous,
                                 publications,
                             )
-                            await _publish_one(
-                                js, stream, config, subject, encode(txn), headers, end, stats
-                            )
-                            stats.last_acked_lsn = previous = end
-                            if metrics is not None:
-                                metrics.nats_pending.set(0)
-                                metrics.nats_published.inc()
-                                metrics.nats_acked_lsn.set(end)
-                        stream.ack(end)  # JetStream holds it (or there was nothing to hold)
+                            await pipe.send(end, encode(txn), headers)
+                            previous = end
+                        else:
+                            pipe.nothing_to_publish(end)
+                    await pipe.finish()
                 except _Stopped:
                     pass
             stats.confirmed = stream.confirmed_lsn
@@ -261,52 +266,287 @@ async def _last_position(
         return naming.stored_position(msg.headers)
 
 
-async def _publish_one(
-    js: JetStreamContext,
-    stream: AsyncReplicationStream,
-    config: PublishConfig,
-    subject: str,
-    body: bytes,
-    headers: dict[str, str],
-    end: Lsn,
-    stats: PublishStats,
-) -> None:
-    """Publish one transaction until JetStream acknowledges it (rule 3)."""
-    from nats.errors import Error as NatsError
-    from nats.js.errors import APIError, ServiceUnavailableError
+@dataclass
+class _Entry:
+    """A transaction in the pipeline, until the slot may be confirmed to its end."""
 
-    backoff = 0.1
-    while True:
+    end: Lsn
+    body: bytes | None = None  # None: nothing (more) to publish
+    headers: dict[str, str] = field(default_factory=dict)
+    future: asyncio.Future[Any] | None = None
+
+
+class _Pipeline:
+    """Rule 3: messages go in commit order, up to ``max_pending`` awaiting acknowledgement,
+    each guarded by ``Nats-Expected-Last-Sequence`` (the stream's sequence after the one
+    before), so JetStream stores a message only right after its predecessor and a lost one
+    cannot leave a hole that a later one fills. The slot is confirmed in order, to the last
+    transaction whose message and all before it were acknowledged. A failure (a timeout, a
+    refusal, a connection lost) lets everything in flight settle, reads what the stream
+    holds (rule 4) and publishes the rest again, one at a time. A stream whose last message
+    is not ours (another publisher on it) cannot be guarded: then one message at a time.
+    """
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        stream: AsyncReplicationStream,
+        config: PublishConfig,
+        subject: str,
+        stats: PublishStats,
+        metrics: Metrics | None,
+    ) -> None:
+        self.js, self.stream, self.config = js, stream, config
+        self.subject, self.stats, self.metrics = subject, stats, metrics
+        self.guarded = False
+        self.last_seq = 0  # the stream's sequence after the last message sent: the guard
+        self.queue: deque[_Entry] = deque()
+        self.flying = 0
+        self.moved = asyncio.Event()  # something settled: room, or the end of a recovery
+        self.recovery: asyncio.Task[None] | None = None
+        self.failure: BaseException | None = None
+
+    @property
+    def window(self) -> int:
+        return self.config.max_pending if self.guarded else 1
+
+    async def guard(self, system_id: str, slot: str, stored: Lsn | None) -> None:
+        """Guard when the stream's last message (any subject) is our last, or it has none."""
+        info = await self.js.stream_info(self.config.stream)
+        last_seq = info.state.last_seq
+        if last_seq == 0 and not info.state.messages:
+            self.guarded, self.last_seq = True, 0
+            return
         try:
-            ack = await js.publish(
-                subject, body, timeout=config.ack_timeout, stream=config.stream, headers=headers
-            )
-        except (TimeoutError, NatsError, OSError) as exc:
-            permanent = isinstance(exc, APIError) and not isinstance(exc, ServiceUnavailableError)
-            if permanent:
-                assert isinstance(exc, APIError)
-                raise ReplicationError(
-                    f"NATS stream {config.stream} refused the transaction ending at "
-                    f"{format_lsn(end)} ({len(body)} bytes): {exc.description}"
-                ) from None
-            stats.retries += 1
-            log.warning(
-                "publishing the transaction ending at %s failed (%s); retrying in %.1fs",
-                format_lsn(end),
-                exc or type(exc).__name__,
-                backoff,
-            )
-            await _pause(stream, backoff)
-            backoff = min(backoff * 2, config.max_backoff)
-            if await _stored_already(js, config.stream, subject, end):
-                stats.duplicates += 1
-                return
-            continue
-        if ack.duplicate:
-            stats.duplicates += 1
+            last = await self.js.get_msg(self.config.stream, last_seq)
+        except Exception as exc:  # deleted meanwhile, a leader change: do without
+            log.debug("reading the stream's last message: %s", exc)
+            return
+        found = (last.headers or {}).get(naming.MSG_ID)
+        if stored is not None and found == naming.msg_id(system_id, slot, int(stored)):
+            self.guarded, self.last_seq = True, last_seq
         else:
-            stats.published += 1
-        return
+            log.info(
+                "stream %s's last message is another publisher's: one message at a time",
+                self.config.stream,
+            )
+
+    def nothing_to_publish(self, end: Lsn) -> None:
+        """A transaction with no message: confirmed once all before it are."""
+        self.queue.append(_Entry(end))
+        self._drain()
+
+    async def send(self, end: Lsn, body: bytes, headers: dict[str, str]) -> None:
+        """Publish, waiting only while ``max_pending`` messages await acknowledgement."""
+        await self._ready()
+        entry = _Entry(end, body, headers)
+        self.queue.append(entry)
+        if not self.guarded:
+            await self._one(entry)
+            self._drain()
+            return
+        headers[EXPECTED_LAST_SEQUENCE] = str(self.last_seq)
+        self.last_seq += 1  # the stream is ours alone (``guard``): its next sequence
+        try:
+            future = await self.js.publish_async(
+                self.subject, body, headers=headers, stream=self.config.stream
+            )
+        except Exception as exc:  # not even sent: the recovery publishes it
+            log.debug("publishing: %s", exc)
+            future = asyncio.get_running_loop().create_future()
+            future.set_exception(exc)
+        entry.future = future
+        self.flying += 1
+        self._gauge()
+        if not future.done():
+            asyncio.get_running_loop().call_later(self.config.ack_timeout, _expire, future)
+        future.add_done_callback(self._settled)
+
+    async def finish(self) -> None:
+        """Wait until everything sent is acknowledged; when the run is stopped, only for
+        what is in flight (each settles within ack_timeout)."""
+        while self.queue:
+            if self.failure is not None:
+                raise self.failure
+            if self.recovery is None and self.flying == 0:
+                self._drain()
+                if not self.queue or self.stream.stopping:
+                    return
+                self._recover_later()
+            self.moved.clear()
+            await self.moved.wait()
+
+    async def _ready(self) -> None:
+        while True:
+            if self.failure is not None:
+                raise self.failure
+            if self.recovery is None and self.flying < self.window:
+                return
+            self.moved.clear()
+            await self.moved.wait()
+
+    def _settled(self, future: asyncio.Future[Any]) -> None:
+        self.flying -= 1
+        self._gauge()
+        self._drain()
+        self.moved.set()
+
+    def _drain(self) -> None:
+        """Confirm, in order, what JetStream holds; a failure at the head starts a recovery."""
+        while self.queue and self.recovery is None:
+            head = self.queue[0]
+            if head.body is not None:
+                future = head.future
+                if future is None or not future.done():
+                    return
+                problem = future.exception() if not future.cancelled() else TimeoutError()
+                if problem is not None:
+                    self._recover_later(problem, head)
+                    return
+                self._stored(head, bool(future.result().duplicate))
+            self.queue.popleft()
+            self.stream.ack(head.end)
+
+    def _stored(self, entry: _Entry, duplicate: bool) -> None:
+        if duplicate:
+            self.stats.duplicates += 1
+        else:
+            self.stats.published += 1
+        entry.body = None
+        self.stats.last_acked_lsn = entry.end
+        if self.metrics is not None:
+            self.metrics.nats_published.inc()
+            self.metrics.nats_acked_lsn.set(entry.end)
+
+    def _gauge(self) -> None:
+        if self.metrics is not None:
+            self.metrics.nats_pending.set(self.flying)
+
+    def _recover_later(
+        self, problem: BaseException | None = None, head: _Entry | None = None
+    ) -> None:
+        if self.recovery is not None:
+            return
+        if head is not None:
+            self.stats.retries += 1
+            log.warning(
+                "publishing the transaction ending at %s failed (%s); checking what the "
+                "stream holds, then publishing again",
+                format_lsn(head.end),
+                problem or type(problem).__name__,
+            )
+        self.recovery = asyncio.ensure_future(self._recover())
+        self.recovery.add_done_callback(self._recovered)
+
+    def _recovered(self, task: asyncio.Task[None]) -> None:
+        self.recovery = None
+        if not task.cancelled() and task.exception() is not None:
+            self.failure = task.exception()
+            self.stream.stop()  # the loop may be waiting for WAL: end it, to raise this
+        self._drain()
+        self.moved.set()
+
+    async def _recover(self) -> None:
+        while self.flying:  # each settles within ack_timeout
+            self.moved.clear()
+            await self.moved.wait()
+        position, self.last_seq = await self._position()
+        for entry in list(self.queue):
+            if entry.body is None:
+                continue
+            if position is not None and entry.end <= position:
+                self._stored(entry, duplicate=True)  # stored; its acknowledgement was lost
+                continue
+            await self._one(entry)
+
+    async def _position(self) -> tuple[Lsn | None, int]:
+        """Rule 4, retried while the cluster is away: the LSN our subject's last message
+        holds and the stream's sequence of it (0: none)."""
+        from nats.js.errors import NotFoundError
+
+        backoff = 0.1
+        while True:
+            try:
+                msg = await self.js.get_last_msg(self.config.stream, self.subject)
+                found = naming.stored_position(msg.headers)
+                return (None if found is None else found.lsn), int(msg.seq or 0)
+            except NotFoundError as exc:
+                if getattr(exc, "err_code", None) == 10059:
+                    raise ConfigError(
+                        f"NATS stream {self.config.stream} does not exist (any more)"
+                    ) from None
+                return None, 0
+            except Exception as exc:
+                log.debug("cannot read the stream's last message yet: %s", exc)
+            await _pause(self.stream, backoff)
+            backoff = min(backoff * 2, self.config.max_backoff)
+
+    async def _one(self, entry: _Entry) -> None:
+        """Publish ``entry`` alone until JetStream acknowledges it."""
+        from nats.errors import Error as NatsError
+        from nats.js.errors import APIError, ServiceUnavailableError
+
+        assert entry.body is not None
+        config, headers = self.config, entry.headers
+        backoff = 0.1
+        while True:
+            if self.guarded:
+                headers[EXPECTED_LAST_SEQUENCE] = str(self.last_seq)
+            try:
+                ack = await self.js.publish(
+                    self.subject,
+                    entry.body,
+                    timeout=config.ack_timeout,
+                    stream=config.stream,
+                    headers=headers,
+                )
+            except (TimeoutError, NatsError, OSError) as exc:
+                if isinstance(exc, APIError) and exc.err_code == WRONG_LAST_SEQUENCE:
+                    # stored meanwhile (an acknowledgement lost, then a duplicate refused
+                    # by the guard before the de-duplication), or another publisher's
+                    # message is last: which, rule 4 says
+                    position, last_seq = await self._position()
+                    if position is not None and entry.end <= position:
+                        self._stored(entry, duplicate=True)
+                        return
+                    if last_seq == self.last_seq:
+                        log.info(
+                            "stream %s's last message is another publisher's: one message "
+                            "at a time from now on",
+                            config.stream,
+                        )
+                        self.guarded = False  # another publisher shares the stream
+                        headers.pop(EXPECTED_LAST_SEQUENCE, None)
+                    self.last_seq = last_seq
+                    continue
+                if isinstance(exc, APIError) and not isinstance(exc, ServiceUnavailableError):
+                    raise ReplicationError(
+                        f"NATS stream {config.stream} refused the transaction ending at "
+                        f"{format_lsn(entry.end)} ({len(entry.body)} bytes): {exc.description}"
+                    ) from None
+                self.stats.retries += 1
+                log.warning(
+                    "publishing the transaction ending at %s failed (%s); retrying in %.1fs",
+                    format_lsn(entry.end),
+                    exc or type(exc).__name__,
+                    backoff,
+                )
+                await _pause(self.stream, backoff)
+                backoff = min(backoff * 2, config.max_backoff)
+                if await _stored_already(self.js, config.stream, self.subject, entry.end):
+                    self._stored(entry, duplicate=True)
+                    return
+                continue
+            self._stored(entry, bool(ack.duplicate))
+            if not ack.duplicate:
+                self.last_seq = int(ack.seq)
+            return
+
+
+def _expire(future: asyncio.Future[Any]) -> None:
+    """No acknowledgement within ack_timeout: the publish counts as failed."""
+    if not future.done():
+        future.set_exception(TimeoutError("no acknowledgement from JetStream"))
 
 
 async def _pause(stream: AsyncReplicationStream, seconds: float) -> None:
