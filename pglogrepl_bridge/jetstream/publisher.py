@@ -312,15 +312,15 @@ class _Pipeline:
 
     async def guard(self, system_id: str, slot: str, stored: Lsn | None) -> None:
         """Guard when the stream's last message (any subject) is our last, or it has none."""
-        info = await self.js.stream_info(self.config.stream)
-        last_seq = info.state.last_seq
-        if last_seq == 0 and not info.state.messages:
-            self.guarded, self.last_seq = True, 0
-            return
         try:
+            info = await self.js.stream_info(self.config.stream)
+            last_seq = info.state.last_seq
+            if last_seq == 0 and not info.state.messages:
+                self.guarded, self.last_seq = True, 0
+                return
             last = await self.js.get_msg(self.config.stream, last_seq)
         except Exception as exc:  # deleted meanwhile, a leader change: do without
-            log.debug("reading the stream's last message: %s", exc)
+            log.info("publishing one message at a time (cannot read the stream: %s)", exc)
             return
         found = (last.headers or {}).get(naming.MSG_ID)
         if stored is not None and found == naming.msg_id(system_id, slot, int(stored)):
