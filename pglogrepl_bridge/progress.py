@@ -10,6 +10,7 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
 
 from pglogrepl_bridge.lsn import format_lsn
@@ -88,8 +89,11 @@ class Progress:
         metrics_port: int | None = None,
         metrics: Metrics | None = None,
         log_every: float = 10.0,
+        extra: Callable[[], str] | None = None,
     ) -> None:
         self.stream = stream
+        #: what the command adds to the line (publish: published, pending, acknowledged)
+        self.extra = extra
         self.live = sys.stderr.isatty() if live is None else live
         #: served by us (``metrics_port``) or by the caller (``metrics``, left open)
         self._own_metrics = metrics is None and metrics_port is not None
@@ -150,12 +154,15 @@ class Progress:
                     f"lag {snap['lag_bytes']:,} bytes  last {format_lsn(snap['received_lsn'])}  "
                     f"confirmed {format_lsn(snap['confirmed_lsn'])}"
                 )
+                more = self.extra() if self.extra is not None else ""
+                if more:
+                    line += f"  {more}"
                 if self.live:
                     live.update(Text(line, style="dim"))
                 elif now - last_log >= self.log_every:
                     log.info(
                         "progress transactions=%d changes=%d txn_per_s=%.0f changes_per_s=%.0f "
-                        "lag_bytes=%d received_lsn=%s confirmed_lsn=%s reconnects=%d",
+                        "lag_bytes=%d received_lsn=%s confirmed_lsn=%s reconnects=%d%s",
                         snap["transactions"],
                         snap["changes"],
                         rates["transactions"],
@@ -164,6 +171,7 @@ class Progress:
                         format_lsn(snap["received_lsn"]),
                         format_lsn(snap["confirmed_lsn"]),
                         snap["reconnects"],
+                        f" {more.replace(': ', '=')}" if more else "",
                     )
                     last_log = now
                 previous, previous_at = snap, now

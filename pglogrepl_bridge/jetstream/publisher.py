@@ -129,7 +129,7 @@ async def publish(
             previous = stored  # rule 3's chain
             pipe = _Pipeline(js, stream, config, subject, stats, metrics)
             await pipe.guard(system_id, options.slot, stored)
-            with Progress(stream, metrics=metrics):
+            with Progress(stream, metrics=metrics, extra=pipe.status):
                 try:
                     async for txn in stream:
                         stats.transactions += 1
@@ -305,6 +305,14 @@ class _Pipeline:
         self.moved = asyncio.Event()  # something settled: room, or the end of a recovery
         self.recovery: asyncio.Task[None] | None = None
         self.failure: BaseException | None = None
+
+    def status(self) -> str:
+        """For the progress line and log: what JetStream holds and what awaits it."""
+        acked = self.stats.last_acked_lsn
+        return (
+            f"published: {self.stats.published} pending: {self.flying} "
+            f"acked: {format_lsn(acked) if acked is not None else '-'}"
+        )
 
     @property
     def window(self) -> int:
