@@ -23,6 +23,7 @@ COMMAND_MODULES = {
     "replicate": "replicate",
     "bridge": "bridge",
     "publish": "publish",
+    "replica": "replica",
     "demo": "demo",
     "slot": "admin",
     "publication": "admin",

@@ -335,6 +335,12 @@ class SqlSink:
                     yield target, op, rows, last
                     rows = []
                 for rel in change.relations:
+                    if not rel.columns:  # known by name only: a truncate read without its
+                        name = target_name(rel)  # definition (a replica's bincode payload)
+                        if sa.inspect(conn).has_table(name):
+                            bare = _Target(sa.Table(name, sa.MetaData()), (), (), (), ())
+                            yield bare, "truncate", [{}], change
+                        continue
                     yield self._target(conn, rel), "truncate", [{}], change
                 continue
             this = targets.get(change.relation) or self._target(conn, change.relation)

@@ -1,0 +1,205 @@
+"""``pglogrepl-bridge replica``: the reference replica node as a command, fed by a real
+bridge from a real PostgreSQL, into SQLite; and ``wire.follower``'s rules R1-R5 on their own.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from pglogrepl_bridge.bridge.runner import BridgeConfig
+from pglogrepl_bridge.lsn import Lsn
+from pglogrepl_bridge.sinks.replica import REPLICA_SOURCE
+from pglogrepl_bridge.sinks.sql import CHECKPOINT_TABLE
+from pglogrepl_bridge.testing.postgres import PostgresServer
+from pglogrepl_bridge.wire.follower import Follower
+from pglogrepl_bridge.wire.protocol import (
+    Acknowledge,
+    Heartbeat,
+    Promotion,
+    RequestFrom,
+    VoteRequest,
+    VoteResponse,
+    WalEntry,
+)
+
+from .streamkit import Conn, wait_for
+from .test_bridge import start_bridge
+from .test_from_nats import more_changes
+from .test_replicate import Source, assert_same
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def entry(lsn: int) -> WalEntry:
+    return WalEntry(1, lsn, 0, b"")
+
+
+def test_entries_apply_once_in_order_and_are_acknowledged_when_durable() -> None:
+    """R1, R2, R3."""
+    f = Follower(7)
+    assert f.connected("a") == []  # nothing applied yet: nothing to ask for
+    step = f.receive("a", [entry(10), entry(20), entry(20), entry(15), Heartbeat(1, 20)])
+    assert [e.lsn for e in step.entries] == [10, 20] and f.duplicates == 2
+    assert f.last_lsn == 0  # not durable yet
+    assert f.receive("a", [entry(20)]).entries == ()  # handed out already: not twice
+    assert f.applied("a", step.entries) == [Acknowledge(7, 20)]
+    assert f.connected("b") == [RequestFrom(7, 20)]  # R3: a new master connection
+    assert f.receive("b", [entry(20), entry(30)]).entries == (entry(30),)
+    f.failed()  # the target refused 30: it may come again
+    assert f.receive("b", [entry(30)]).entries == (entry(30),)
+
+
+def test_the_highest_term_is_followed_and_older_masters_are_closed() -> None:
+    """R4."""
+    f = Follower(7)
+    f.connected("old")
+    f.connected("new")
+    assert f.receive("old", [entry(10)]).entries == (entry(10),)
+    f.applied("old", (entry(10),))
+    assert f.receive("new", [Promotion(2, 5), entry(20)]).entries == (entry(20),)
+    assert f.term == 5 and f.master == 2
+    step = f.receive("old", [entry(30)])  # the old master, still sending
+    assert step.close and step.entries == ()
+    assert f.applied("old", (entry(20),)) == []  # nothing acknowledged to it any more
+    assert f.receive("new", [Promotion(3, 4)]).entries == ()  # an older term: not followed
+    assert f.term == 5 and f.master == 2
+
+
+def test_replicas_do_not_vote() -> None:
+    """R5."""
+    f = Follower(7)
+    step = f.receive("a", [VoteRequest(2, 9, 1 << 40)])
+    assert step.replies == (VoteResponse(2, 7, 9, False),)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _position(url: str, node_id: int) -> int:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as c:
+            row = c.execute(
+                sa.text(
+                    f"SELECT end_lsn FROM {CHECKPOINT_TABLE} WHERE source_id = :s AND slot = :n"
+                ),
+                {"s": REPLICA_SOURCE, "n": f"node-{node_id}"},
+            ).first()
+    except sa.exc.OperationalError:
+        return 0  # not created yet
+    finally:
+        engine.dispose()
+    return 0 if row is None else int(row[0])
+
+
+def _replica(port: int, target: str, *extra: str) -> subprocess.Popen[str]:
+    args = [sys.executable, "-m", "pglogrepl_bridge", "replica", "--node-id", "7",
+            "--listen", f"127.0.0.1:{port}", "--target", target, *extra]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True)
+
+
+def test_the_replica_command_applies_exactly_once_across_kill_9(
+    pg: PostgresServer, pg_conn: Conn, tmp_path: Path
+) -> None:
+    src = Source(pg_conn)
+    port = _free_port()
+    target = f"sqlite:///{tmp_path}/replica.db"
+    proc = _replica(port, target)
+    bridge = start_bridge(
+        pg,
+        src,  # type: ignore[arg-type]
+        BridgeConfig(replicas=[("127.0.0.1", port)], payload="bincode", ack_quorum=1),
+    )
+    rng = random.Random(11)
+    try:
+        for round_ in range(3):
+            before = _position(target, 7)
+            src.mixed_workload(100 * round_, 20)
+
+            def progressed(b: int = before) -> bool:
+                return _position(target, 7) > b
+
+            wait_for(progressed, timeout=60, what="the replica to apply")
+            time.sleep(rng.uniform(0.0, 0.3))
+            proc.kill()  # SIGKILL: the bridge re-dials the next one and resends
+            proc.wait()
+            proc = _replica(port, target)
+        more_changes(src)
+        wal = pg_conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+        assert wal is not None
+        end = Lsn.parse(wal[0])
+
+        def confirmed() -> bool:  # the slot moves only on the replica's acknowledgements
+            row = pg_conn.execute(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
+                (src.slot,),
+            ).fetchone()
+            return row is not None and Lsn.parse(row[0]) >= end
+
+        wait_for(confirmed, timeout=60, what="the replica to acknowledge everything")
+    finally:
+        bridge.stop()
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err[-2000:]
+    assert "applied" in err
+    assert assert_same(pg.dsn, target, src.items, "id") > 40
+    assert_same(pg.dsn, target, src.notes, "k")
+
+
+def test_a_json_payload_is_refused_with_the_fix(
+    pg: PostgresServer, pg_conn: Conn, tmp_path: Path
+) -> None:
+    src = Source(pg_conn)
+    port = _free_port()
+    target = f"sqlite:///{tmp_path}/replica.db"
+    proc = _replica(port, target)
+    bridge = start_bridge(
+        pg,
+        src,  # type: ignore[arg-type]
+        BridgeConfig(replicas=[("127.0.0.1", port)], payload="json"),
+    )
+    try:
+        src.mixed_workload(0, 2)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        bridge.stop()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2, err
+    assert "--payload bincode" in err
+    assert _position(target, 7) == 0  # nothing applied, nothing recorded
+
+
+def test_a_bad_listen_address_is_refused() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "pglogrepl_bridge", "replica", "--node-id", "1", "--listen", "x"],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "HOST:PORT" in done.stderr
+
+
+def test_the_payload_option_is_checked() -> None:
+    args = [sys.executable, "-m", "pglogrepl_bridge", "replica", "--node-id", "1",
+            "--listen", "127.0.0.1:0", "--payload", "json"]  # fmt: skip
+    done = subprocess.run(
+        args, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2 and "bincode" in done.stderr
