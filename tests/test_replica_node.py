@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -203,3 +204,16 @@ def test_the_payload_option_is_checked() -> None:
         timeout=60,
     )  # fmt: skip
     assert done.returncode == 2 and "bincode" in done.stderr
+
+
+def test_a_bincode_payload_whose_first_byte_is_a_brace_is_not_taken_for_json() -> None:
+    from pglogrepl_bridge.sinks.replica import is_json_payload
+    from pglogrepl_bridge.wire.payload import BincodeEncoder
+
+    from .test_entries import _transactions
+
+    txn = _transactions(16, "basic")[0]
+    braced = replace(txn, xid=0x7B + 256 * 3)  # its first byte is "{"
+    data = BincodeEncoder().transaction(braced)
+    assert data[:1] == b"{" and not is_json_payload(data)
+    assert is_json_payload(b'{"xid": 5, "lsn": "0/1"}')

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from pglogrepl_bridge.bridge.group import Group
 from pglogrepl_bridge.bridge.network import Address, Network
-from pglogrepl_bridge.errors import ConfigError
+from pglogrepl_bridge.errors import ConfigError, SlotInUseError
 from pglogrepl_bridge.pgoutput.transaction import Transaction
 from pglogrepl_bridge.postgres.stream import ReplicationStream, StreamOptions
 from pglogrepl_bridge.progress import Progress
@@ -43,6 +45,8 @@ class BridgeConfig:
     term: int = 1
     tls_client: ssl.SSLContext | None = None
     tls_server: ssl.SSLContext | None = None
+    #: the other members of this bridge's group (their --listen addresses); empty: alone
+    peers: list[Address] = field(default_factory=list)
 
     def quorum(self) -> int:
         """Acknowledgements needed before a position is confirmed."""
@@ -60,6 +64,7 @@ class BridgeStats:
     empty: int = 0
     confirmed: int = 0
     stepped_down: StepDown | None = None
+    terms: list[int] = field(default_factory=list)  # a group member's terms as master
 
 
 def run_bridge(
@@ -75,20 +80,43 @@ def run_bridge(
 
     ``on_stream`` receives the replication stream before it starts (the CLI attaches its
     signal handlers there: ``stream.stop()`` ends the run cleanly); ``ready`` receives the
-    network once it listens.
+    network once it listens. With ``config.peers`` this is one member of a group
+    (``run_group``): it streams only while it is the elected master.
     """
     if not config.replicas and config.listen is None:
         raise ConfigError("no replicas: add --replica HOST:PORT (repeatable) or --listen")
     if config.quorum() < 1:
         raise ConfigError("--ack-quorum must be at least 1")
+    if config.peers:
+        return run_group(
+            dsn, options, config, ready=ready, on_stream=on_stream, metrics_port=metrics_port
+        )
+    stats = BridgeStats()
+    _serve(dsn, options, config, stats, ready=ready, on_stream=on_stream,
+           metrics_port=metrics_port)  # fmt: skip
+    return stats
+
+
+def _serve(
+    dsn: str,
+    options: StreamOptions,
+    config: BridgeConfig,
+    stats: BridgeStats,
+    *,
+    ready: Callable[[Network], None] | None,
+    on_stream: Callable[[ReplicationStream], None] | None,
+    metrics_port: int | None,
+    group: Group | None = None,
+) -> None:
+    """One master's run: the stream, the replica network, until the stream stops."""
     hub = Hub(
         node_id=config.node_id,
         quorum=config.quorum(),
         window=config.window,
         max_entries=config.buffer_entries,
         term=config.term,
+        announce=group is not None,
     )
-    stats = BridgeStats()
     encode = encoder(config.payload)
     seen_idle = [0]
 
@@ -102,23 +130,118 @@ def run_bridge(
     stream = ReplicationStream(dsn, options, on_idle=on_idle)
     if on_stream is not None:
         on_stream(stream)
+    if group is not None:
+        group.on_step_down = stream.stop  # E8: not one entry more under a lost term
+        if not group.still_master(config.term):
+            return
     with stream:  # closed whatever happens below: a --listen address in use leaks nothing
         stream.start()
         # everything after the confirmed position comes again from PostgreSQL; nothing older
         hub.floor = hub.last_lsn = stream.confirmed_lsn
-        network = Network(hub, config, stream)
+        network = Network(hub, replace(config, listen=None) if group else config, stream)
         network.thread.start()
         try:
             if ready is not None:
                 ready(network)
-            _publish(stream, hub, network, config, encode, stats, metrics_port)
+            _publish(stream, hub, network, config, encode, stats, metrics_port, group)
         finally:
             network.stop_event.set()
             network.wake()
             network.thread.join(timeout=10)
     stats.confirmed = stream.confirmed_lsn
     stats.stepped_down = network.stepped_down
+
+
+class _Stopper:
+    """What the CLI's signals stop in a group: the waiting, and the stream of the moment."""
+
+    def __init__(self, group: Group) -> None:
+        self.group = group
+        self.stopped = False
+        self.stream: ReplicationStream | None = None
+
+    def stop(self) -> None:
+        self.stopped = True
+        if self.stream is not None:
+            self.stream.stop()
+        self.group.stop()
+
+
+def run_group(
+    dsn: str,
+    options: StreamOptions,
+    config: BridgeConfig,
+    *,
+    ready: Callable[[Network], None] | None = None,
+    on_stream: Callable[[ReplicationStream], None] | None = None,
+    metrics_port: int | None = None,
+) -> BridgeStats:
+    """One member of a bridge group (``config.peers``): elect (``bridge.group``); while
+    master, fence the slot (terminate whatever walsender holds it, only after winning),
+    stream and feed the replicas; when another member wins, stop at once and wait again.
+    Returns when stopped (or ``until_lsn`` was reached)."""
+    if config.listen is None:
+        raise ConfigError(
+            "a group member needs --listen HOST:PORT: the address its peers' --peer names"
+        )
+    if not config.replicas:
+        raise ConfigError("a group member dials its replicas: add --replica HOST:PORT")
+    group = Group(config.node_id, config.listen, config.peers,
+                  heartbeat=config.heartbeat_interval)  # fmt: skip
+    stopper = _Stopper(group)
+    if on_stream is not None:
+        on_stream(stopper)  # type: ignore[arg-type]
+    stats = BridgeStats()
+    group.start()
+    try:
+        while not stopper.stopped:
+            term = group.wait_until_master(lambda: stopper.stopped)
+            if term is None:
+                break
+            if not take_slot(dsn, options.slot, lambda: stopper.stopped):
+                continue
+            stats.terms.append(term)
+
+            def attach(stream: ReplicationStream) -> None:
+                stopper.stream = stream
+                if stopper.stopped:
+                    stream.stop()
+
+            try:
+                _serve(dsn, options, replace(config, term=term), stats, ready=ready,
+                       on_stream=attach, metrics_port=metrics_port, group=group)  # fmt: skip
+            except SlotInUseError as exc:  # taken again before our start: fence again
+                log.warning("%s", exc)
+                continue
+            if stopper.stopped or group.still_master(term):
+                break  # stopped, or --until-lsn reached
+            log.info("member %d stepped down from term %d", config.node_id, term)
+    finally:
+        group.close()
     return stats
+
+
+def take_slot(dsn: str, slot: str, stopping: Callable[[], bool], wait: float = 10.0) -> bool:
+    """Fencing (E8): terminate the walsender that holds ``slot`` (a master of an older
+    term, paused or cut off) and wait until the slot is free; False if it stays taken."""
+    from pglogrepl_bridge.postgres.connection import connect
+
+    deadline = time.monotonic() + wait
+    with connect(dsn, replication=False) as conn:
+        while not stopping():
+            row = conn.execute(
+                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (slot,)
+            ).fetchone()
+            pid = row[0] if row is not None else None
+            if pid is None:
+                return True
+            log.warning("slot %s is held by walsender %d: terminating it", slot, pid)
+            conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            if time.monotonic() > deadline:
+                log.error("slot %s stays held", slot)
+                return False
+            time.sleep(0.05)
+    return False
 
 
 def _publish(
@@ -129,6 +252,7 @@ def _publish(
     encode: Callable[[Transaction], bytes],
     stats: BridgeStats,
     metrics_port: int | None,
+    group: Group | None = None,
 ) -> None:
     node_id = config.node_id
     lock = network.lock
@@ -147,3 +271,5 @@ def _publish(
                     hub.publish(txn.end_lsn, entry)
                     stats.entries += 1
             network.wake()
+            if group is not None:
+                group.set_last_lsn(txn.end_lsn)

@@ -26,6 +26,15 @@ def bridge(
         ),
     ] = None,
     node_id: Annotated[int, typer.Option("--node-id", help="This bridge's node id.")] = 1,
+    peer: Annotated[
+        list[str],
+        typer.Option(
+            "--peer",
+            help="Another member of this bridge's group: its --listen HOST:PORT (repeatable). "
+            "Members elect one master; the others wait to take over. --listen then serves "
+            "the group, and replicas are dialled (--replica).",
+        ),
+    ] = [],  # noqa: B006 - typer reads the default, never mutates it
     ack_quorum: Annotated[
         int | None,
         typer.Option(
@@ -44,7 +53,10 @@ def bridge(
     window: Annotated[
         int, typer.Option("--window", min=1, help="Unacknowledged entries per replica at most.")
     ] = 1000,
-    term: Annotated[int, typer.Option("--term", min=0, help="This master's election term.")] = 1,
+    term: Annotated[
+        int,
+        typer.Option("--term", min=0, help="This master's election term (alone; a group elects)."),
+    ] = 1,
     tls_cert: Annotated[str | None, typer.Option("--tls-cert", help="PEM certificate.")] = None,
     tls_key: Annotated[str | None, typer.Option("--tls-key", help="PEM private key.")] = None,
     tls_ca: Annotated[
@@ -82,6 +94,7 @@ def bridge(
             term=term,
             tls_client=tls_context(False, tls_cert, tls_key, tls_ca) if tls else None,
             tls_server=tls_context(True, tls_cert, tls_key, tls_ca) if tls else None,
+            peers=[parse_address(p, "--peer") for p in peer],
         )
         if config.listen and config.listen[0] not in ("127.0.0.1", "::1", "localhost") and not tls:
             cli.log.warning(

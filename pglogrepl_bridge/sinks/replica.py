@@ -182,7 +182,7 @@ class ReplicaServer:
 
     def _transaction(self, entry: WalEntry) -> Transaction:
         data = entry.data
-        if self.payload == "json" or (self.payload == "auto" and data[:1] == b"{"):
+        if self.payload == "json" or (self.payload == "auto" and is_json_payload(data)):
             raise ConfigError(
                 "the bridge sends --payload json, which carries no column types: run it with "
                 "--payload bincode to feed a replica node"
@@ -206,6 +206,13 @@ class ReplicaServer:
                 log.warning("%s; retrying in %.1fs", exc, backoff)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, self.max_backoff)
+
+
+def is_json_payload(data: bytes) -> bool:
+    """Whether a WalEntry's data is the JSON payload: the line ``tail`` prints always starts
+    so; a bincode one starts with the xid's four little-endian bytes, of which the first may
+    well be a "{"."""
+    return data.startswith(b'{"xid":')
 
 
 def _send(conn: socket.socket, msgs: list[ReplicationMessage]) -> None:

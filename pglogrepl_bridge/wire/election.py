@@ -33,7 +33,10 @@ E6. A member that sees a Promotion of a term at least its own, from another memb
     master that was paused or cut off learns of the newer term and steps down.
 E7. Terms never go back, and a member votes at most once per term.
 E8. Only the master of the current term may send WalEntries (``may_send``); a member that
-    has seen a newer term never sends another entry under its old one. PostgreSQL's one
+    has seen a newer term never sends another entry under its old one, and a master whose
+    links reach no majority of the group for two election timeouts steps down
+    (``step_down``: the caller watches its links), so a master cut off from its peers does
+    not keep the slot from the one they elect. PostgreSQL's one
     walsender per slot fences the rest: a new master takes the slot over only after
     winning (``Became.master``), by terminating the old walsender.
 """
@@ -90,6 +93,9 @@ class Member:
     node_id: int
     peers: frozenset[int]
     rng: random.Random
+    #: the group's size, this member included (default: ``peers`` and this one); a
+    #: member that learns its peers' ids as they connect (``learn``) knows it from the start
+    group_size: int = 0
     term: int = 0
     last_lsn: int = 0  # the highest LSN this member holds (sent as master, or received)
     heartbeat: float = 0.05
@@ -103,13 +109,25 @@ class Member:
 
     def __post_init__(self) -> None:
         self.peers = frozenset(self.peers) - {self.node_id}
+        self.group_size = max(self.group_size, len(self.peers) + 1)
+
+    def learn(self, peer: int) -> bool:
+        """A member's id, learnt from its link (E1); False when the group is already full
+        of other ids (or it is this member's own id): then it is no member."""
+        if peer == self.node_id:
+            return False
+        if peer not in self.peers:
+            if len(self.peers) + 1 >= self.group_size:
+                return False
+            self.peers = self.peers | {peer}
+        return True
 
     # -- E1, E2 -----------------------------------------------------------------------------
 
     @property
     def majority(self) -> int:
         """Votes needed to win: more than half of the group."""
-        return (len(self.peers) + 1) // 2 + 1
+        return self.group_size // 2 + 1
 
     @property
     def may_send(self) -> bool:
@@ -118,7 +136,7 @@ class Member:
 
     def start(self, now: float) -> list[Action]:
         """Begin at ``now``: a group of one leads at once, others wait for a master."""
-        if not self.peers:
+        if self.group_size == 1:
             return self._elect(now)
         self._reset_timer(now)
         return []
@@ -175,6 +193,15 @@ class Member:
         self._reset_timer(now)
         return [Became("standby", term, None)] if stepped else []
 
+    def step_down(self, now: float) -> list[Action]:
+        """A master that cannot reach a majority of the group (its links are down) lets go:
+        the others elect one among themselves, and this one must not hold the slot."""
+        if self.role == "standby":
+            return []
+        self.role, self.leader = "standby", None
+        self._reset_timer(now)
+        return [Became("standby", self.term, None)]
+
     # -- messages ---------------------------------------------------------------------------
 
     def receive(self, msg: ReplicationMessage, now: float) -> list[Action]:
@@ -189,6 +216,7 @@ class Member:
         if isinstance(msg, Heartbeat) and msg.node_id in self.peers:
             if msg.node_id == self.leader:
                 self._reset_timer(now)
+                self.last_lsn = max(self.last_lsn, msg.lsn)  # what a standby could resend
                 return []
             return self._tell(msg.node_id)  # a master of an older term, still sending
         return []

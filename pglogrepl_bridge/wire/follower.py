@@ -16,7 +16,11 @@ R3. On every new connection: ``RequestFrom{node_id, last applied}`` when anythin
 R4. The highest term seen in a ``Promotion`` wins. A connection takes the term of the
     Promotion received on it (0 before any). Entries from a connection whose term is below
     the highest seen are not applied, and that connection is to be closed (``Step.close``):
-    a master of an older term (paused, cut off) never feeds this node again.
+    a master of an older term (paused, cut off) never feeds this node while a newer one
+    does. When no connection is left, the term is forgotten: a group restarted as a whole
+    counts its terms from 1 again. (Entries are WAL facts and R1 keeps them in order and
+    once, whoever sends them: R4 keeps a stale master from wasting the link, not the data
+    from harm.)
 R5. Replicas do not vote: a ``VoteRequest`` is answered ``VoteResponse{candidate, node_id,
     term, granted: false}``.
 """
@@ -69,8 +73,10 @@ class Follower:
         return [RequestFrom(self.node_id, self.last_lsn)] if self.last_lsn else []
 
     def disconnected(self, conn: ConnId) -> None:
-        """Forget the connection's term."""
+        """Forget the connection's term (and the highest, with the last connection: R4)."""
         self.conn_terms.pop(conn, None)
+        if not self.conn_terms:
+            self.term, self.master = 0, None
 
     def receive(self, conn: ConnId, msgs: list[ReplicationMessage]) -> Step:
         """The rules over messages received together on ``conn``."""

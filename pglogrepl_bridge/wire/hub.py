@@ -91,6 +91,9 @@ class Hub:
     max_bytes: int = 64 * 1024 * 1024  # the replay buffer's other bound
     term: int = 1
     healthy: bool = True
+    #: a group's master: each replica connection starts with ``Promotion{node_id, term}``,
+    #: so replicas follow the newest master (``wire.follower`` R4)
+    announce: bool = False
     _lsns: list[int] = field(default_factory=list)
     _frames: list[bytes] = field(default_factory=list)
     _bytes: int = 0
@@ -161,7 +164,7 @@ class Hub:
     def connect(self, conn: ConnId) -> None:
         """A replica connection came up (``conn`` is an opaque id)."""
         self.replicas[conn] = Replica(sent=self.floor, acked=0)
-        self.outbox[conn] = []
+        self.outbox[conn] = [frame(Promotion(self.node_id, self.term))] if self.announce else []
 
     def disconnect(self, conn: ConnId) -> None:
         """A replica connection went away; what it was sent but did not acknowledge is resent

@@ -1,0 +1,296 @@
+"""The links between the members of a bridge group, and the election over them.
+
+A thread runs a selector over the peer links: it dials every ``--peer`` address (with
+backoff) and accepts on ``--listen``, which in a group serves peers only (replicas are
+dialled, ``--replica``). Each link starts with a ``Heartbeat{own id, last lsn}`` from both
+ends (a hello: it binds the link to the peer's id, and a member that knows the master
+answers it with the master's ``Promotion``, so a newcomer follows at once). Everything else
+is ``wire.election.Member``'s: this module feeds it messages and the time, sends what it
+says, and tells the runner when this member becomes master or stops being one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import selectors
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pglogrepl_bridge.errors import ProtocolError
+from pglogrepl_bridge.wire.election import EVERY_PEER, Became, Member, Send
+from pglogrepl_bridge.wire.protocol import (
+    FrameReader,
+    Heartbeat,
+    ReplicationMessage,
+    frame,
+)
+
+log = logging.getLogger(__name__)
+
+Address = tuple[str, int]
+#: the loop's longest sleep: elections are timed in tens of milliseconds
+TICK = 0.01
+
+
+@dataclass
+class _Link:
+    sock: socket.socket
+    address: Address | None  # dialled links: the --peer address
+    reader: FrameReader = field(default_factory=FrameReader)
+    out: bytearray = field(default_factory=bytearray)
+    peer: int | None = None  # bound by its hello
+
+
+class Group:
+    """A member's peer links and election (``start``, then ``wait_until_master``)."""
+
+    def __init__(
+        self,
+        node_id: int,
+        listen: Address,
+        peers: list[Address],
+        *,
+        heartbeat: float = 0.05,
+        timeout: float = 0.15,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.member = Member(
+            node_id,
+            frozenset(),
+            rng or random.Random(),
+            group_size=len(peers) + 1,
+            heartbeat=heartbeat,
+            timeout=timeout,
+        )
+        self.cond = threading.Condition()
+        self.peers = peers
+        self.on_step_down: Callable[[], None] | None = None
+        self.elections = 0
+        self.last_change = self._quorum_seen = time.monotonic()
+        self._sel = selectors.DefaultSelector()
+        self._listener = socket.create_server(listen)
+        self._listener.setblocking(False)
+        self._sel.register(self._listener, selectors.EVENT_READ, None)
+        self._links: dict[int, _Link] = {}
+        self._next_dial: dict[Address, float] = dict.fromkeys(peers, 0.0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bridge-group", daemon=True)
+
+    @property
+    def listen_address(self) -> Address:
+        """Where the group listens (its port when 0 was asked)."""
+        host, port = self._listener.getsockname()[:2]
+        return host, port
+
+    def start(self) -> None:
+        """Begin: the election timer starts now."""
+        with self.cond:
+            self._act(self.member.start(time.monotonic()))
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Leave the group (any thread)."""
+        self._stop.set()
+        with self.cond:
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        """Stop and wait for the thread."""
+        self.stop()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def wait_until_master(self, stopping: Callable[[], bool]) -> int | None:
+        """Block until this member leads; its term (None: stopped first)."""
+        with self.cond:
+            while self.member.role != "master":
+                if stopping() or self._stop.is_set():
+                    return None
+                self.cond.wait(0.1)
+            return self.member.term
+
+    def still_master(self, term: int) -> bool:
+        """Whether this member still leads ``term`` (E8: may send its entries)."""
+        with self.cond:
+            return self.member.role == "master" and self.member.term == term
+
+    def set_last_lsn(self, lsn: int) -> None:
+        """How far this member's entries reach (for votes and heartbeats)."""
+        with self.cond:
+            self.member.last_lsn = max(self.member.last_lsn, lsn)
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                self._dial(now)
+                for key, mask in self._sel.select(TICK):
+                    if key.data is None:
+                        self._accept()
+                    else:
+                        self._io(key.data, mask)
+                with self.cond:
+                    now = time.monotonic()
+                    self._act(self.member.tick(now))
+                    self._check_quorum(now)
+                for link in list(self._links.values()):
+                    self._send(link)
+        except Exception as exc:
+            log.error("bridge group loop failed: %s", exc)
+            raise
+        finally:
+            for link in list(self._links.values()):
+                self._close(link, "leaving the group")
+            self._listener.close()
+            self._sel.close()
+
+    def _check_quorum(self, now: float) -> None:
+        """E8: a master that reaches no majority of the group for two election timeouts
+        steps down (under ``cond``)."""
+        member = self.member
+        linked = {link.peer for link in self._links.values() if link.peer is not None}
+        if member.role != "master" or len(linked) + 1 >= member.majority:
+            self._quorum_seen = now
+            return
+        if now - self._quorum_seen > 2 * member.timeout:
+            log.warning(
+                "member %d reaches %d of %d members: stepping down",
+                member.node_id,
+                len(linked) + 1,
+                member.group_size,
+            )
+            self._act(member.step_down(now))
+
+    def _dial(self, now: float) -> None:
+        connected = {link.address for link in self._links.values() if link.address}
+        for address, due in self._next_dial.items():
+            if address in connected or now < due:
+                continue
+            try:
+                sock = socket.create_connection(address, timeout=0.5)
+            except OSError:
+                self._next_dial[address] = now + 0.2
+                continue
+            self._register(sock, address)
+
+    def _accept(self) -> None:
+        try:
+            sock, _ = self._listener.accept()
+        except BlockingIOError:
+            return
+        self._register(sock, None)
+
+    def _register(self, sock: socket.socket, address: Address | None) -> None:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        link = _Link(sock, address)
+        self._links[sock.fileno()] = link
+        self._sel.register(sock, selectors.EVENT_READ, link)
+        with self.cond:  # the hello
+            link.out += frame(Heartbeat(self.member.node_id, self.member.last_lsn))
+
+    def _close(self, link: _Link, why: str) -> None:
+        if link.peer is not None:
+            log.info("link to member %d closed: %s", link.peer, why)
+        self._links.pop(link.sock.fileno(), None)
+        with contextlib.suppress(KeyError, ValueError):
+            self._sel.unregister(link.sock)
+        link.sock.close()
+        if link.address is not None:
+            self._next_dial[link.address] = time.monotonic() + 0.2
+
+    def _io(self, link: _Link, mask: int) -> None:
+        if mask & selectors.EVENT_READ:
+            try:
+                data = link.sock.recv(65536)
+            except BlockingIOError:
+                data = None
+            except OSError as exc:
+                self._close(link, str(exc))
+                return
+            if data == b"":
+                self._close(link, "closed by the peer")
+                return
+            if data:
+                try:
+                    msgs = link.reader.feed(data)
+                except ProtocolError as exc:
+                    self._close(link, f"protocol error: {exc}")
+                    return
+                for msg in msgs:
+                    if not self._receive(link, msg):
+                        return
+        if mask & selectors.EVENT_WRITE:
+            self._send(link)
+
+    def _receive(self, link: _Link, msg: ReplicationMessage) -> bool:
+        with self.cond:
+            if link.peer is None:  # the hello binds the link
+                if not isinstance(msg, Heartbeat) or not self.member.learn(msg.node_id):
+                    self._close(link, "not a member of this group (or this member itself)")
+                    return False
+                link.peer = msg.node_id
+                log.info("linked to member %d", msg.node_id)
+            self._act(self.member.receive(msg, time.monotonic()))
+        return True
+
+    def _act(self, actions: list[Send | Became]) -> None:
+        """Send what the election says; note role changes (under ``cond``)."""
+        for action in actions:
+            if isinstance(action, Became):
+                self._became(action)
+                continue
+            data = frame(action.msg)
+            sent: set[int] = set()
+            for link in self._links.values():
+                if link.peer is None or link.peer in sent:
+                    continue
+                if action.to in (EVERY_PEER, link.peer):
+                    link.out += data
+                    sent.add(link.peer)
+
+    def _became(self, change: Became) -> None:
+        now = time.monotonic()
+        took = now - self.last_change
+        self.last_change = now
+        if change.role == "candidate":
+            self.elections += 1
+            log.info("member %d asks for votes in term %d", self.member.node_id, change.term)
+        elif change.master:
+            log.warning(
+                "member %d is master of term %d (election took %.0f ms)",
+                self.member.node_id,
+                change.term,
+                took * 1000,
+            )
+        else:
+            log.warning(
+                "member %d follows %s in term %d",
+                self.member.node_id,
+                change.leader if change.leader is not None else "nobody yet",
+                change.term,
+            )
+            if self.on_step_down is not None:
+                self.on_step_down()
+        self.cond.notify_all()
+
+    def _send(self, link: _Link) -> None:
+        if link.out:
+            try:
+                sent = link.sock.send(link.out)
+                del link.out[:sent]
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                self._close(link, str(exc))
+                return
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if link.out else 0)
+        with contextlib.suppress(KeyError, ValueError):
+            self._sel.modify(link.sock, events, link)
