@@ -8,6 +8,7 @@ applied once. Throughout, the slot's confirmed position never passes what both r
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 import psycopg
+import pytest
 import sqlalchemy as sa
 
 from pglogrepl_bridge.lsn import Lsn
@@ -101,9 +103,13 @@ def _confirmed(conn: Conn, slot: str) -> int:
     return int(Lsn.parse(row[0])) if row is not None and row[0] is not None else 0
 
 
-def test_kill_9_the_master_and_another_member_takes_over(
-    pg: PostgresServer, pg_conn: Conn, tmp_path: Path
+@pytest.mark.parametrize("how", ["kill", "pause"])
+def test_the_master_lost_and_another_member_takes_over(
+    pg: PostgresServer, pg_conn: Conn, tmp_path: Path, how: str
 ) -> None:
+    """``kill``: SIGKILL. ``pause``: SIGSTOP for longer than the election timeout, then
+    SIGCONT: the old master hears of the newer term and steps down, and its walsender was
+    terminated by the winner (the slot is the fence)."""
     src = Source(pg_conn)
     src.mixed_workload(0, 10)
     member_ports, replica_ports = _free_ports(3), _free_ports(2)
@@ -167,7 +173,10 @@ def test_kill_9_the_master_and_another_member_takes_over(
         assert first is not None and first.startswith("member")
         victim = members[int(first.removeprefix("member"))]
         before = [_position(url, node) or 0 for node, url in targets.items()]
-        victim.kill()  # SIGKILL: no goodbye; its walsender dies with the connection
+        if how == "kill":
+            victim.kill()  # SIGKILL: no goodbye; its walsender dies with the connection
+        else:
+            victim.send_signal(signal.SIGSTOP)  # alive, silent, still holding the slot
         killed = time.monotonic()
 
         def taken_over() -> bool:
@@ -182,6 +191,12 @@ def test_kill_9_the_master_and_another_member_takes_over(
 
         wait_for(resumed, timeout=30, what="the replicas to receive from the new master")
         takeover = time.monotonic() - killed
+        if how == "pause":
+            victim.send_signal(signal.SIGCONT)
+            log = tmp_path / f"{first}.log"
+            wait_for(lambda: "follows" in log.read_text(), timeout=30,
+                     what="the paused master to step down")  # fmt: skip
+            assert _holder(pg_conn, src.slot) != first
         time.sleep(0.5)
         writer.stop()
         wal = pg_conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
@@ -202,7 +217,7 @@ def test_kill_9_the_master_and_another_member_takes_over(
                 proc.kill()
     assert violations == []
     assert takeover < 10, takeover
-    print(f"takeover after kill -9: {takeover * 1000:.0f} ms")
+    print(f"takeover after {how}: {takeover * 1000:.0f} ms")
     for url in targets.values():
         assert assert_same(pg.dsn, url, src.notes, "k") > 10
         assert_same(pg.dsn, url, src.items, "id")
