@@ -7,6 +7,7 @@ applied once. Throughout, the slot's confirmed position never passes what both r
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -221,3 +222,157 @@ def test_the_master_lost_and_another_member_takes_over(
     for url in targets.values():
         assert assert_same(pg.dsn, url, src.notes, "k") > 10
         assert_same(pg.dsn, url, src.items, "id")
+
+
+class Proxy:
+    """A TCP proxy for one member-to-member link, which the test can cut and heal."""
+
+    def __init__(self, to_port: int) -> None:
+        self.to_port = to_port
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(0.1)
+        self.port: int = self.server.getsockname()[1]
+        self.cut = threading.Event()
+        self.closed = threading.Event()
+        self.socks: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed.is_set():
+            try:
+                client, _ = self.server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if self.cut.is_set():
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.to_port), timeout=1)
+            except OSError:
+                client.close()
+                continue
+            self.socks += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def sever(self) -> None:
+        """Cut the link: its connections drop, new ones are refused."""
+        self.cut.set()
+        for s in self.socks:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+        self.socks.clear()
+
+    def heal(self) -> None:
+        self.cut.clear()
+
+    def close(self) -> None:
+        self.sever()
+        self.closed.set()
+        self.server.close()
+
+
+def test_a_master_cut_off_from_its_peers_steps_down_and_the_group_stays_one(
+    pg: PostgresServer, pg_conn: Conn, tmp_path: Path
+) -> None:
+    """Only the links between the master and its peers are cut (its links to PostgreSQL
+    and to the replicas stay): it steps down, the two others elect one of theirs, and at
+    every moment at most one member streams. Healed, it rejoins as a standby."""
+    src = Source(pg_conn)
+    member_ports, replica_ports = _free_ports(3), _free_ports(2)
+    proxies = {(i, j): Proxy(member_ports[j]) for i in range(3) for j in range(3) if i != j}
+    targets = {101 + i: f"sqlite:///{tmp_path}/replica{i}.db" for i in range(2)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "pglogrepl_bridge", "replica", "--node-id", str(node),
+             "--listen", f"127.0.0.1:{port}", "--target", url],
+            env=ENV, stderr=subprocess.DEVNULL,
+        )
+        for (node, url), port in zip(targets.items(), replica_ports, strict=True)
+    ]  # fmt: skip
+    for i in range(3):
+        peers = [
+            a for j in range(3) if j != i for a in ("--peer", f"127.0.0.1:{proxies[i, j].port}")
+        ]
+        reps = [a for p in replica_ports for a in ("--replica", f"127.0.0.1:{p}")]
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "pglogrepl_bridge", "bridge", "--verbose",
+             "--dsn", f"{pg.dsn} application_name=member{i + 1}", "--slot", src.slot,
+             "-p", src.pub, "--node-id", str(i + 1), "--listen", f"127.0.0.1:{member_ports[i]}",
+             *peers, *reps, "--ack-quorum", "2", "--payload", "bincode"],
+            env=ENV, stderr=open(tmp_path / f"member{i + 1}.log", "w"),  # noqa: SIM115
+        ))  # fmt: skip
+    writer = Writer(pg.dsn, src.notes)
+    holders: list[str | None] = []
+    watching = threading.Event()
+
+    def watch() -> None:  # who holds the slot, sampled; there is one slot, so one holder
+        with psycopg.connect(pg.dsn, autocommit=True) as c:
+            while not watching.is_set():
+                holders.append(_holder(c, src.slot))
+                time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    try:
+        wait_for(lambda: _holder(pg_conn, src.slot) is not None, timeout=30, what="a master")
+        watcher.start()
+        writer.thread.start()
+        time.sleep(0.5)
+        first = _holder(pg_conn, src.slot)
+        assert first is not None
+        m = int(first.removeprefix("member")) - 1
+        for (i, j), proxy in proxies.items():
+            if m in (i, j):
+                proxy.sever()
+        log = tmp_path / f"{first}.log"
+        wait_for(lambda: "stepping down" in log.read_text(), timeout=30,
+                 what="the cut-off master to step down")  # fmt: skip
+
+        def other_holds() -> bool:
+            holder = _holder(pg_conn, src.slot)
+            return holder is not None and holder != first
+
+        wait_for(other_holds, timeout=30, what="the others to elect one of theirs")
+        for proxy in proxies.values():
+            proxy.heal()
+        time.sleep(1.0)  # rejoined: it follows, it does not take the slot back
+        assert other_holds()
+        writer.stop()
+        wal = pg_conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+        assert wal is not None
+        end = int(Lsn.parse(wal[0]))
+        wait_for(lambda: _confirmed(pg_conn, src.slot) >= end, timeout=60,
+                 what="both replicas to acknowledge everything")  # fmt: skip
+    finally:
+        watching.set()
+        writer.done.set()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for proxy in proxies.values():
+            proxy.close()
+    assert "follows" in log.read_text()  # it rejoined as a standby
+    # once another member held the slot, the cut-off master never took it back
+    taken = next(n for n, h in enumerate(holders) if h is not None and h != first)
+    assert first not in holders[taken:]
+    for url in targets.values():
+        assert_same(pg.dsn, url, src.notes, "k")

@@ -84,7 +84,9 @@ def test_never_confirms_on_receipt_and_only_contiguous_acks(
         time.sleep(1.0)
         assert src.confirmed() == t1.end_lsn
         consumer.stream.ack(t2.end_lsn)
-        wait_for(lambda: src.confirmed() == t3.end_lsn, what="t3 confirmed")
+        # t3 now (or past it: an idle stream confirms up to the server's WAL end, which
+        # other activity on the server may have moved meanwhile)
+        wait_for(lambda: (src.confirmed() or 0) >= t3.end_lsn, what="t3 confirmed")
     finally:
         consumer.stop()
 
