@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import ssl
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -18,6 +17,7 @@ from pglogrepl_bridge.bridge.group import Group
 from pglogrepl_bridge.bridge.network import Address, Network
 from pglogrepl_bridge.errors import ConfigError, SlotInUseError
 from pglogrepl_bridge.pgoutput.transaction import Transaction
+from pglogrepl_bridge.postgres.admin import take_slot
 from pglogrepl_bridge.postgres.stream import ReplicationStream, StreamOptions
 from pglogrepl_bridge.progress import Progress
 from pglogrepl_bridge.wire.hub import Hub, StepDown
@@ -219,29 +219,6 @@ def run_group(
     finally:
         group.close()
     return stats
-
-
-def take_slot(dsn: str, slot: str, stopping: Callable[[], bool], wait: float = 10.0) -> bool:
-    """Fencing (E8): terminate the walsender that holds ``slot`` (a master of an older
-    term, paused or cut off) and wait until the slot is free; False if it stays taken."""
-    from pglogrepl_bridge.postgres.connection import connect
-
-    deadline = time.monotonic() + wait
-    with connect(dsn, replication=False) as conn:
-        while not stopping():
-            row = conn.execute(
-                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (slot,)
-            ).fetchone()
-            pid = row[0] if row is not None else None
-            if pid is None:
-                return True
-            log.warning("slot %s is held by walsender %d: terminating it", slot, pid)
-            conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
-            if time.monotonic() > deadline:
-                log.error("slot %s stays held", slot)
-                return False
-            time.sleep(0.05)
-    return False
 
 
 def _publish(

@@ -6,6 +6,9 @@ Statements are composed with psycopg.sql (identifiers quoted), never by string p
 from __future__ import annotations
 
 import json
+import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -15,8 +18,10 @@ from psycopg import sql
 
 from pglogrepl_bridge.errors import ConfigError
 from pglogrepl_bridge.lsn import Lsn
-from pglogrepl_bridge.postgres.connection import Conn, server_error
+from pglogrepl_bridge.postgres.connection import Conn, connect, server_error
 from pglogrepl_bridge.snapshot.plan import SNAPSHOT_REQUEST_PREFIX
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +112,28 @@ def slots_from(rows: list[tuple[Any, ...]]) -> list[SlotInfo]:
 def get_slot(conn: Conn, name: str) -> SlotInfo | None:
     """The slot named ``name``, or None."""
     return slot_from(name, conn.execute(slots_query(conn.info.server_version // 10000)).fetchall())
+
+
+def take_slot(dsn: str, name: str, stopping: Callable[[], bool], wait: float = 10.0) -> bool:
+    """A bridge group's fence (``wire.election`` E8): terminate the walsender that holds
+    slot ``name`` (a master of an older term, paused or cut off) until the slot is free.
+    Only the elected master calls it, after winning. False: it stays taken, or stopped."""
+    deadline = time.monotonic() + wait
+    with connect(dsn, replication=False) as conn:
+        while not stopping():
+            row = conn.execute(
+                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (name,)
+            ).fetchone()
+            pid = row[0] if row is not None else None
+            if pid is None:
+                return True
+            log.warning("slot %s is held by walsender %d: terminating it", name, pid)
+            conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            if time.monotonic() > deadline:
+                log.error("slot %s stays held", name)
+                return False
+            time.sleep(0.05)
+    return False
 
 
 def slot_from(name: str, rows: list[tuple[Any, ...]]) -> SlotInfo | None:
