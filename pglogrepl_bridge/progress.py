@@ -70,6 +70,17 @@ class Metrics:
             "pglogrepl_nats_applied_lsn", "End LSN the target holds (replicate --from-nats)",
             registry=r,
         )  # fmt: skip
+        self.group_term = Gauge(
+            "pglogrepl_group_term", "The bridge group's current term, as this member knows it",
+            registry=r,
+        )  # fmt: skip
+        self.group_role = Gauge(
+            "pglogrepl_group_role", "This member's role: 0 standby, 1 candidate, 2 master",
+            registry=r,
+        )  # fmt: skip
+        self.group_elections = Counter(
+            "pglogrepl_group_elections", "Elections this member started", registry=r
+        )
         self.server, self.thread = start_http_server(port, addr="127.0.0.1", registry=r)
 
     def close(self) -> None:

@@ -70,6 +70,8 @@ class Group:
         self.cond = threading.Condition()
         self.peers = peers
         self.on_step_down: Callable[[], None] | None = None
+        #: every role change (metrics)
+        self.on_change: Callable[[Became], None] | None = None
         self.elections = 0
         self.last_change = self._quorum_seen = time.monotonic()
         self._sel = selectors.DefaultSelector()
@@ -258,17 +260,18 @@ class Group:
 
     def _became(self, change: Became) -> None:
         now = time.monotonic()
-        took = now - self.last_change
         self.last_change = now
+        if self.on_change is not None:
+            self.on_change(change)
         if change.role == "candidate":
             self.elections += 1
             log.info("member %d asks for votes in term %d", self.member.node_id, change.term)
         elif change.master:
             log.warning(
-                "member %d is master of term %d (election took %.0f ms)",
+                "member %d is master of term %d, %.0f ms after the last word of a master",
                 self.member.node_id,
                 change.term,
-                took * 1000,
+                (now - self.member.heard) * 1000,
             )
         else:
             log.warning(

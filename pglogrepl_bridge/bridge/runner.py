@@ -19,7 +19,8 @@ from pglogrepl_bridge.errors import ConfigError, SlotInUseError
 from pglogrepl_bridge.pgoutput.transaction import Transaction
 from pglogrepl_bridge.postgres.admin import take_slot
 from pglogrepl_bridge.postgres.stream import ReplicationStream, StreamOptions
-from pglogrepl_bridge.progress import Progress
+from pglogrepl_bridge.progress import Metrics, Progress
+from pglogrepl_bridge.wire.election import Became
 from pglogrepl_bridge.wire.hub import Hub, StepDown
 from pglogrepl_bridge.wire.payload import PayloadFormat, encoder
 from pglogrepl_bridge.wire.protocol import DEFAULT_MAX_FRAME, WalEntry, frame
@@ -105,10 +106,12 @@ def _serve(
     *,
     ready: Callable[[Network], None] | None,
     on_stream: Callable[[ReplicationStream], None] | None,
-    metrics_port: int | None,
+    metrics_port: int | None = None,
+    metrics: Metrics | None = None,
     group: Group | None = None,
 ) -> None:
-    """One master's run: the stream, the replica network, until the stream stops."""
+    """One master's run: the stream, the replica network, until the stream stops (metrics
+    served on ``metrics_port``, or into the group's ``metrics``)."""
     hub = Hub(
         node_id=config.node_id,
         quorum=config.quorum(),
@@ -143,7 +146,7 @@ def _serve(
         try:
             if ready is not None:
                 ready(network)
-            _publish(stream, hub, network, config, encode, stats, metrics_port, group)
+            _publish(stream, hub, network, config, encode, stats, metrics_port, group, metrics)
         finally:
             network.stop_event.set()
             network.wake()
@@ -192,6 +195,17 @@ def run_group(
     if on_stream is not None:
         on_stream(stopper)  # type: ignore[arg-type]
     stats = BridgeStats()
+    metrics = Metrics(metrics_port) if metrics_port is not None else None
+    if metrics is not None:
+        roles = {"standby": 0, "candidate": 1, "master": 2}
+
+        def on_change(change: Became) -> None:
+            metrics.group_term.set(change.term)
+            metrics.group_role.set(roles[change.role])
+            if change.role == "candidate":
+                metrics.group_elections.inc()
+
+        group.on_change = on_change
     group.start()
     try:
         while not stopper.stopped:
@@ -209,7 +223,7 @@ def run_group(
 
             try:
                 _serve(dsn, options, replace(config, term=term), stats, ready=ready,
-                       on_stream=attach, metrics_port=metrics_port, group=group)  # fmt: skip
+                       on_stream=attach, metrics=metrics, group=group)  # fmt: skip
             except SlotInUseError as exc:  # taken again before our start: fence again
                 log.warning("%s", exc)
                 continue
@@ -218,6 +232,8 @@ def run_group(
             log.info("member %d stepped down from term %d", config.node_id, term)
     finally:
         group.close()
+        if metrics is not None:
+            metrics.close()
     return stats
 
 
@@ -230,10 +246,11 @@ def _publish(
     stats: BridgeStats,
     metrics_port: int | None,
     group: Group | None = None,
+    metrics: Metrics | None = None,
 ) -> None:
     node_id = config.node_id
     lock = network.lock
-    with Progress(stream, metrics_port=metrics_port):
+    with Progress(stream, metrics_port=None if metrics else metrics_port, metrics=metrics):
         for txn in stream:
             stats.transactions += 1
             if not txn.changes:

@@ -105,6 +105,7 @@ class Member:
     voted_for: int | None = None  # in ``term``
     votes: set[int] = field(default_factory=set)
     deadline: float = 0.0  # when the election timer fires (standby, candidate)
+    heard: float = 0.0  # when the master (or a vote for one) was last heard of
     next_heartbeat: float = 0.0  # master
 
     def __post_init__(self) -> None:
@@ -136,6 +137,7 @@ class Member:
 
     def start(self, now: float) -> list[Action]:
         """Begin at ``now``: a group of one leads at once, others wait for a master."""
+        self.heard = now
         if self.group_size == 1:
             return self._elect(now)
         self._reset_timer(now)
@@ -216,6 +218,7 @@ class Member:
         if isinstance(msg, Heartbeat) and msg.node_id in self.peers:
             if msg.node_id == self.leader:
                 self._reset_timer(now)
+                self.heard = now
                 self.last_lsn = max(self.last_lsn, msg.lsn)  # what a standby could resend
                 return []
             return self._tell(msg.node_id)  # a master of an older term, still sending
@@ -262,6 +265,7 @@ class Member:
         self._adopt(msg.term, now)
         self.role, self.leader = "standby", msg.node_id
         self._reset_timer(now)
+        self.heard = now
         if (self.role, self.leader, self.term) == before:
             return []
         return [Became("standby", self.term, msg.node_id)]
