@@ -88,6 +88,13 @@ class Writer:
         self.conn.close()
 
 
+def _metrics(port: int) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return str(r.read().decode())
+
+
 def _holder(conn: Conn, slot: str) -> str | None:
     row = conn.execute(
         "SELECT a.application_name FROM pg_replication_slots s "
@@ -113,7 +120,7 @@ def test_the_master_lost_and_another_member_takes_over(
     terminated by the winner (the slot is the fence)."""
     src = Source(pg_conn)
     src.mixed_workload(0, 10)
-    member_ports, replica_ports = _free_ports(3), _free_ports(2)
+    member_ports, replica_ports, metrics_ports = _free_ports(3), _free_ports(2), _free_ports(3)
     targets = {101 + i: f"sqlite:///{tmp_path}/replica{i}.db" for i in range(2)}
     replicas = [
         subprocess.Popen(
@@ -144,7 +151,8 @@ def test_the_master_lost_and_another_member_takes_over(
             [sys.executable, "-m", "pglogrepl_bridge", "bridge", "--verbose",
              "--dsn", f"{pg.dsn} application_name=member{i + 1}", "--slot", src.slot,
              "-p", src.pub, "--node-id", str(i + 1), "--listen", f"127.0.0.1:{member_ports[i]}",
-             *peers, *reps, "--ack-quorum", "2", "--payload", "bincode"],
+             *peers, *reps, "--ack-quorum", "2", "--payload", "bincode",
+             "--metrics-port", str(metrics_ports[i])],
             env=ENV, stderr=open(tmp_path / f"member{i + 1}.log", "w"),
         )  # fmt: skip
 
@@ -192,6 +200,11 @@ def test_the_master_lost_and_another_member_takes_over(
 
         wait_for(resumed, timeout=30, what="the replicas to receive from the new master")
         takeover = time.monotonic() - killed
+        now = _holder(pg_conn, src.slot)
+        assert now is not None
+        scraped = _metrics(metrics_ports[int(now.removeprefix("member")) - 1])
+        assert "pglogrepl_group_role 2.0" in scraped
+        assert "pglogrepl_group_term 1.0" not in scraped  # a newer term than the first
         if how == "pause":
             victim.send_signal(signal.SIGCONT)
             log = tmp_path / f"{first}.log"
