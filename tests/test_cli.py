@@ -276,6 +276,8 @@ def test_demo_runs_and_checks_the_copy() -> None:
     result = cli("demo", "--accounts", "5")
     assert result.returncode == 0, result.stderr
     assert "copy equals the source" in result.stdout
+    assert "took over" in result.stdout  # the failover step ran
+    assert result.stdout.count("identical") == 6  # the copy's 2 tables, 2 replicas' 2 each
 
 
 def test_metrics_and_clean_sigterm(source: tuple[PostgresServer, Source], tmp_path: Path) -> None:

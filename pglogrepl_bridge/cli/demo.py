@@ -1,7 +1,9 @@
 """``demo`` (what ``make demo`` runs): the whole pipeline on an embedded PostgreSQL.
 
 Starts a throwaway server, runs a workload, shows the changes live as ``tail`` prints them,
-replicates them into a SQLite file, checks the copy equals the source, and cleans up.
+replicates them into a SQLite file, checks the copy equals the source; then runs a group of
+three bridges feeding two replica nodes, kills the master, shows the takeover and checks both
+replicas; and cleans up.
 """
 
 from __future__ import annotations
@@ -117,9 +119,9 @@ def run_demo(accounts: int = 12, console: Console | None = None) -> DemoResult:
         console.print(f"[bold]PostgreSQL {pg.version}[/] ({pg.kind}) at {pg.safe_dsn}")
         with psycopg.connect(pg.dsn, autocommit=True) as conn:
             conn.execute(SCHEMA)
-            for slot in ("demo_tail", "demo_copy"):  # each in a transaction of its own
+            for slot in ("demo_tail", "demo_copy", "demo_group"):  # each on its own
                 conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
-            console.print("created tables accounts, orders; publication demo_pub; two slots")
+            console.print("created tables accounts, orders; publication demo_pub; three slots")
             workload(conn, accounts, console)
         until = _last_commit(pg.dsn)
 
@@ -144,8 +146,12 @@ def run_demo(accounts: int = 12, console: Console | None = None) -> DemoResult:
             same = snapshot(source, table) == snapshot(copy, table)
             identical &= same
             console.print(f"  {table}: {'[green]identical[/]' if same else '[red]DIFFERENT[/]'}")
-        source.dispose()
         copy.dispose()
+
+        console.rule("failover: three bridges, two replicas, the master killed")
+        group_same = failover(pg.dsn, Path(tmp), source, console)
+        identical &= group_same
+        source.dispose()
     seconds = time.monotonic() - started
     console.rule("summary")
     console.print(
@@ -154,6 +160,64 @@ def run_demo(accounts: int = 12, console: Console | None = None) -> DemoResult:
         "server and files removed"
     )
     return DemoResult(printed, stats.changes, identical, seconds)
+
+
+def failover(dsn: str, tmp: Path, source: sa.Engine, console: Console) -> bool:
+    """A group of three bridges feeding two replica nodes (SQLite) from slot demo_group;
+    the master is killed with SIGKILL mid-workload; another takes over. True when both
+    replicas end equal to the source."""
+    import sqlalchemy as sa
+
+    from pglogrepl_bridge.testing.group import BridgeGroup, slot_holder
+
+    group = BridgeGroup(dsn, "demo_group", "demo_pub", tmp)
+    group.start()
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            master = _until(lambda: slot_holder(conn, "demo_group"), 30, "a master")
+            console.print(f"member {master} of 3 is master; replicas 101 and 102 apply")
+            for i in range(5):  # more work while it leads
+                conn.execute("UPDATE accounts SET balance = balance + 1 WHERE id = %s", (i + 1,))
+            group.kill(master)
+            killed = time.monotonic()
+            console.print(f"[bold red]kill -9[/] member {master}")
+            conn.execute("UPDATE accounts SET tags = tags || '{failover}'::text[]")
+            row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+            mark = Lsn.parse(str(row[0])) if row is not None else Lsn(0)
+
+            def new_master() -> int | None:
+                holder = slot_holder(conn, "demo_group")
+                return holder if holder not in (None, master) else None
+
+            after = _until(new_master, 30, "a new master")
+            _until(lambda: group.held() >= mark, 30, "the replicas to catch up")
+            console.print(
+                f"member {after} took over; both replicas hold the change made after the kill "
+                f"{(time.monotonic() - killed) * 1000:.0f} ms after it"
+            )
+        same = True
+        for node, url in group.targets.items():
+            replica = sa.create_engine(url)
+            for table in TABLES:
+                equal = snapshot(source, table) == snapshot(replica, table)
+                same &= equal
+                state = "[green]identical[/]" if equal else "[red]DIFFERENT[/]"
+                console.print(f"  replica {node} {table}: {state}")
+            replica.dispose()
+        return same
+    finally:
+        group.close()
+
+
+def _until(probe: Any, timeout: float, what: str) -> Any:
+    """``probe()``'s first true value within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = probe()
+        if found:
+            return found
+        time.sleep(0.01)
+    raise RuntimeError(f"demo: timed out waiting for {what}")
 
 
 def _last_commit(dsn: str) -> Lsn:
