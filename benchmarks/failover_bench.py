@@ -21,12 +21,7 @@ hold everything (durably, in their targets), same server, alternating, 3 rounds 
 from __future__ import annotations
 
 import argparse
-import os
-import socket
-import sqlite3
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -35,117 +30,16 @@ from pathlib import Path
 import psycopg
 
 from pglogrepl_bridge.lsn import Lsn
-from pglogrepl_bridge.sinks.sql import CHECKPOINT_TABLE
+from pglogrepl_bridge.testing.group import BridgeGroup, slot_holder
 from pglogrepl_bridge.testing.postgres import find_bindirs, postgres_server
 
-PY = sys.executable
-REPO = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 Conn = psycopg.Connection[tuple[object, ...]]
-
-
-def ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    found = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return found
-
-
-def confirmed(conn: Conn, slot: str) -> int:
-    row = conn.execute(
-        "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s", (slot,)
-    ).fetchone()
-    return int(Lsn.parse(str(row[0]))) if row and row[0] else 0
-
-
-def holder(conn: Conn, slot: str) -> str | None:
-    row = conn.execute(
-        "SELECT a.application_name FROM pg_replication_slots s "
-        "JOIN pg_stat_activity a ON a.pid = s.active_pid WHERE s.slot_name = %s",
-        (slot,),
-    ).fetchone()
-    return None if row is None else str(row[0])
 
 
 def wal(conn: Conn) -> int:
     row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
     assert row is not None
     return int(Lsn.parse(str(row[0])))
-
-
-class Cluster:
-    """Two replicas and the members of one group (or one plain bridge) on a slot."""
-
-    def __init__(self, dsn: str, slot: str, tmp: Path, members: int) -> None:
-        self.dsn, self.slot, self.tmp = dsn, slot, tmp
-        self.replica_ports = ports(2)
-        self.member_ports = ports(members)
-        self.replicas = [
-            subprocess.Popen(
-                [
-                    PY,
-                    "-m",
-                    "pglogrepl_bridge",
-                    "replica",
-                    "--node-id",
-                    str(101 + i),
-                    "--listen",
-                    f"127.0.0.1:{p}",
-                    "--target",
-                    f"sqlite:///{tmp}/r{i}.db",
-                ],
-                env=ENV,
-                stderr=subprocess.DEVNULL,
-            )
-            for i, p in enumerate(self.replica_ports)
-        ]
-        self.members: dict[int, subprocess.Popen[bytes]] = {}
-        for i in range(members):
-            self.start(i)
-
-    def start(self, i: int) -> None:
-        reps = [a for p in self.replica_ports for a in ("--replica", f"127.0.0.1:{p}")]
-        group: list[str] = []
-        if len(self.member_ports) > 1:
-            group = ["--listen", f"127.0.0.1:{self.member_ports[i]}"] + [
-                a
-                for j, p in enumerate(self.member_ports)
-                if j != i
-                for a in ("--peer", f"127.0.0.1:{p}")
-            ]
-        self.members[i] = subprocess.Popen(
-            [PY, "-m", "pglogrepl_bridge", "bridge", "--dsn",
-             f"{self.dsn} application_name=member{i}", "--slot", self.slot, "-p", "fo_pub",
-             "--node-id", str(i + 1), *group, *reps, "--ack-quorum", "2", "--payload", "bincode"],
-            env=ENV, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-
-    def held(self) -> int:
-        """What both replicas hold (their positions, committed with their rows)."""
-        low = []
-        for i in range(len(self.replicas)):
-            try:
-                with sqlite3.connect(f"file:{self.tmp}/r{i}.db?mode=ro", uri=True) as db:
-                    query = f"SELECT end_lsn FROM {CHECKPOINT_TABLE} WHERE source_id = 'replica'"
-                    row = db.execute(query).fetchone()
-            except sqlite3.Error:
-                return 0
-            low.append(int(row[0]) if row else 0)
-        return min(low)
-
-    def close(self) -> None:
-        procs = [*self.members.values(), *self.replicas]
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
 
 
 def wait(predicate: object, timeout: float, what: str) -> None:
@@ -159,7 +53,8 @@ def wait(predicate: object, timeout: float, what: str) -> None:
 def takeovers(dsn: str, conn: Conn, tmp: Path, kills: int) -> list[float]:
     conn.execute("SELECT pg_create_logical_replication_slot('fo_takeover', 'pgoutput')")
     (tmp / "takeover").mkdir()
-    cluster = Cluster(dsn, "fo_takeover", tmp / "takeover", 3)
+    cluster = BridgeGroup(dsn, "fo_takeover", "fo_pub", tmp / "takeover")
+    cluster.start()
     stop = threading.Event()
     committed: list[tuple[float, int]] = []  # (time, end LSN of a commit)
 
@@ -176,14 +71,13 @@ def takeovers(dsn: str, conn: Conn, tmp: Path, kills: int) -> list[float]:
     gaps = []
     thread = threading.Thread(target=writer, daemon=True)
     try:
-        wait(lambda: holder(conn, "fo_takeover") is not None, 30, "a first master")
+        wait(lambda: slot_holder(conn, "fo_takeover") is not None, 30, "a first master")
         thread.start()
         for _ in range(kills):
             time.sleep(1.0)
-            first = holder(conn, "fo_takeover")
+            first = slot_holder(conn, "fo_takeover")
             assert first is not None
-            i = int(first.removeprefix("member"))
-            cluster.members[i].kill()
+            cluster.kill(first)
             killed = time.monotonic()
             after = wal(conn)
 
@@ -199,8 +93,7 @@ def takeovers(dsn: str, conn: Conn, tmp: Path, kills: int) -> list[float]:
 
             wait(held, 30, "the takeover")
             gaps.append(time.monotonic() - killed)
-            cluster.members[i].wait()
-            cluster.start(i)
+            cluster.start_member(first)
             print(f"  takeover {len(gaps)}: {gaps[-1] * 1000:.0f} ms", flush=True)
     finally:
         stop.set()
@@ -222,9 +115,10 @@ def throughput(dsn: str, conn: Conn, tmp: Path, members: int, rnd: int, txns: in
     end = wal(conn)
     d = tmp / slot
     d.mkdir()
-    cluster = Cluster(dsn, slot, d, members)
+    cluster = BridgeGroup(dsn, slot, "fo_pub", d, members=members)
+    cluster.start()
     try:  # from the moment a master streams: the election and start-up are not throughput
-        wait(lambda: holder(conn, slot) is not None, 60, "a master")
+        wait(lambda: slot_holder(conn, slot) is not None, 60, "a master")
         started = time.monotonic()
         wait(lambda: cluster.held() >= end, 300, "the replicas to hold everything")
         return time.monotonic() - started

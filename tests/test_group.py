@@ -8,54 +8,21 @@ applied once. Throughout, the slot's confirmed position never passes what both r
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import psycopg
 import pytest
-import sqlalchemy as sa
 
 from pglogrepl_bridge.lsn import Lsn
-from pglogrepl_bridge.sinks.replica import REPLICA_SOURCE
-from pglogrepl_bridge.sinks.sql import CHECKPOINT_TABLE
+from pglogrepl_bridge.testing.group import BridgeGroup, free_ports, slot_holder
 from pglogrepl_bridge.testing.postgres import PostgresServer
 
 from .streamkit import Conn, wait_for
 from .test_replicate import Source, assert_same
-
-REPO = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "PYTHONPATH": str(REPO)}
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _position(url: str, node_id: int) -> int | None:
-    """A replica's applied position (None: not readable at this instant)."""
-    engine = sa.create_engine(url)
-    try:
-        with engine.connect() as c:
-            query = f"SELECT end_lsn FROM {CHECKPOINT_TABLE} WHERE source_id = :s AND slot = :n"
-            row = c.execute(sa.text(query), {"s": REPLICA_SOURCE, "n": f"node-{node_id}"}).first()
-    except sa.exc.OperationalError:
-        return None  # not created yet, or locked by the replica's write
-    finally:
-        engine.dispose()
-    return 0 if row is None else int(row[0])
 
 
 class Writer:
@@ -95,15 +62,6 @@ def _metrics(port: int) -> str:
         return str(r.read().decode())
 
 
-def _holder(conn: Conn, slot: str) -> str | None:
-    row = conn.execute(
-        "SELECT a.application_name FROM pg_replication_slots s "
-        "JOIN pg_stat_activity a ON a.pid = s.active_pid WHERE s.slot_name = %s",
-        (slot,),
-    ).fetchone()
-    return None if row is None else str(row[0])
-
-
 def _confirmed(conn: Conn, slot: str) -> int:
     row = conn.execute(
         "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s", (slot,)
@@ -120,68 +78,35 @@ def test_the_master_lost_and_another_member_takes_over(
     terminated by the winner (the slot is the fence)."""
     src = Source(pg_conn)
     src.mixed_workload(0, 10)
-    member_ports, replica_ports, metrics_ports = _free_ports(3), _free_ports(2), _free_ports(3)
-    targets = {101 + i: f"sqlite:///{tmp_path}/replica{i}.db" for i in range(2)}
-    replicas = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "pglogrepl_bridge",
-                "replica",
-                "--node-id",
-                str(node),
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--target",
-                url,
-            ],
-            env=ENV,
-            stderr=open(tmp_path / f"replica{node}.log", "w"),  # noqa: SIM115
-        )
-        for (node, url), port in zip(targets.items(), replica_ports, strict=True)
-    ]
-
-    def member(i: int) -> subprocess.Popen[bytes]:
-        peers = [
-            a for j, p in enumerate(member_ports) if j != i for a in ("--peer", f"127.0.0.1:{p}")
-        ]
-        reps = [a for p in replica_ports for a in ("--replica", f"127.0.0.1:{p}")]
-        return subprocess.Popen(
-            [sys.executable, "-m", "pglogrepl_bridge", "bridge", "--verbose",
-             "--dsn", f"{pg.dsn} application_name=member{i + 1}", "--slot", src.slot,
-             "-p", src.pub, "--node-id", str(i + 1), "--listen", f"127.0.0.1:{member_ports[i]}",
-             *peers, *reps, "--ack-quorum", "2", "--payload", "bincode",
-             "--metrics-port", str(metrics_ports[i])],
-            env=ENV, stderr=open(tmp_path / f"member{i + 1}.log", "w"),
-        )  # fmt: skip
-
-    members = {i + 1: member(i) for i in range(3)}
+    group = BridgeGroup(pg.dsn, src.slot, src.pub, tmp_path)
+    metrics_ports = free_ports(3)
+    group.member_args = {n: ["--verbose", "--metrics-port", str(metrics_ports[n - 1])]
+                         for n in (1, 2, 3)}  # fmt: skip
     writer = Writer(pg.dsn, src.notes)
     violations: list[str] = []
     sampling = threading.Event()
-
     start = _confirmed(pg_conn, src.slot)  # where the slot was created: nothing before it
 
     def sample() -> None:  # the confirmed position never passes what both replicas hold
         with psycopg.connect(pg.dsn, autocommit=True) as c:
             while not sampling.is_set():
                 confirmed = _confirmed(c, src.slot)
-                held = [_position(url, node) for node, url in targets.items()]
-                if None not in held and confirmed > max(start, min(h or 0 for h in held)):
-                    violations.append(f"confirmed {confirmed:X} past a replica: {held}")
+                held = group.held()  # read after: replicas only move forward
+                if held and confirmed > max(start, held):
+                    violations.append(f"confirmed {confirmed:X} past the replicas' {held:X}")
                 time.sleep(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
+    group.start()
     try:
-        wait_for(lambda: _holder(pg_conn, src.slot) is not None, timeout=30, what="a master")
+        wait_for(lambda: slot_holder(pg_conn, src.slot) is not None, timeout=30, what="a master")
         sampler.start()
         writer.thread.start()
         time.sleep(1.0)
-        first = _holder(pg_conn, src.slot)
-        assert first is not None and first.startswith("member")
-        victim = members[int(first.removeprefix("member"))]
-        before = [_position(url, node) or 0 for node, url in targets.items()]
+        first = slot_holder(pg_conn, src.slot)
+        assert first is not None
+        victim = group.procs[f"member{first}"]
+        before = group.held()
         if how == "kill":
             victim.kill()  # SIGKILL: no goodbye; its walsender dies with the connection
         else:
@@ -189,28 +114,23 @@ def test_the_master_lost_and_another_member_takes_over(
         killed = time.monotonic()
 
         def taken_over() -> bool:
-            holder = _holder(pg_conn, src.slot)
-            return holder is not None and holder != first
+            return slot_holder(pg_conn, src.slot) not in (None, first)
 
         wait_for(taken_over, timeout=30, what="another member to take the slot")
-
-        def resumed() -> bool:
-            return all((_position(url, node) or 0) > b
-                       for (node, url), b in zip(targets.items(), before, strict=True))  # fmt: skip
-
-        wait_for(resumed, timeout=30, what="the replicas to receive from the new master")
+        wait_for(lambda: group.held() > before, timeout=30,
+                 what="the replicas to receive from the new master")  # fmt: skip
         takeover = time.monotonic() - killed
-        now = _holder(pg_conn, src.slot)
+        now = slot_holder(pg_conn, src.slot)
         assert now is not None
-        scraped = _metrics(metrics_ports[int(now.removeprefix("member")) - 1])
+        scraped = _metrics(metrics_ports[now - 1])
         assert "pglogrepl_group_role 2.0" in scraped
         assert "pglogrepl_group_term 1.0" not in scraped  # a newer term than the first
         if how == "pause":
             victim.send_signal(signal.SIGCONT)
-            log = tmp_path / f"{first}.log"
+            log = tmp_path / f"member{first}.log"
             wait_for(lambda: "follows" in log.read_text(), timeout=30,
                      what="the paused master to step down")  # fmt: skip
-            assert _holder(pg_conn, src.slot) != first
+            assert slot_holder(pg_conn, src.slot) != first
         time.sleep(0.5)
         writer.stop()
         wal = pg_conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
@@ -221,18 +141,11 @@ def test_the_master_lost_and_another_member_takes_over(
     finally:
         sampling.set()
         writer.done.set()
-        for proc in [*members.values(), *replicas]:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in [*members.values(), *replicas]:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        group.close()
     assert violations == []
     assert takeover < 10, takeover
     print(f"takeover after {how}: {takeover * 1000:.0f} ms")
-    for url in targets.values():
+    for url in group.targets.values():
         assert assert_same(pg.dsn, url, src.notes, "k") > 10
         assert_same(pg.dsn, url, src.items, "id")
 
@@ -306,58 +219,39 @@ def test_a_master_cut_off_from_its_peers_steps_down_and_the_group_stays_one(
     and to the replicas stay): it steps down, the two others elect one of theirs, and at
     every moment at most one member streams. Healed, it rejoins as a standby."""
     src = Source(pg_conn)
-    member_ports, replica_ports = _free_ports(3), _free_ports(2)
-    proxies = {(i, j): Proxy(member_ports[j]) for i in range(3) for j in range(3) if i != j}
-    targets = {101 + i: f"sqlite:///{tmp_path}/replica{i}.db" for i in range(2)}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "pglogrepl_bridge", "replica", "--node-id", str(node),
-             "--listen", f"127.0.0.1:{port}", "--target", url],
-            env=ENV, stderr=subprocess.DEVNULL,
-        )
-        for (node, url), port in zip(targets.items(), replica_ports, strict=True)
-    ]  # fmt: skip
-    for i in range(3):
-        peers = [
-            a for j in range(3) if j != i for a in ("--peer", f"127.0.0.1:{proxies[i, j].port}")
-        ]
-        reps = [a for p in replica_ports for a in ("--replica", f"127.0.0.1:{p}")]
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "pglogrepl_bridge", "bridge", "--verbose",
-             "--dsn", f"{pg.dsn} application_name=member{i + 1}", "--slot", src.slot,
-             "-p", src.pub, "--node-id", str(i + 1), "--listen", f"127.0.0.1:{member_ports[i]}",
-             *peers, *reps, "--ack-quorum", "2", "--payload", "bincode"],
-            env=ENV, stderr=open(tmp_path / f"member{i + 1}.log", "w"),  # noqa: SIM115
-        ))  # fmt: skip
+    group = BridgeGroup(pg.dsn, src.slot, src.pub, tmp_path)
+    proxies = {(i, j): Proxy(group.member_ports[j - 1]) for i in (1, 2, 3) for j in (1, 2, 3)
+               if i != j}  # fmt: skip
+    group.peer_ports = {link: proxy.port for link, proxy in proxies.items()}
+    group.member_args = {n: ["--verbose"] for n in (1, 2, 3)}
+    group.start()
     writer = Writer(pg.dsn, src.notes)
-    holders: list[str | None] = []
+    holders: list[int | None] = []
     watching = threading.Event()
 
     def watch() -> None:  # who holds the slot, sampled; there is one slot, so one holder
         with psycopg.connect(pg.dsn, autocommit=True) as c:
             while not watching.is_set():
-                holders.append(_holder(c, src.slot))
+                holders.append(slot_holder(c, src.slot))
                 time.sleep(0.02)
 
     watcher = threading.Thread(target=watch, daemon=True)
     try:
-        wait_for(lambda: _holder(pg_conn, src.slot) is not None, timeout=30, what="a master")
+        wait_for(lambda: slot_holder(pg_conn, src.slot) is not None, timeout=30, what="a master")
         watcher.start()
         writer.thread.start()
         time.sleep(0.5)
-        first = _holder(pg_conn, src.slot)
+        first = slot_holder(pg_conn, src.slot)
         assert first is not None
-        m = int(first.removeprefix("member")) - 1
         for (i, j), proxy in proxies.items():
-            if m in (i, j):
+            if first in (i, j):
                 proxy.sever()
-        log = tmp_path / f"{first}.log"
+        log = tmp_path / f"member{first}.log"
         wait_for(lambda: "stepping down" in log.read_text(), timeout=30,
                  what="the cut-off master to step down")  # fmt: skip
 
         def other_holds() -> bool:
-            holder = _holder(pg_conn, src.slot)
-            return holder is not None and holder != first
+            return slot_holder(pg_conn, src.slot) not in (None, first)
 
         wait_for(other_holds, timeout=30, what="the others to elect one of theirs")
         for proxy in proxies.values():
@@ -373,19 +267,62 @@ def test_a_master_cut_off_from_its_peers_steps_down_and_the_group_stays_one(
     finally:
         watching.set()
         writer.done.set()
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        group.close()
         for proxy in proxies.values():
             proxy.close()
     assert "follows" in log.read_text()  # it rejoined as a standby
     # once another member held the slot, the cut-off master never took it back
     taken = next(n for n, h in enumerate(holders) if h is not None and h != first)
     assert first not in holders[taken:]
-    for url in targets.values():
+    for url in group.targets.values():
         assert_same(pg.dsn, url, src.notes, "k")
+
+
+def _run_group_case(pg: PostgresServer, pg_conn: Conn, tmp_path: Path, case: str) -> None:
+    """A group of three and two replicas under a steady writer; ``case`` happens mid-way;
+    then everything must be applied once, and both replicas equal the source."""
+    src = Source(pg_conn)
+    group = BridgeGroup(pg.dsn, src.slot, src.pub, tmp_path)
+    writer = Writer(pg.dsn, src.notes)
+    group.start()
+    try:
+        wait_for(lambda: slot_holder(pg_conn, src.slot) is not None, timeout=30, what="a master")
+        writer.thread.start()
+        time.sleep(0.5)
+        before = group.held()
+        if case == "replica":
+            group.kill_replica(101)  # SIGKILL mid-stream, then the same node again
+            time.sleep(0.3)
+            group.start_replica(101)
+        else:  # the whole group: every member stops, then all start again
+            group.stop_members()
+            time.sleep(0.3)
+            for node in (1, 2, 3):
+                group.start_member(node)
+        wait_for(lambda: group.held() > before, timeout=30, what="the replicas to move on")
+        time.sleep(0.3)
+        writer.stop()
+        wal = pg_conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+        assert wal is not None
+        end = int(Lsn.parse(wal[0]))
+        wait_for(lambda: _confirmed(pg_conn, src.slot) >= end, timeout=60,
+                 what="both replicas to acknowledge everything")  # fmt: skip
+    finally:
+        writer.done.set()
+        group.close()
+    for url in group.targets.values():
+        assert assert_same(pg.dsn, url, src.notes, "k") > 10
+
+
+def test_a_replica_killed_and_restarted_mid_stream(
+    pg: PostgresServer, pg_conn: Conn, tmp_path: Path
+) -> None:
+    _run_group_case(pg, pg_conn, tmp_path, "replica")
+
+
+def test_the_whole_group_restarted_while_the_replicas_stay(
+    pg: PostgresServer, pg_conn: Conn, tmp_path: Path
+) -> None:
+    """Terms start again at 1; replicas forget a term with their last connection (R4), so
+    the new group's master feeds them."""
+    _run_group_case(pg, pg_conn, tmp_path, "group")

@@ -67,6 +67,10 @@ class BridgeGroup:
             101 + i: f"sqlite:///{workdir}/replica{101 + i}.db" for i in range(replicas)
         }
         self.env = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)}
+        #: more options for a member (node id -> arguments), e.g. --metrics-port, --verbose
+        self.member_args: dict[int, list[str]] = {}
+        #: the port member i dials to reach member j, when not j's own (a proxy between)
+        self.peer_ports: dict[tuple[int, int], int] = {}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self._logs: list[IO[bytes]] = []
 
@@ -79,23 +83,45 @@ class BridgeGroup:
 
     def start(self) -> None:
         """Start the replicas, then every member."""
-        for (node, url), port in zip(self.targets.items(), self.replica_ports, strict=True):
-            self._spawn(f"replica{node}", "replica", "--node-id", str(node),
-                        "--listen", f"127.0.0.1:{port}", "--target", url)  # fmt: skip
+        for node in self.targets:
+            self.start_replica(node)
         for i in range(len(self.member_ports)):
             self.start_member(i + 1)
+
+    def start_replica(self, node: int) -> None:
+        """Start (or start again) replica ``node`` (101, 102, ...)."""
+        port = self.replica_ports[node - 101]
+        self._spawn(f"replica{node}", "replica", "--node-id", str(node),
+                    "--listen", f"127.0.0.1:{port}", "--target", self.targets[node])  # fmt: skip
+
+    def kill_replica(self, node: int) -> None:
+        """SIGKILL replica ``node``."""
+        proc = self.procs[f"replica{node}"]
+        proc.kill()
+        proc.wait()
+
+    def stop_members(self) -> None:
+        """SIGTERM every member and wait: the whole group goes down (replicas stay)."""
+        members = [p for name, p in self.procs.items() if name.startswith("member")]
+        for proc in members:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in members:
+            proc.wait(timeout=30)
 
     def start_member(self, node: int) -> None:
         """Start (or start again) member ``node`` (1-based)."""
         i = node - 1
-        peers = [a for j, p in enumerate(self.member_ports) if j != i
-                 for a in ("--peer", f"127.0.0.1:{p}")]  # fmt: skip
+        via = [self.peer_ports.get((node, j + 1), p) for j, p in enumerate(self.member_ports)
+               if j != i]  # fmt: skip
+        peers = [a for p in via for a in ("--peer", f"127.0.0.1:{p}")]
         reps = [a for p in self.replica_ports for a in ("--replica", f"127.0.0.1:{p}")]
         self._spawn(
             f"member{node}", "bridge", "--dsn", f"{self.dsn} application_name=member{node}",
             "--slot", self.slot, "-p", self.publication, "--node-id", str(node),
             "--listen", f"127.0.0.1:{self.member_ports[i]}", *peers, *reps,
             "--ack-quorum", str(len(self.replica_ports)), "--payload", "bincode",
+            *self.member_args.get(node, []),
         )  # fmt: skip
 
     def kill(self, node: int) -> None:
