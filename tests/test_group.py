@@ -62,6 +62,17 @@ def _metrics(port: int) -> str:
         return str(r.read().decode())
 
 
+def _finish(writer: Writer, conn: Conn, slot: str) -> None:
+    """Stop writing, then wait until the replicas acknowledged everything (the slot is
+    confirmed to the end of the WAL only then: --ack-quorum 2 of 2)."""
+    writer.stop()
+    wal = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+    assert wal is not None
+    end = int(Lsn.parse(wal[0]))
+    wait_for(lambda: _confirmed(conn, slot) >= end, timeout=60,
+             what="both replicas to acknowledge everything")  # fmt: skip
+
+
 def _confirmed(conn: Conn, slot: str) -> int:
     row = conn.execute(
         "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s", (slot,)
@@ -132,12 +143,7 @@ def test_the_master_lost_and_another_member_takes_over(
                      what="the paused master to step down")  # fmt: skip
             assert slot_holder(pg_conn, src.slot) != first
         time.sleep(0.5)
-        writer.stop()
-        wal = pg_conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
-        assert wal is not None
-        end = int(Lsn.parse(wal[0]))
-        wait_for(lambda: _confirmed(pg_conn, src.slot) >= end, timeout=60,
-                 what="both replicas to acknowledge everything")  # fmt: skip
+        _finish(writer, pg_conn, src.slot)
     finally:
         sampling.set()
         writer.done.set()
@@ -258,12 +264,7 @@ def test_a_master_cut_off_from_its_peers_steps_down_and_the_group_stays_one(
             proxy.heal()
         time.sleep(1.0)  # rejoined: it follows, it does not take the slot back
         assert other_holds()
-        writer.stop()
-        wal = pg_conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
-        assert wal is not None
-        end = int(Lsn.parse(wal[0]))
-        wait_for(lambda: _confirmed(pg_conn, src.slot) >= end, timeout=60,
-                 what="both replicas to acknowledge everything")  # fmt: skip
+        _finish(writer, pg_conn, src.slot)
     finally:
         watching.set()
         writer.done.set()
@@ -301,12 +302,7 @@ def _run_group_case(pg: PostgresServer, pg_conn: Conn, tmp_path: Path, case: str
                 group.start_member(node)
         wait_for(lambda: group.held() > before, timeout=30, what="the replicas to move on")
         time.sleep(0.3)
-        writer.stop()
-        wal = pg_conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
-        assert wal is not None
-        end = int(Lsn.parse(wal[0]))
-        wait_for(lambda: _confirmed(pg_conn, src.slot) >= end, timeout=60,
-                 what="both replicas to acknowledge everything")  # fmt: skip
+        _finish(writer, pg_conn, src.slot)
     finally:
         writer.done.set()
         group.close()
