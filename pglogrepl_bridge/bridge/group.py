@@ -2,11 +2,13 @@
 
 A thread runs a selector over the peer links: it dials every ``--peer`` address (with
 backoff) and accepts on ``--listen``, which in a group serves peers only (replicas are
-dialled, ``--replica``). Each link starts with a ``Heartbeat{own id, last lsn}`` from both
-ends (a hello: it binds the link to the peer's id, and a member that knows the master
-answers it with the master's ``Promotion``, so a newcomer follows at once). Everything else
-is ``wire.election.Member``'s: this module feeds it messages and the time, sends what it
-says, and tells the runner when this member becomes master or stops being one.
+dialled, ``--replica``). With ``--tls-cert/--tls-key/--tls-ca`` the links use TLS, mutual
+when a CA is given, as the replica links do. Each link starts with a ``Heartbeat{own id,
+last lsn}`` from both ends (a hello: it binds the link to the peer's id, and a member that
+knows the master answers it with the master's ``Promotion``, so a newcomer follows at
+once). Everything else is ``wire.election.Member``'s: this module feeds it messages and the
+time, sends what it says, and tells the runner when this member becomes master or stops
+being one.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging
 import random
 import selectors
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -58,7 +61,11 @@ class Group:
         heartbeat: float = 0.05,
         timeout: float = 0.15,
         rng: random.Random | None = None,
+        tls_client: ssl.SSLContext | None = None,
+        tls_server: ssl.SSLContext | None = None,
     ) -> None:
+        #: the links' TLS, the replicas' contexts (``--tls-*``): with a CA, mutual
+        self.tls_client, self.tls_server = tls_client, tls_server
         self.member = Member(
             node_id,
             frozenset(),
@@ -177,16 +184,27 @@ class Group:
                 continue
             try:
                 sock = socket.create_connection(address, timeout=0.5)
-            except OSError:
+                if self.tls_client is not None:
+                    sock = self.tls_client.wrap_socket(sock, server_hostname=address[0])
+            except (OSError, ssl.SSLError) as exc:
                 self._next_dial[address] = now + 0.2
+                log.debug("member %s:%d not reachable (%s)", *address, exc)
                 continue
             self._register(sock, address)
 
     def _accept(self) -> None:
         try:
-            sock, _ = self._listener.accept()
+            sock, peer = self._listener.accept()
         except BlockingIOError:
             return
+        if self.tls_server is not None:
+            try:
+                sock.settimeout(2)
+                sock = self.tls_server.wrap_socket(sock, server_side=True)
+            except (OSError, ssl.SSLError) as exc:
+                log.warning("TLS handshake with %s failed: %s", peer, exc)
+                sock.close()
+                return
         self._register(sock, None)
 
     def _register(self, sock: socket.socket, address: Address | None) -> None:
@@ -212,7 +230,9 @@ class Group:
         if mask & selectors.EVENT_READ:
             try:
                 data = link.sock.recv(65536)
-            except BlockingIOError:
+                while isinstance(link.sock, ssl.SSLSocket) and link.sock.pending():
+                    data += link.sock.recv(link.sock.pending())
+            except (BlockingIOError, ssl.SSLWantReadError):
                 data = None
             except OSError as exc:
                 self._close(link, str(exc))
@@ -289,7 +309,7 @@ class Group:
             try:
                 sent = link.sock.send(link.out)
                 del link.out[:sent]
-            except BlockingIOError:
+            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
                 pass
             except OSError as exc:
                 self._close(link, str(exc))

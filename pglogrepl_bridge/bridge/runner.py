@@ -190,7 +190,8 @@ def run_group(
     if not config.replicas:
         raise ConfigError("a group member dials its replicas: add --replica HOST:PORT")
     group = Group(config.node_id, config.listen, config.peers,
-                  heartbeat=config.heartbeat_interval)  # fmt: skip
+                  heartbeat=config.heartbeat_interval, tls_client=config.tls_client,
+                  tls_server=config.tls_server)  # fmt: skip
     stopper = _Stopper(group)
     if on_stream is not None:
         on_stream(stopper)  # type: ignore[arg-type]
