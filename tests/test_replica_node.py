@@ -217,3 +217,52 @@ def test_a_bincode_payload_whose_first_byte_is_a_brace_is_not_taken_for_json() -
     data = BincodeEncoder().transaction(braced)
     assert data[:1] == b"{" and not is_json_payload(data)
     assert is_json_payload(b'{"xid": 5, "lsn": "0/1"}')
+
+
+def test_the_replica_takes_only_masters_with_a_certificate_over_tls(
+    pg: PostgresServer, pg_conn: Conn, tmp_path: Path
+) -> None:
+    from pglogrepl_bridge.bridge.network import tls_context
+
+    from .test_bridge import _certificates
+
+    cert, key, ca = _certificates(tmp_path)
+    src = Source(pg_conn)
+    port = _free_port()
+    target = f"sqlite:///{tmp_path}/replica.db"
+    proc = _replica(port, target, "--tls-cert", cert, "--tls-key", key, "--tls-ca", ca)
+    replica = [("127.0.0.1", port)]
+    anonymous = start_bridge(  # trusts the replica, but shows no certificate of its own
+        pg,
+        src,  # type: ignore[arg-type]
+        BridgeConfig(
+            replicas=replica,
+            payload="bincode",
+            ack_quorum=1,
+            tls_client=tls_context(False, None, None, ca),
+        ),
+    )
+    try:
+        src.mixed_workload(0, 3)
+        time.sleep(1.5)
+        assert _position(target, 7) == 0  # refused at the handshake: nothing applied
+    finally:
+        anonymous.stop()
+    end = int(src.end())  # nothing was confirmed: the slot still has it all
+    bridge = start_bridge(
+        pg,
+        src,  # type: ignore[arg-type]
+        BridgeConfig(
+            replicas=replica,
+            payload="bincode",
+            ack_quorum=1,
+            tls_client=tls_context(False, cert, key, ca),
+        ),
+    )
+    try:
+        wait_for(lambda: _position(target, 7) >= end, timeout=30, what="the replica to apply")
+    finally:
+        bridge.stop()
+        proc.terminate()
+        proc.communicate(timeout=30)
+    assert_same(pg.dsn, target, src.items, "id")

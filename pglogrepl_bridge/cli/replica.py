@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from pglogrepl_bridge.bridge.network import parse_address
+from pglogrepl_bridge.bridge.network import parse_address, tls_context
 from pglogrepl_bridge.cli import app as cli
 from pglogrepl_bridge.errors import ConfigError
 from pglogrepl_bridge.sinks.replica import run_replica
@@ -20,8 +20,8 @@ def replica(
         str,
         typer.Option(
             "--listen",
-            help="Accept the master's connection on HOST:PORT (keep it on loopback or a "
-            "private network: there is no TLS here yet).",
+            help="Accept the master's connection on HOST:PORT (loopback or a private "
+            "network, unless TLS protects it).",
         ),
     ],
     target: Annotated[
@@ -35,6 +35,12 @@ def replica(
             "refused.",
         ),
     ] = "auto",
+    tls_cert: Annotated[str | None, typer.Option("--tls-cert", help="PEM certificate.")] = None,
+    tls_key: Annotated[str | None, typer.Option("--tls-key", help="PEM private key.")] = None,
+    tls_ca: Annotated[
+        str | None,
+        typer.Option("--tls-ca", help="CA bundle: only masters with a certificate it signed."),
+    ] = None,
     until_lsn: cli.UntilLsn = None,
     verbose: cli.Verbose = False,
 ) -> None:
@@ -47,6 +53,8 @@ def replica(
     """
     cli.setup_logging(verbose)
     with cli.handled(), cli.Signals() as signals:
+        if (tls_key or tls_ca) and not tls_cert:
+            raise ConfigError("--tls-key and --tls-ca need --tls-cert: the replica's own")
         if payload not in ("auto", "bincode"):
             raise ConfigError(
                 f"--payload must be auto or bincode, not {payload!r} (json carries no column "
@@ -59,6 +67,7 @@ def replica(
             payload=payload,  # type: ignore[arg-type]
             until=cli.parse_lsn(until_lsn, "--until-lsn"),
             on_server=signals.attach,
+            tls=tls_context(True, tls_cert, tls_key, tls_ca) if tls_cert else None,
         )
         cli.err().print(
             f"replica {node_id}: applied {stats.entries} entries over {stats.connections} "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -65,8 +66,10 @@ class ReplicaServer:
         payload: PayloadChoice = "auto",
         until: Lsn | None = None,
         max_backoff: float = 5.0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.sink = sink
+        self.tls = tls  # accepted connections use TLS (mutual when the context has a CA)
         self.follower = follower
         self.payload = payload
         self.until = until
@@ -109,6 +112,14 @@ class ReplicaServer:
                     conn, peer = self._server.accept()
                 except TimeoutError:
                     continue
+                if self.tls is not None:
+                    try:
+                        conn.settimeout(5)
+                        conn = self.tls.wrap_socket(conn, server_side=True)
+                    except (OSError, ssl.SSLError) as exc:
+                        log.warning("TLS handshake with %s failed: %s", peer, exc)
+                        conn.close()
+                        continue
                 log.info("master connected from %s:%s", *peer[:2])
                 thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
                 self._threads.append(thread)
@@ -133,7 +144,7 @@ class ReplicaServer:
             while not self._stop.is_set():
                 try:
                     data = conn.recv(1 << 16)
-                except TimeoutError:
+                except (TimeoutError, ssl.SSLWantReadError):
                     continue
                 if not data:
                     return
@@ -228,6 +239,7 @@ def run_replica(
     payload: PayloadChoice = "auto",
     until: Lsn | None = None,
     on_server: Callable[[ReplicaServer], None] | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> ReplicaStats:
     """Serve as replica ``node_id`` on ``listen`` into ``target`` until stopped (or until
     the target holds ``until``); returns what was done."""
@@ -237,7 +249,7 @@ def run_replica(
     try:
         checkpoint = sink.checkpoint()
         follower = Follower(node_id, last_lsn=int(checkpoint or 0))
-        server = ReplicaServer(sink, follower, payload=payload, until=until)
+        server = ReplicaServer(sink, follower, payload=payload, until=until, tls=tls)
         server.stats.resumed_from = checkpoint
         host, port = server.listen(*listen)
         log.info("replica %d listening on %s:%d, applied up to %s", node_id, host, port, checkpoint)
