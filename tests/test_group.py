@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -302,6 +304,14 @@ def _run_group_case(pg: PostgresServer, pg_conn: Conn, tmp_path: Path, case: str
                 group.start_member(node)
         wait_for(lambda: group.held() > before, timeout=30, what="the replicas to move on")
         time.sleep(0.3)
+        peers = [a for p in group.member_ports for a in ("--peer", f"127.0.0.1:{p}")]
+        shown = subprocess.run(
+            [sys.executable, "-m", "pglogrepl_bridge", "status", *peers],
+            env=group.env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert shown.returncode == 0, shown.stderr
+        assert shown.stdout.count("master") >= 2  # the column, and one member
+        assert "standby" in shown.stdout and "replica" in shown.stdout
         _finish(writer, pg_conn, src.slot)
     finally:
         writer.done.set()

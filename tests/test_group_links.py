@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pglogrepl_bridge.bridge.group import Group
 from pglogrepl_bridge.bridge.network import tls_context
+from pglogrepl_bridge.bridge.observe import ask
 from pglogrepl_bridge.testing.group import free_ports
 
 from .test_bridge import _certificates
@@ -87,6 +88,29 @@ def test_mutual_tls_keeps_a_member_without_a_certificate_out(tmp_path: Path) -> 
             assert _masters(groups) == [leader]
         finally:
             stranger.close()
+    finally:
+        for g in groups:
+            g.close()
+
+
+def test_an_observer_sees_the_master_the_term_and_the_replicas() -> None:
+    groups = _group(3)
+    try:
+        assert _until(lambda: len(_masters(groups)) == 1)
+        (master,) = _masters(groups)
+        groups[master - 1].replica_positions = lambda: {101: 0x1000, 102: 0x0F00}
+        time.sleep(0.2)
+        views = [ask(g.listen_address) for g in groups]
+        assert [v.error for v in views] == [None, None, None]
+        assert sorted(v.node_id for v in views if v.node_id) == [1, 2, 3]
+        assert [v.node_id for v in views if v.is_master] == [master]
+        assert {v.master for v in views} == {master}
+        assert len({v.term for v in views}) == 1
+        assert [v.replicas for v in views if v.is_master] == [{101: 0x1000, 102: 0x0F00}]
+        time.sleep(0.3)
+        assert _masters(groups) == [master]  # asking moved nothing
+        unreachable = ask(("127.0.0.1", free_ports(1)[0]))
+        assert unreachable.error is not None and unreachable.node_id is None
     finally:
         for g in groups:
             g.close()

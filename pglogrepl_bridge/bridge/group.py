@@ -27,8 +27,10 @@ from dataclasses import dataclass, field
 from pglogrepl_bridge.errors import ProtocolError
 from pglogrepl_bridge.wire.election import EVERY_PEER, Became, Member, Send
 from pglogrepl_bridge.wire.protocol import (
+    Acknowledge,
     FrameReader,
     Heartbeat,
+    Promotion,
     ReplicationMessage,
     frame,
 )
@@ -38,6 +40,8 @@ log = logging.getLogger(__name__)
 Address = tuple[str, int]
 #: the loop's longest sleep: elections are timed in tens of milliseconds
 TICK = 0.01
+#: the node id of ``status --peer``'s hello: no member, only asking (``_answer_observer``)
+OBSERVER = 0
 
 
 @dataclass
@@ -79,6 +83,8 @@ class Group:
         self.on_step_down: Callable[[], None] | None = None
         #: every role change (metrics)
         self.on_change: Callable[[Became], None] | None = None
+        #: while master: each replica's acknowledged position (for ``status --peer``)
+        self.replica_positions: Callable[[], dict[int, int]] | None = None
         self.elections = 0
         self.last_change = self._quorum_seen = time.monotonic()
         self._sel = selectors.DefaultSelector()
@@ -254,6 +260,11 @@ class Group:
 
     def _receive(self, link: _Link, msg: ReplicationMessage) -> bool:
         with self.cond:
+            if link.peer is None and isinstance(msg, Heartbeat) and msg.node_id == OBSERVER:
+                self._answer_observer(link)
+                return True
+            if link.peer == OBSERVER:
+                return True  # an observer says nothing more that counts
             if link.peer is None:  # the hello binds the link
                 if not isinstance(msg, Heartbeat) or not self.member.learn(msg.node_id):
                     self._close(link, "not a member of this group (or this member itself)")
@@ -262,6 +273,17 @@ class Group:
                 log.info("linked to member %d", msg.node_id)
             self._act(self.member.receive(msg, time.monotonic()))
         return True
+
+    def _answer_observer(self, link: _Link) -> None:
+        """``status --peer``: this member's view (its hello went first: its id and last
+        LSN), then ``Promotion{master, term}`` as it knows them (master 0: none known), then,
+        from the master, ``Acknowledge{replica, lsn}`` for each replica's position."""
+        link.peer = OBSERVER
+        member = self.member
+        link.out += frame(Promotion(member.leader or 0, member.term))
+        if member.role == "master" and self.replica_positions is not None:
+            for node, lsn in sorted(self.replica_positions().items()):
+                link.out += frame(Acknowledge(node, lsn))
 
     def _act(self, actions: list[Send | Became]) -> None:
         """Send what the election says; note role changes (under ``cond``)."""
@@ -272,7 +294,7 @@ class Group:
             data = frame(action.msg)
             sent: set[int] = set()
             for link in self._links.values():
-                if link.peer is None or link.peer in sent:
+                if link.peer in (None, OBSERVER) or link.peer in sent:
                     continue
                 if action.to in (EVERY_PEER, link.peer):
                     link.out += data

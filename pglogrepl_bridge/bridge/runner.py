@@ -143,11 +143,20 @@ def _serve(
         hub.floor = hub.last_lsn = stream.confirmed_lsn
         network = Network(hub, replace(config, listen=None) if group else config, stream)
         network.thread.start()
+        if group is not None:
+
+            def positions() -> dict[int, int]:
+                with network.lock:
+                    return dict(hub.acked_by_node)
+
+            group.replica_positions = positions
         try:
             if ready is not None:
                 ready(network)
             _publish(stream, hub, network, config, encode, stats, metrics_port, group, metrics)
         finally:
+            if group is not None:
+                group.replica_positions = None
             network.stop_event.set()
             network.wake()
             network.thread.join(timeout=10)

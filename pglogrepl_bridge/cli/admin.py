@@ -3,6 +3,7 @@ helpers."""
 
 from __future__ import annotations
 
+import ssl
 import time
 from typing import Annotated, Any
 
@@ -19,6 +20,7 @@ from pglogrepl_bridge.cli.app import (
     setup_logging,
     stop_on_signals,
 )
+from pglogrepl_bridge.lsn import format_lsn
 from pglogrepl_bridge.postgres import admin
 from pglogrepl_bridge.postgres.connection import connect
 
@@ -166,16 +168,73 @@ def _status(conn: Any) -> Any:
     return Group(slots, table)
 
 
+def _group_status(peers: list[str], tls: ssl.SSLContext | None) -> Table:
+    from pglogrepl_bridge.bridge.network import parse_address
+    from pglogrepl_bridge.bridge.observe import ask
+
+    views = [ask(parse_address(p, "--peer"), tls=tls) for p in peers]
+    table = Table(title="bridge group", title_justify="left")
+    for column in ("member", "address", "role", "term", "master", "last LSN"):
+        table.add_column(column)
+    replicas: dict[int, int] = {}
+    for v in views:
+        host, port = v.address
+        if v.error is not None:
+            table.add_row("?", f"{host}:{port}", f"[red]{v.error}[/]", "", "", "")
+            continue
+        role = "[bold green]master[/]" if v.is_master else "standby"
+        table.add_row(
+            str(v.node_id), f"{host}:{port}", role, str(v.term),
+            str(v.master or "none known"), format_lsn(v.last_lsn),
+        )  # fmt: skip
+        replicas.update(v.replicas)
+    if replicas:
+        table.add_section()
+        for node, lsn in sorted(replicas.items()):
+            table.add_row(str(node), "", "replica", "", "", format_lsn(lsn))
+    return table
+
+
 @app.command()
 def status(
     dsn: Dsn = "",
     watch: Annotated[bool, typer.Option("--watch", help="Refresh every --interval.")] = False,
     interval: Annotated[float, typer.Option("--interval", min=0.2)] = 2.0,
+    peer: Annotated[
+        list[str],
+        typer.Option(
+            "--peer",
+            help="A bridge group member's --listen HOST:PORT (repeatable): show the group "
+            "(the master, the term, each member's and each replica's last LSN) instead.",
+        ),
+    ] = [],  # noqa: B006 - typer reads the default, never mutates it
+    tls_cert: Annotated[str | None, typer.Option("--tls-cert", help="PEM certificate.")] = None,
+    tls_key: Annotated[str | None, typer.Option("--tls-key", help="PEM private key.")] = None,
+    tls_ca: Annotated[
+        str | None, typer.Option("--tls-ca", help="CA bundle of the group's links.")
+    ] = None,
     verbose: Verbose = False,
 ) -> None:
     """Each slot: active or not, confirmed and restart LSNs, lag in bytes, WAL status; and
-    the table copies of a running snapshot."""
+    the table copies of a running snapshot. With --peer: a bridge group's members instead."""
     setup_logging(verbose)
+    if peer:
+        from pglogrepl_bridge.bridge.network import tls_context
+
+        with handled():
+            tls = tls_context(False, tls_cert, tls_key, tls_ca) if tls_ca or tls_cert else None
+            if not watch:
+                out().print(_group_status(peer, tls))
+                return
+            stopped = {"now": False}
+            with (
+                stop_on_signals(lambda: stopped.update(now=True)),
+                Live(_group_status(peer, tls), refresh_per_second=4) as live,
+            ):
+                while not stopped["now"]:
+                    time.sleep(interval)
+                    live.update(_group_status(peer, tls))
+        return
     with handled(), connect(dsn, replication=False) as conn:
         if not watch:
             out().print(_status(conn))
