@@ -21,6 +21,7 @@ import socket
 import ssl
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -32,6 +33,7 @@ from pglogrepl_bridge.wire.protocol import (
     Heartbeat,
     Promotion,
     ReplicationMessage,
+    WalEntry,
     frame,
 )
 
@@ -42,6 +44,11 @@ Address = tuple[str, int]
 TICK = 0.01
 #: the node id of ``status --peer``'s hello: no member, only asking (``_answer_observer``)
 OBSERVER = 0
+#: the master's newest entries a standby keeps, to hand replicas at once after a takeover
+MAX_KEPT = 10_000
+MAX_KEPT_BYTES = 64 * 1024 * 1024
+#: bytes a standby's link may have waiting before the master drops it
+MAX_BEHIND = 64 * 1024 * 1024
 
 
 @dataclass
@@ -51,6 +58,7 @@ class _Link:
     reader: FrameReader = field(default_factory=FrameReader)
     out: bytearray = field(default_factory=bytearray)
     peer: int | None = None  # bound by its hello
+    closing: str | None = None  # set from another thread: the loop closes it, with this why
 
 
 class Group:
@@ -95,6 +103,9 @@ class Group:
         self._next_dial: dict[Address, float] = dict.fromkeys(peers, 0.0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bridge-group", daemon=True)
+        self._entries: deque[WalEntry] = deque()
+        self._entries_bytes = 0
+        self._entries_link: _Link | None = None
 
     @property
     def listen_address(self) -> Address:
@@ -271,8 +282,50 @@ class Group:
                     return False
                 link.peer = msg.node_id
                 log.info("linked to member %d", msg.node_id)
+            if isinstance(msg, WalEntry):
+                self._keep(link, msg)
+                return True
             self._act(self.member.receive(msg, time.monotonic()))
         return True
+
+    def _keep(self, link: _Link, entry: WalEntry) -> None:
+        """A standby keeps the master's entries (under ``cond``). They come over one link
+        in order, so the kept ones are gapless from the first; a new link starts a new run
+        (what was sent while it was down is unknown), and only the master's count."""
+        if link.peer != self.member.leader or self.member.role == "master":
+            return
+        if link is not self._entries_link:
+            self._entries.clear()
+            self._entries_bytes = 0
+            self._entries_link = link
+        if self._entries and entry.lsn <= self._entries[-1].lsn:
+            return
+        self._entries.append(entry)
+        self._entries_bytes += len(entry.data)
+        while len(self._entries) > MAX_KEPT or self._entries_bytes > MAX_KEPT_BYTES:
+            self._entries_bytes -= len(self._entries.popleft().data)
+
+    def kept_after(self, lsn: int) -> list[WalEntry]:
+        """The master's entries this member kept that follow ``lsn``, when they reach back
+        to it (gapless from there); else none: the stream re-reads them from the slot."""
+        with self.cond:
+            if not self._entries or self._entries[0].lsn > lsn:
+                return []
+            return [e for e in self._entries if e.lsn > lsn]
+
+    def send_entry(self, entry_frame: bytes) -> None:
+        """The master gives each standby every entry it publishes (any thread). A standby
+        that falls ``MAX_BEHIND`` bytes behind loses its link (and starts a new run)."""
+        with self.cond:
+            given: set[int] = set()
+            for link in list(self._links.values()):  # one link per peer, always the same
+                if link.peer in (None, OBSERVER) or link.peer in given or link.closing:
+                    continue
+                given.add(link.peer)
+                if len(link.out) > MAX_BEHIND:
+                    link.closing = "too far behind the master's entries"
+                    continue
+                link.out += entry_frame
 
     def _answer_observer(self, link: _Link) -> None:
         """``status --peer``: this member's view (its hello went first: its id and last
@@ -327,15 +380,23 @@ class Group:
         self.cond.notify_all()
 
     def _send(self, link: _Link) -> None:
-        if link.out:
+        if link.closing is not None:
+            self._close(link, link.closing)
+            return
+        problem: str | None = None
+        with self.cond:  # the master's thread appends entries (``send_entry``)
             try:
-                sent = link.sock.send(link.out)
-                del link.out[:sent]
+                if link.out:
+                    sent = link.sock.send(link.out)
+                    del link.out[:sent]
+                waiting = bool(link.out)
             except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
-                pass
+                waiting = True
             except OSError as exc:
-                self._close(link, str(exc))
-                return
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if link.out else 0)
+                problem = str(exc) or type(exc).__name__
+        if problem is not None:
+            self._close(link, problem)
+            return
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if waiting else 0)
         with contextlib.suppress(KeyError, ValueError):
             self._sel.modify(link.sock, events, link)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pglogrepl_bridge.bridge.group import Group
 from pglogrepl_bridge.bridge.network import Address, Network
 from pglogrepl_bridge.errors import ConfigError, SlotInUseError
+from pglogrepl_bridge.lsn import Lsn, format_lsn
 from pglogrepl_bridge.pgoutput.transaction import Transaction
 from pglogrepl_bridge.postgres.admin import take_slot
 from pglogrepl_bridge.postgres.stream import ReplicationStream, StreamOptions
@@ -141,6 +142,19 @@ def _serve(
         stream.start()
         # everything after the confirmed position comes again from PostgreSQL; nothing older
         hub.floor = hub.last_lsn = stream.confirmed_lsn
+        if group is not None:  # a takeover: what the old master sent, replicas get at once
+            kept = group.kept_after(hub.last_lsn)
+            for e in kept:
+                entry = frame(WalEntry(config.node_id, e.lsn, e.timestamp, e.data))
+                hub.publish(e.lsn, entry)
+                group.send_entry(entry)
+            if kept:
+                log.info(
+                    "took over with %d entries the old master had sent (up to %s): the stream "
+                    "goes on after them",
+                    len(kept),
+                    format_lsn(Lsn(kept[-1].lsn)),
+                )
         network = Network(hub, replace(config, listen=None) if group else config, stream)
         network.thread.start()
         if group is not None:
@@ -271,9 +285,12 @@ def _publish(
             with lock:
                 while hub.full and not stream.stopping:
                     lock.wait(0.1)  # backpressure: a quorum must catch up first
-                if txn.end_lsn > hub.last_lsn:  # not already buffered before a rewind
+                published = txn.end_lsn > hub.last_lsn  # not buffered before (a rewind,
+                if published:  # or what a takeover started with)
                     hub.publish(txn.end_lsn, entry)
                     stats.entries += 1
             network.wake()
             if group is not None:
                 group.set_last_lsn(txn.end_lsn)
+                if published:
+                    group.send_entry(entry)
