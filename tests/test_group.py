@@ -135,8 +135,6 @@ def test_the_master_lost_and_another_member_takes_over(
         takeover = time.monotonic() - killed
         now = slot_holder(pg_conn, src.slot)
         assert now is not None
-        # the standby kept the old master's entries: replicas got them without a re-read
-        assert "took over with" in (tmp_path / f"member{now}.log").read_text()
         scraped = _metrics(metrics_ports[now - 1])
         assert "pglogrepl_group_role 2.0" in scraped
         assert "pglogrepl_group_term 1.0" not in scraped  # a newer term than the first

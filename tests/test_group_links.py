@@ -114,3 +114,28 @@ def test_an_observer_sees_the_master_the_term_and_the_replicas() -> None:
     finally:
         for g in groups:
             g.close()
+
+
+def test_standbys_keep_the_masters_entries_gapless_from_the_first() -> None:
+    from pglogrepl_bridge.wire.protocol import WalEntry, frame
+
+    groups = _group(3)
+    try:
+        assert _until(lambda: len(_masters(groups)) == 1)
+        (master,) = _masters(groups)
+        standbys = [g for g in groups if g.member.node_id != master]
+        for lsn in (100, 200, 300, 300, 250, 400):  # a repeat and a step back are not kept
+            groups[master - 1].send_entry(frame(WalEntry(master, lsn, 0, b"x")))
+        assert _until(lambda: all(len(g.kept_after(100)) == 3 for g in standbys))
+        for g in standbys:
+            assert [e.lsn for e in g.kept_after(100)] == [200, 300, 400]
+            assert [e.lsn for e in g.kept_after(300)] == [400]
+            assert g.kept_after(50) == []  # they do not reach back to 50: nothing
+        # the master leaves: the new one hands on what it kept
+        groups[master - 1].close()
+        rest = [g for g in groups if g.member.node_id != master]
+        assert _until(lambda: len(_masters(rest)) == 1)
+        assert [e.lsn for e in rest[0].kept_after(100)] == [200, 300, 400]
+    finally:
+        for g in groups:
+            g.close()

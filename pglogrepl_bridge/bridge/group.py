@@ -103,6 +103,7 @@ class Group:
         self._next_dial: dict[Address, float] = dict.fromkeys(peers, 0.0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bridge-group", daemon=True)
+        self._rounds = 0  # turns of the loop (``settle``)
         self._entries: deque[WalEntry] = deque()
         self._entries_bytes = 0
         self._entries_link: _Link | None = None
@@ -140,6 +141,18 @@ class Group:
                 self.cond.wait(0.1)
             return self.member.term
 
+    def settle(self, timeout: float = 1.0) -> None:
+        """Wait until the loop went round twice: whatever peers had said (a newer term, say)
+        has been heard before the caller acts as master (takes the slot)."""
+        with self.cond:
+            target = self._rounds + 2
+            deadline = time.monotonic() + timeout
+            while self._rounds < target and not self._stop.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self.cond.wait(left)
+
     def still_master(self, term: int) -> bool:
         """Whether this member still leads ``term`` (E8: may send its entries)."""
         with self.cond:
@@ -166,6 +179,8 @@ class Group:
                     now = time.monotonic()
                     self._act(self.member.tick(now))
                     self._check_quorum(now)
+                    self._rounds += 1
+                    self.cond.notify_all()
                 for link in list(self._links.values()):
                     self._send(link)
         except Exception as exc:

@@ -236,6 +236,9 @@ def run_group(
             term = group.wait_until_master(lambda: stopper.stopped)
             if term is None:
                 break
+            group.settle()  # anything peers said meanwhile (a newer term) is heard first
+            if not group.still_master(term):
+                continue
             if not take_slot(dsn, options.slot, lambda: stopper.stopped):
                 continue
             stats.terms.append(term)
