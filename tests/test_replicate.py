@@ -208,6 +208,7 @@ def test_kill_9_at_any_moment(pg: PostgresServer, pg_conn: Conn, tmp_path: Path)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         kills += 1
+    _wait_released(pg_conn, src.slot)  # the killed run's walsender may outlive it a moment
     final_end = src.end()
     final = subprocess.run(
         [*cmd, "--until-lsn", str(final_end)], env=env, capture_output=True, text=True, timeout=120
