@@ -305,13 +305,20 @@ def _run_group_case(pg: PostgresServer, pg_conn: Conn, tmp_path: Path, case: str
         wait_for(lambda: group.held() > before, timeout=30, what="the replicas to move on")
         time.sleep(0.3)
         peers = [a for p in group.member_ports for a in ("--peer", f"127.0.0.1:{p}")]
-        shown = subprocess.run(
-            [sys.executable, "-m", "pglogrepl_bridge", "status", *peers],
-            env=group.env, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        assert shown.returncode == 0, shown.stderr
-        assert shown.stdout.count("master") >= 2  # the column, and one member
-        assert "standby" in shown.stdout and "replica" in shown.stdout
+        shown: list[str] = []
+
+        def status_shows_the_group() -> bool:
+            done = subprocess.run(
+                [sys.executable, "-m", "pglogrepl_bridge", "status", *peers],
+                env=group.env, capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            shown.append(done.stdout)
+            # the "master" column, and one member (between elections, none may say so)
+            return done.stdout.count("master") >= 2 and "replica" in done.stdout
+
+        wait_for(status_shows_the_group, timeout=30, what="status --peer to show the group")
+        assert "standby" in shown[-1]
         _finish(writer, pg_conn, src.slot)
     finally:
         writer.done.set()

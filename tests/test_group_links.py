@@ -18,7 +18,7 @@ from pglogrepl_bridge.testing.group import free_ports
 from .test_bridge import _certificates
 
 
-def _until(check: Callable[[], bool], timeout: float = 5.0) -> bool:
+def _until(check: Callable[[], bool], timeout: float = 15.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():

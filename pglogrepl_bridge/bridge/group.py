@@ -104,6 +104,8 @@ class Group:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bridge-group", daemon=True)
         self._rounds = 0  # turns of the loop (``settle``)
+        self._dialing: set[Address] = set()  # being connected to by a helper thread
+        self._ready: list[tuple[socket.socket, Address | None]] = []  # connected, to register
         self._entries: deque[WalEntry] = deque()
         self._entries_bytes = 0
         self._entries_link: _Link | None = None
@@ -170,6 +172,7 @@ class Group:
             while not self._stop.is_set():
                 now = time.monotonic()
                 self._dial(now)
+                self._take_ready()
                 for key, mask in self._sel.select(TICK):
                     if key.data is None:
                         self._accept()
@@ -210,34 +213,66 @@ class Group:
             self._act(member.step_down(now))
 
     def _dial(self, now: float) -> None:
+        """Connect to the peers not linked (nor being connected to): in helper threads, so
+        that a TLS handshake never blocks the loop (two members dialling each other at once
+        would each wait for the other's loop to answer)."""
         connected = {link.address for link in self._links.values() if link.address}
-        for address, due in self._next_dial.items():
-            if address in connected or now < due:
-                continue
-            try:
-                sock = socket.create_connection(address, timeout=0.5)
-                if self.tls_client is not None:
-                    sock = self.tls_client.wrap_socket(sock, server_hostname=address[0])
-            except (OSError, ssl.SSLError) as exc:
-                self._next_dial[address] = now + 0.2
-                log.debug("member %s:%d not reachable (%s)", *address, exc)
-                continue
-            self._register(sock, address)
+        with self.cond:
+            due = [a for a, at in self._next_dial.items()
+                   if a not in connected and a not in self._dialing and now >= at]  # fmt: skip
+            self._dialing.update(due)
+        for address in due:
+            threading.Thread(target=self._connect, args=(address,), daemon=True).start()
+
+    def _connect(self, address: Address) -> None:
+        try:
+            sock = socket.create_connection(address, timeout=2)
+            if self.tls_client is not None:
+                sock = self.tls_client.wrap_socket(sock, server_hostname=address[0])
+        except (OSError, ssl.SSLError) as exc:
+            log.debug("member %s:%d not reachable (%s)", *address, exc)
+            with self.cond:
+                self._dialing.discard(address)
+                self._next_dial[address] = time.monotonic() + 0.2
+            return
+        with self.cond:
+            self._ready.append((sock, address))
 
     def _accept(self) -> None:
         try:
             sock, peer = self._listener.accept()
         except BlockingIOError:
             return
-        if self.tls_server is not None:
-            try:
-                sock.settimeout(2)
-                sock = self.tls_server.wrap_socket(sock, server_side=True)
-            except (OSError, ssl.SSLError) as exc:
-                log.warning("TLS handshake with %s failed: %s", peer, exc)
+        if self.tls_server is None:
+            self._register(sock, None)
+            return
+        threading.Thread(target=self._handshake, args=(sock, peer), daemon=True).start()
+
+    def _handshake(self, sock: socket.socket, peer: object) -> None:
+        """The server side of a TLS handshake, off the loop (see ``_dial``)."""
+        assert self.tls_server is not None
+        try:
+            sock.settimeout(2)
+            wrapped = self.tls_server.wrap_socket(sock, server_side=True)
+        except (OSError, ssl.SSLError) as exc:
+            log.warning("TLS handshake with %s failed: %s", peer, exc)
+            sock.close()
+            return
+        with self.cond:
+            self._ready.append((wrapped, None))
+
+    def _take_ready(self) -> None:
+        """Register the connections the helper threads finished."""
+        with self.cond:
+            ready, self._ready = self._ready, []
+            for _, address in ready:
+                if address is not None:
+                    self._dialing.discard(address)
+        for sock, address in ready:
+            if self._stop.is_set():
                 sock.close()
-                return
-        self._register(sock, None)
+            else:
+                self._register(sock, address)
 
     def _register(self, sock: socket.socket, address: Address | None) -> None:
         sock.setblocking(False)
@@ -256,7 +291,8 @@ class Group:
             self._sel.unregister(link.sock)
         link.sock.close()
         if link.address is not None:
-            self._next_dial[link.address] = time.monotonic() + 0.2
+            with self.cond:
+                self._next_dial[link.address] = time.monotonic() + 0.2
 
     def _io(self, link: _Link, mask: int) -> None:
         if mask & selectors.EVENT_READ:

@@ -75,7 +75,7 @@ class BridgeGroup:
         self._logs: list[IO[bytes]] = []
 
     def _spawn(self, name: str, *args: str) -> None:
-        log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - closed in close()
+        log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - closed in close()
         self._logs.append(log)
         self.procs[name] = subprocess.Popen(
             [sys.executable, "-m", "pglogrepl_bridge", *args], env=self.env, stderr=log
