@@ -219,6 +219,8 @@ def test_kill_9_replicate_from_nats_then_restart(
     rng = random.Random(5)
     running = Running(pg, src, cfg)  # type: ignore[arg-type]
     try:
+        src.mixed_workload(900, 2)  # the stream exists (publish made it) before a consumer
+        _published_to_the_end(src, nats, cfg)
         for round_ in range(3):
             before = checkpoints(target).get(key, 0)
             proc = subprocess.Popen(_cli(cfg, target, "--batch", "4"), env=env,
@@ -233,23 +235,11 @@ def test_kill_9_replicate_from_nats_then_restart(
             proc.kill()
             proc.wait()
         more_changes(src)
-        wal = src.conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
-        assert wal is not None
-        caught_up = Lsn.parse(wal[0])
-
-        def published_all() -> bool:
-            row = src.conn.execute(
-                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
-                (src.slot,),
-            ).fetchone()
-            return row is not None and Lsn.parse(row[0]) >= caught_up
-
-        wait_for(published_all, timeout=60, what="publish to catch up")
+        last = str(_published_to_the_end(src, nats, cfg))
     finally:
         for stream in running.streams:
             stream.stop()
     running.join()
-    last = read_stream(nats.urls, cfg.stream)[-1].headers[naming.LSN]
     done = subprocess.run(_cli(cfg, target, "--until-lsn", last), env=env,
                           capture_output=True, text=True, timeout=180)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
