@@ -90,15 +90,24 @@ def more_changes(src: Source) -> None:
         c.execute(f"UPDATE {src.notes} SET k = 'moved' WHERE k = 'after'")
 
 
-def test_from_nats_equals_the_source(
-    pg: PostgresServer, pg_conn: Conn, nats: NatsCluster, target: str
-) -> None:
+def _published_workload(
+    pg: PostgresServer, pg_conn: Conn, nats: NatsCluster, rows: int
+) -> tuple[Source, Lsn, PublishConfig]:
+    """A source with ``rows`` rounds of the mixed workload and ``more_changes``, all
+    published (bincode, R3) to its own stream; its final end LSN."""
     src = Source(pg_conn)
-    src.mixed_workload(0, 30)
+    src.mixed_workload(0, rows)
     more_changes(src)
     end = src.end()
     cfg = published(nats, src.slot)
     run_publish(pg.dsn, src.options(until_lsn=end), cfg)
+    return src, end, cfg
+
+
+def test_from_nats_equals_the_source(
+    pg: PostgresServer, pg_conn: Conn, nats: NatsCluster, target: str
+) -> None:
+    src, end, cfg = _published_workload(pg, pg_conn, nats, 30)
     stored = read_stream(nats.urls, cfg.stream)
     stats = run_consume(target, consumer(cfg, until=end))
     assert stats.last_lsn == end and stats.transactions == len(stored)
@@ -251,12 +260,7 @@ def test_kill_9_replicate_from_nats_then_restart(
 def test_two_consumers_split_the_tables_of_one_stream(
     pg: PostgresServer, pg_conn: Conn, nats: NatsCluster, tmp_path: Path
 ) -> None:
-    src = Source(pg_conn)
-    src.mixed_workload(0, 20)
-    more_changes(src)
-    end = src.end()
-    cfg = published(nats, src.slot)
-    run_publish(pg.dsn, src.options(until_lsn=end), cfg)
+    src, end, cfg = _published_workload(pg, pg_conn, nats, 20)
     target = f"sqlite:///{tmp_path}/t.db"
     items = run_consume(
         target, consumer(cfg, "items", tables=frozenset({f"public.{src.items}"}), until=end)

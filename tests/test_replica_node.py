@@ -32,7 +32,7 @@ from pglogrepl_bridge.wire.protocol import (
 )
 
 from .streamkit import Conn, wait_for
-from .test_bridge import start_bridge
+from .test_bridge import Running, start_bridge
 from .test_from_nats import more_changes
 from .test_replicate import Source, assert_same
 
@@ -112,18 +112,24 @@ def _replica(port: int, target: str, *extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True)
 
 
-def test_the_replica_command_applies_exactly_once_across_kill_9(
-    pg: PostgresServer, pg_conn: Conn, tmp_path: Path
-) -> None:
+def _fed(
+    pg: PostgresServer, pg_conn: Conn, tmp_path: Path, config: BridgeConfig
+) -> tuple[Source, int, str, subprocess.Popen[str], Running]:
+    """A source, a replica process on SQLite (its port and URL), and a bridge feeding it
+    (``config``, with the replica's address added)."""
     src = Source(pg_conn)
     port = _free_port()
     target = f"sqlite:///{tmp_path}/replica.db"
     proc = _replica(port, target)
-    bridge = start_bridge(
-        pg,
-        src,  # type: ignore[arg-type]
-        BridgeConfig(replicas=[("127.0.0.1", port)], payload="bincode", ack_quorum=1),
-    )
+    config = replace(config, replicas=[("127.0.0.1", port)])
+    return src, port, target, proc, start_bridge(pg, src, config)  # type: ignore[arg-type]
+
+
+def test_the_replica_command_applies_exactly_once_across_kill_9(
+    pg: PostgresServer, pg_conn: Conn, tmp_path: Path
+) -> None:
+    config = BridgeConfig(payload="bincode", ack_quorum=1)
+    src, port, target, proc, bridge = _fed(pg, pg_conn, tmp_path, config)
     rng = random.Random(11)
     try:
         for round_ in range(3):
@@ -164,15 +170,7 @@ def test_the_replica_command_applies_exactly_once_across_kill_9(
 def test_a_json_payload_is_refused_with_the_fix(
     pg: PostgresServer, pg_conn: Conn, tmp_path: Path
 ) -> None:
-    src = Source(pg_conn)
-    port = _free_port()
-    target = f"sqlite:///{tmp_path}/replica.db"
-    proc = _replica(port, target)
-    bridge = start_bridge(
-        pg,
-        src,  # type: ignore[arg-type]
-        BridgeConfig(replicas=[("127.0.0.1", port)], payload="json"),
-    )
+    src, _, target, proc, bridge = _fed(pg, pg_conn, tmp_path, BridgeConfig(payload="json"))
     try:
         src.mixed_workload(0, 2)
         _, err = proc.communicate(timeout=60)
