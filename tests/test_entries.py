@@ -16,13 +16,14 @@ from typing import Any
 import pytest
 
 from pglogrepl_bridge.errors import ProtocolError
-from pglogrepl_bridge.jetstream.entries import EntryReader, RelationsHeader, relations_of
+from pglogrepl_bridge.jetstream.entries import EntryReader
 from pglogrepl_bridge.pgoutput.messages import Message
 from pglogrepl_bridge.pgoutput.relcache import RelationInfo
 from pglogrepl_bridge.pgoutput.transaction import RowChange, Transaction, TruncateChange
 from pglogrepl_bridge.wire.payload import BincodeEncoder
 from pglogrepl_bridge.wire.payloadread import PayloadRelations, read_payload
 from pglogrepl_bridge.wire.protocol import WalEntry, to_bincode
+from pglogrepl_bridge.wire.relations import RelationWriter, relations_of
 
 from .test_captures import VERSIONS, replay
 
@@ -31,7 +32,7 @@ CAPTURES = ["basic", "binary", "streaming", "two_phase"]
 
 def _published(txns: list[Transaction]) -> list[tuple[bytes, str]]:
     """What ``publish --payload bincode`` stores: the WalEntry body and the header."""
-    enc, header = BincodeEncoder(), RelationsHeader()
+    enc, header = BincodeEncoder(), RelationWriter()
     return [
         (
             to_bincode(WalEntry(1, t.end_lsn, t.timestamp_us, enc.transaction(t))),
@@ -105,7 +106,7 @@ def test_one_relation_object_per_description() -> None:
 def test_the_header_describes_what_the_payload_cannot() -> None:
     """Type modifiers, replica identity and truncated-only relations are in the header."""
     txns = _transactions(16, "basic")
-    header = RelationsHeader()
+    header = RelationWriter()
     docs = [json.loads(header(relations_of(t))) for t in txns]
     identities = {doc[2]: doc[3] for d in docs for doc in d}
     assert identities["full_ident"] == "f" and identities["items"] == "d"

@@ -31,8 +31,7 @@ def replica(
         str,
         typer.Option(
             "--payload",
-            help="auto (detect) or bincode; the json payload carries no column types and is "
-            "refused.",
+            help="auto (detect each entry's), bincode or json: the bridge's --payload.",
         ),
     ] = "auto",
     tls_cert: Annotated[str | None, typer.Option("--tls-cert", help="PEM certificate.")] = None,
@@ -46,7 +45,7 @@ def replica(
 ) -> None:
     """Apply the bridge's WalEntries to a SQL database, exactly once: a replica node.
 
-    The master dials in (bridge --replica HOST:PORT --payload bincode). Each batch of entries
+    The master dials in (bridge --replica HOST:PORT). Each batch of entries
     commits with this node's position in the target, then is acknowledged; on every new
     connection it asks for what follows (RequestFrom), and it follows the highest term
     (docs/replication-message.md).
@@ -55,11 +54,8 @@ def replica(
     with cli.handled(), cli.Signals() as signals:
         if (tls_key or tls_ca) and not tls_cert:
             raise ConfigError("--tls-key and --tls-ca need --tls-cert: the replica's own")
-        if payload not in ("auto", "bincode"):
-            raise ConfigError(
-                f"--payload must be auto or bincode, not {payload!r} (json carries no column "
-                "types: run the bridge with --payload bincode)"
-            )
+        if payload not in ("auto", "bincode", "json"):
+            raise ConfigError(f"--payload must be auto, bincode or json, not {payload!r}")
         stats = run_replica(
             node_id,
             parse_address(listen, "--listen"),

@@ -78,8 +78,8 @@ def replicate(
         list[str] | None,
         typer.Option(
             "--from-nats",
-            help="Apply a JetStream stream written by 'publish --payload bincode' instead of "
-            "the slot: a NATS server URL (repeatable: the cluster).",
+            help="Apply a JetStream stream written by 'publish' instead of the slot: a NATS "
+            "server URL (repeatable: the cluster).",
         ),
     ] = None,
     stream: Annotated[

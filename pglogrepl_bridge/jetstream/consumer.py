@@ -29,6 +29,7 @@ from pglogrepl_bridge.lsn import Lsn, format_lsn
 from pglogrepl_bridge.pgoutput.transaction import Change, RowChange, Transaction, TruncateChange
 from pglogrepl_bridge.progress import Metrics
 from pglogrepl_bridge.snapshot.runner import DEFAULT_WORKERS
+from pglogrepl_bridge.wire.jsonread import JsonPayloadReader
 
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
@@ -263,6 +264,7 @@ class _Run:
         self.stats = stats
         self.metrics = metrics
         self.reader = EntryReader()
+        self.json = JsonPayloadReader()  # --payload json: the line and its relations member
         self.applied = Lsn(0)
         self.on_consumer: Callable[[Consumer | SnapshotJob], None] | None = None
         self.on_snapshot_progress: Callable[[ChunkCopied], None] | None = None
@@ -445,13 +447,15 @@ class _Run:
 
     def _transaction(self, body: bytes, headers: Mapping[str, str]) -> Transaction:
         payload = headers.get(naming.PAYLOAD)
-        if payload != "bincode":
+        if payload == "bincode":
+            txn = self.reader.transaction(body, headers.get(naming.RELATIONS))
+        elif payload == "json":
+            txn = self.json.transaction(body)
+        else:
             raise ConfigError(
-                f"stream {self.config.stream} carries --payload {payload} messages: "
-                "replicate --from-nats applies the lossless --payload bincode; publish the "
-                "slot with --payload bincode (to another stream or prefix)"
+                f"stream {self.config.stream} carries --payload {payload} messages, which "
+                "this version does not read: publish the slot with --payload bincode"
             )
-        txn = self.reader.transaction(body, headers.get(naming.RELATIONS))
         tables = self.config.tables
         if tables is None:
             return txn

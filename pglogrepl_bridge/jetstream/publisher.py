@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 from pglogrepl_bridge.errors import ConfigError, ReplicationError
 from pglogrepl_bridge.jetstream import client, naming
-from pglogrepl_bridge.jetstream.entries import RelationsHeader, relations_of
 from pglogrepl_bridge.lsn import Lsn, format_lsn
 from pglogrepl_bridge.pgoutput.transaction import Transaction
 from pglogrepl_bridge.postgres.aio import AsyncReplicationStream
@@ -28,6 +27,7 @@ from pglogrepl_bridge.postgres.options import StreamOptions
 from pglogrepl_bridge.progress import Metrics, Progress
 from pglogrepl_bridge.wire.payload import PayloadFormat, encoder
 from pglogrepl_bridge.wire.protocol import WalEntry, to_bincode
+from pglogrepl_bridge.wire.relations import RelationWriter, relations_of
 
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
@@ -120,7 +120,7 @@ async def publish(
         if stored is not None:
             log.info("stream %s holds this slot's transactions up to %s", config.stream, stored)
         encode = _body(config)
-        described = RelationsHeader()
+        described = RelationWriter()
         publications = naming.publications_header(options.publications)
         stream = AsyncReplicationStream(dsn, options)
         if on_stream is not None:

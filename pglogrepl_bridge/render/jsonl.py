@@ -20,6 +20,7 @@ from decimal import Decimal
 from typing import Any
 
 from psycopg.pq import Format
+from psycopg.types.range import Range
 
 from pglogrepl_bridge.lsn import format_lsn
 from pglogrepl_bridge.pgoutput.loaders import transformer
@@ -69,8 +70,39 @@ def py_json(value: Any) -> str:
     if isinstance(value, dict):
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
     if isinstance(value, timedelta):
-        return _quote(str(value))
+        return _quote(interval_text(value))
+    if isinstance(value, Range):
+        return _quote(range_text(value))
     return _quote(str(value))
+
+
+def interval_text(value: timedelta) -> str:
+    """A binary interval as PostgreSQL's text (``1 days 02:03:04.5``): what a text stream
+    shows, so both read back the same (psycopg's binary loader has already folded months
+    into 30 days)."""
+    seconds, micro = value.seconds, value.microseconds
+    clock = f"{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+    if micro:
+        clock += f".{micro:06d}".rstrip("0")
+    return f"{value.days} days {clock}" if value.days else clock
+
+
+def _bound_text(value: Any) -> str:
+    if isinstance(value, datetime):
+        return '"' + value.isoformat(sep=" ") + '"'
+    if isinstance(value, date):
+        return value.isoformat()
+    return str(value)
+
+
+def range_text(value: Range[Any]) -> str:
+    """A binary range as PostgreSQL's text (``[1,5)``, ``["2024-01-01 00:00:00+00:00",)``,
+    ``empty``), not psycopg's ``str`` (which writes an unbounded side as ``None``)."""
+    if value.isempty:
+        return "empty"
+    lower = "" if value.lower is None else _bound_text(value.lower)
+    upper = "" if value.upper is None else _bound_text(value.upper)
+    return f"{value.bounds[0]}{lower},{upper}{value.bounds[1]}"
 
 
 def _text(data: bytes) -> str:

@@ -5,9 +5,10 @@ It listens; whichever bridge is master dials in (``bridge --replica HOST:PORT``)
 are ``wire.follower``'s: entries applied once in LSN order, ``Acknowledge`` only after the
 target transaction holding them (and this node's position, in the checkpoint table)
 committed, ``RequestFrom`` on each new connection, the highest term followed. The sink is
-``replicate``'s, so tables, types and schema changes are mapped the same way; the payload
-must be ``bincode`` (``bridge --payload bincode``): the JSON payload carries no column
-types. Each connection is served by its own thread; one apply runs at a time.
+``replicate``'s, so tables, types and schema changes are mapped the same way, from either
+payload: bincode (``wire.payloadread``) or JSON (``wire.jsonread``, whose ``relations``
+member names the types and keys). Each connection is served by its own thread; one apply
+runs at a time.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pglogrepl_bridge.errors import (
 from pglogrepl_bridge.lsn import Lsn
 from pglogrepl_bridge.pgoutput.transaction import Transaction
 from pglogrepl_bridge.wire.follower import Follower
+from pglogrepl_bridge.wire.jsonread import JsonPayloadReader
 from pglogrepl_bridge.wire.payloadread import PayloadRelations, read_payload
 from pglogrepl_bridge.wire.protocol import FrameReader, ReplicationMessage, WalEntry, frame
 
@@ -75,6 +77,7 @@ class ReplicaServer:
         self.until = until
         self.max_backoff = max_backoff
         self.relations = PayloadRelations()
+        self.json = JsonPayloadReader()
         self.stats = ReplicaStats()
         self.failure: BaseException | None = None
         self._state = threading.Lock()  # the follower's state
@@ -194,11 +197,9 @@ class ReplicaServer:
     def _transaction(self, entry: WalEntry) -> Transaction:
         data = entry.data
         if self.payload == "json" or (self.payload == "auto" and is_json_payload(data)):
-            raise ConfigError(
-                "the bridge sends --payload json, which carries no column types: run it with "
-                "--payload bincode to feed a replica node"
-            )
-        txn = read_payload(data, self.relations)
+            txn = self.json.transaction(data)
+        else:
+            txn = read_payload(data, self.relations)
         if txn.end_lsn != entry.lsn:
             raise ProtocolError(
                 f"WalEntry {entry.lsn} holds the transaction ending at {int(txn.end_lsn)}"

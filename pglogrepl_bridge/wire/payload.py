@@ -1,5 +1,8 @@
 """The ``data`` of a WalEntry: one transaction, as JSON (default) or as compact bincode.
 
+The JSON form is ``tail``'s line plus a ``relations`` member (``wire.relations``), which
+``wire.jsonread`` reads back.
+
 The bincode form is ``bincode::deserialize``-able as the Rust types in
 docs/replication-message.md. Each transaction carries the definitions of the relations it
 touches once, and each row as PostgreSQL's own TupleData bytes, exactly as pgoutput sent
@@ -19,6 +22,7 @@ from pglogrepl_bridge.pgoutput.messages import Message
 from pglogrepl_bridge.pgoutput.relcache import RelationInfo
 from pglogrepl_bridge.pgoutput.transaction import RowChange, Transaction, TruncateChange
 from pglogrepl_bridge.render.jsonl import JsonRenderer
+from pglogrepl_bridge.wire.relations import RelationWriter, relations_of
 
 PayloadFormat = Literal["json", "bincode"]
 
@@ -160,4 +164,11 @@ def encoder(fmt: PayloadFormat) -> Callable[[Transaction], bytes]:
     if fmt == "bincode":
         return BincodeEncoder().transaction
     renderer = JsonRenderer("typed")
-    return lambda txn: renderer.transaction(txn).encode()
+    described = RelationWriter()
+
+    def json_line(txn: Transaction) -> bytes:
+        # tail's line, plus what a replica needs to apply it (wire.jsonread)
+        line = renderer.transaction(txn)
+        return f'{line[:-1]},"relations":{described(relations_of(txn))}}}'.encode()
+
+    return json_line
