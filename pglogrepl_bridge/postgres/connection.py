@@ -28,10 +28,12 @@ from pglogrepl_bridge.postgres.dsn import redact_dsn, validate_dsn
 
 #: GUCs for the walsender's session: value text output in the shapes psycopg's loaders parse,
 #: and in UTF-8 (pgoutput converts text and names to the client encoding; the loaders read
-#: UTF-8), whatever the DSN or PGCLIENTENCODING ask for.
+#: UTF-8), whatever the DSN or PGCLIENTENCODING ask for. Aware timestamps in UTC: the same
+#: instant whatever the server's TimeZone, and text the SQLite sink stores as it is.
 SESSION_SETTINGS = {
     "client_encoding": "UTF8",
     "datestyle": "ISO",
+    "timezone": "UTC",
     "intervalstyle": "postgres",
     "extra_float_digits": "3",
     "bytea_output": "hex",

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from functools import partial
 from operator import itemgetter
 from typing import Any, Literal
 
@@ -42,6 +43,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from pglogrepl_bridge.errors import ConfigError, SinkError, TargetUnavailableError
 from pglogrepl_bridge.lsn import Lsn
+from pglogrepl_bridge.pgoutput import _accel as accel
 from pglogrepl_bridge.pgoutput.loaders import transformer
 from pglogrepl_bridge.pgoutput.messages import Column, Message, TupleData
 from pglogrepl_bridge.pgoutput.relcache import Fused, RelationInfo
@@ -88,7 +90,11 @@ class _Target:
     statements: dict[tuple[str, tuple[str, ...]], _Statement] = field(default_factory=dict)
     #: a whole row of text values (None: NULL) to driver values in column order, in one
     #: psycopg ``load_sequence`` call plus the few per-column steps (``sqltypes.value_path``)
-    row_values: Callable[[Sequence[bytes | None]], list[Any]] | None = None
+    row_values: Callable[[Sequence[bytes | None]], tuple[Any, ...]] | None = None
+    #: a text TupleData at ``(buf, pos)`` as {column: driver value} through ``row_values``
+    #: in C (``_accel.typed_row``); None where the Python walk must look (unchanged TOAST,
+    #: binary values, a value that does not convert, no accelerator)
+    fast_row: Callable[[bytes, int], dict[str, Any] | None] = lambda buf, pos: None
 
 
 @dataclass(frozen=True)
@@ -361,15 +367,16 @@ class SqlSink:
         fused = target.driver_fused
         if target.keyless:
             return self._keyless_row(target, change)
+        raw = change.raw
         if op == "delete":
-            key = rel.row_at(change.raw, change.old_at, key_only=True, fused=fused)
+            key = target.fast_row(raw, change.old_at) or rel.row_at(raw, change.old_at, fused=fused)
             return {pk: key[k] for k, pk in target.key_params if k in key}, (target, op)
-        new = rel.row_at(change.raw, change.new_at, fused=fused)
+        new = target.fast_row(raw, change.new_at) or rel.row_at(raw, change.new_at, fused=fused)
         full = len(new) == rel.ncols  # else unchanged-TOAST columns were left out
         if op == "insert":
             return new, (target, op) if full else (target, op, tuple(new))
         if change.old_at >= 0:  # the key changed, or REPLICA IDENTITY FULL
-            key = rel.row_at(change.raw, change.old_at, key_only=True, fused=fused)
+            key = target.fast_row(raw, change.old_at) or rel.row_at(raw, change.old_at, fused=fused)
         else:  # the key is in the new row
             key = new
         row = {pk: key[k] for k, pk in target.key_params if k in key}
@@ -578,7 +585,7 @@ class SqlSink:
                 names = tuple(name for name, _, _ in target.driver_fused)
                 convert = target.row_values
                 assert convert is not None
-                batch: list[list[Any]] = []
+                batch: list[Sequence[Any]] = []
                 for values in rows:
                     try:
                         batch.append(convert(values))
@@ -651,7 +658,11 @@ class SqlSink:
         )
 
     def _copy_batch(
-        self, conn: sa.Connection, target: _Target, names: tuple[str, ...], rows: list[list[Any]]
+        self,
+        conn: sa.Connection,
+        target: _Target,
+        names: tuple[str, ...],
+        rows: list[Sequence[Any]],
     ) -> int:
         """Insert rows of driver values (in ``names`` order) with one ``executemany``."""
         if self.conflict == "lww" and not target.keyless:
@@ -961,6 +972,7 @@ class SqlSink:
             )
             for name, tload, bload in fused
         )
+        row_values = _row_values(columns, table, dialect, passthrough)
         return _Target(
             table,
             fused,
@@ -968,7 +980,8 @@ class SqlSink:
             keys,
             tuple((k, _KEY + k) for k in keys),
             keyless,
-            row_values=_row_values(columns, table, dialect, passthrough),
+            row_values=row_values,
+            fast_row=_fast_row(columns, row_values),
         )
 
     def _columns(
@@ -1073,9 +1086,22 @@ def _chain(first: Callable[[Any], Any], then: Callable[[Any], Any]) -> Callable[
     return lambda value: then(first(value))
 
 
+def _declined(values: Sequence[bytes | None]) -> Any:
+    """``typed_row``'s binary row loader here: binary rows take the Python walk."""
+    return None
+
+
+def _fast_row(
+    columns: tuple[Column, ...], row_values: Callable[[Sequence[bytes | None]], tuple[Any, ...]]
+) -> Callable[[bytes, int], dict[str, Any] | None]:
+    if accel.typed_row is None:
+        return _Target.fast_row
+    return partial(accel.typed_row, dict.fromkeys(c.name for c in columns), row_values, _declined)
+
+
 def _row_values(
     columns: tuple[Column, ...], table: sa.Table, dialect: sa.Dialect, passthrough: set[str]
-) -> Callable[[Sequence[bytes | None]], list[Any]]:
+) -> Callable[[Sequence[bytes | None]], tuple[Any, ...]]:
     """``_Target.row_values``: the same values as ``driver_fused``, a row at a time."""
     oids: list[int] = []
     steps: list[tuple[int, Callable[[Any], Any]]] = []
@@ -1097,12 +1123,15 @@ def _row_values(
     rows.set_loader_types(oids, Format.TEXT)
     load = rows.load_sequence
 
-    def convert(values: Sequence[bytes | None]) -> list[Any]:
+    if not steps:
+        return load
+
+    def convert(values: Sequence[bytes | None]) -> tuple[Any, ...]:
         row = list(load(values))
         for i, step in steps:
             if row[i] is not None:
                 row[i] = step(row[i])
-        return row
+        return tuple(row)
 
     return convert
 

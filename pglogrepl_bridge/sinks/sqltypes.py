@@ -19,6 +19,7 @@ from sqlalchemy.dialects import mysql, postgresql
 from pglogrepl_bridge.pgoutput import values
 from pglogrepl_bridge.pgoutput.loaders import transformer
 from pglogrepl_bridge.pgoutput.messages import Column
+from pglogrepl_bridge.sinks import sqlitetext
 
 Adapt = Callable[[Any], Any]
 
@@ -167,12 +168,19 @@ _JSON_NATIVE = frozenset({"int2", "int4", "int8", "float4", "float8", "bool", "t
 
 
 def value_path(col: Column, dialect: str) -> tuple[int | None, Adapt | None]:
-    """How ``loaders`` gets this column's value, in two steps that batch well: the type OID
-    whose psycopg loader to use (None: keep the text, decoded), then what to apply to a
-    non-NULL loaded value (None: nothing). ``loaders`` composes the same two steps."""
+    """How a whole row's values become driver values, in two steps that batch well: the type
+    OID whose psycopg loader to use (None: keep the text, decoded), then what to apply to a
+    non-NULL loaded value (None: nothing). Into SQLite, where PostgreSQL's text nearly is the
+    stored value, the second step edits the text (``sqlitetext``) and stands for the loader
+    and the bind processor both; it raises on text it does not know, and the caller then
+    takes ``loaders`` and the bind processor, which give the same values."""
     name, elem = describe(col.type_oid)
     if not ((name in MAPPED) or (elem is not None and elem in MAPPED)):
         return None, None
+    if dialect == "sqlite":
+        edit = sqlitetext.direct(name, elem)
+        if edit is not None:
+            return None, edit
     if elem is not None and dialect != "postgresql":
         # lists of these are JSON as psycopg loads them (_jsonable returns them unchanged)
         return col.type_oid, None if elem in _JSON_NATIVE else _jsonable

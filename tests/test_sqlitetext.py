@@ -1,0 +1,95 @@
+"""``sinks.sqlitetext``: editing PostgreSQL's text gives exactly what the loader and
+SQLAlchemy's bind processor give, on values a real server printed (through a session opened
+the way the stream opens its own: ISO dates, UTC), and declines what it does not know."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from psycopg.postgres import types as pgtypes
+from sqlalchemy.dialects import sqlite
+
+from pglogrepl_bridge.pgoutput.messages import Column
+from pglogrepl_bridge.postgres.connection import connect
+from pglogrepl_bridge.sinks import sqlitetext
+from pglogrepl_bridge.sinks.sqltypes import column_type, describe, loaders, value_path
+from pglogrepl_bridge.testing.postgres import PostgresServer
+
+#: type → (an expression over g that varies its values, values it must decline or match)
+CASES: dict[str, tuple[str, list[str]]] = {
+    "timestamp": (
+        "timestamp '1026-01-01' + g * interval '1213 days 1 minute 0.013707 s'",
+        ["'infinity'", "'-infinity'", "'0044-03-15 10:00 BC'", "'2024-02-29 23:59:59.999999'"],
+    ),
+    "timestamptz": (
+        "timestamptz '1999-12-31 23:00+00' + g * interval '17 hours 0.5 s'",
+        ["'infinity'", "'2024-06-01 08:00:00+05:30'", "'0010-01-01 00:00+00 BC'"],
+    ),
+    "date": ("date '0001-01-01' + g * 4421", ["'infinity'", "'4713-01-01 BC'", "'10000-01-01'"]),
+    "time": ("time '00:00' + g * interval '2 min 0.000321 s'", ["'24:00:00'", "'23:59:59.5'"]),
+    "timetz": (
+        "(time '00:00' + g * interval '7 min 0.25 s')::timetz",
+        ["'10:00:00+05:30'", "'10:00:00-08'", "'24:00:00+00'", "'00:00:01.5-03:30'"],
+    ),
+    "uuid": ("md5(g::text)::uuid", ["'00000000-0000-0000-0000-000000000000'"]),
+    "int4[]": (
+        "ARRAY[g, -g, NULL, g * 1000]",
+        ["'{}'", "'{{1,2},{3,NULL}}'", "'[0:1]={5,6}'", "'{-2147483648}'"],
+    ),
+    "int8[]": ("ARRAY[g::bigint * 100000000000]", ["'{{1},{2}}'"]),
+    "text[]": (
+        "ARRAY['red', 'grün ' || g, NULL, 'NULL', '', 'q\"x', 'b\\s', 'a,b', e'new\\nline']",
+        ["'{}'", "'{{a,b},{c,d}}'", "'{\"{x}\"}'", "ARRAY[' lead', 'trail ', '✓']"],
+    ),
+    "varchar[]": ("ARRAY[('v' || g)::varchar, 'x y']", ["'{NULL}'"]),
+}
+
+
+def _slow(col: Column) -> Any:
+    """The loader, then the column type's bind processor: what the edit stands for."""
+    dialect = sqlite.dialect()
+    load, _ = loaders(col, "sqlite")
+    process = column_type(col, "sqlite", is_key=False).dialect_impl(dialect)
+    bind = process.bind_processor(dialect)
+    return (lambda text: bind(load(text))) if bind else load
+
+
+@pytest.mark.parametrize("type_", list(CASES))
+def test_the_edit_is_the_loader_and_bind_processor(pg: PostgresServer, type_: str) -> None:
+    expr, edges = CASES[type_]
+    info = pgtypes.get(type_.removesuffix("[]"))
+    assert info is not None
+    oid = info.array_oid if type_.endswith("[]") else info.oid
+    col = Column("c", oid, -1, False)
+    step = value_path(col, "sqlite")
+    assert step[0] is None and step[1] is sqlitetext.direct(*describe(oid))
+    edit, slow = step[1], _slow(col)
+    with connect(pg.dsn, replication=False) as conn:
+        plain = [
+            r[0]
+            for r in conn.execute(
+                f"SELECT ({expr})::{type_}::text FROM generate_series(1, 300) g"
+            ).fetchall()
+        ]
+        odd = [conn.execute(f"SELECT ({e})::{type_}::text").fetchone()[0] for e in edges]
+    for text in plain:  # what the server prints for ordinary values: edited, and the same
+        assert edit(text) == slow(text.encode()), text
+    declined = 0
+    for text in odd:
+        try:
+            edited = edit(text)
+        except ValueError:
+            declined += 1
+            continue
+        assert edited == slow(text.encode()), text
+    assert declined < len(odd) or type_ in ("date",), "no edge value was taken: test the edges"
+
+
+def test_only_sqlite_edits_text() -> None:
+    col = Column("c", pgtypes["timestamptz"].oid, -1, False)
+    assert value_path(col, "sqlite")[0] is None
+    assert value_path(col, "postgresql")[0] == col.type_oid
+    assert value_path(col, "mysql")[0] == col.type_oid
+    assert isinstance(column_type(col, "sqlite", is_key=False), sa.DateTime)
