@@ -426,9 +426,14 @@ def compare(
             Tool(
                 "before: replicate into SQLite",
                 lambda dsn, slot, end, d: [
-                    *ours("replicate", "--target", f"sqlite:///{d / 'target.db'}", python=baseline)(
-                        dsn, slot, end, d
-                    )
+                    *ours(
+                        "replicate",
+                        "--target",
+                        f"sqlite:///{d / 'target.db'}",
+                        "--snapshot",
+                        "never",
+                        python=baseline,
+                    )(dsn, slot, end, d)
                 ],
                 count_rows,
             ),
