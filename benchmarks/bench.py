@@ -350,6 +350,20 @@ def compare(
             rows = sum(db.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in tables)
         assert rows == expected_rows, f"sqlite rows {rows} != {expected_rows}"
 
+    info = psycopg.conninfo.conninfo_to_dict(pg.dsn)
+
+    def pg_target(d: Path) -> str:
+        """A database of its own on the source's server (made with the slots): d.name."""
+        return (
+            f"postgresql+psycopg://{info['user']}:{info['password']}@{info['host']}:"
+            f"{info['port']}/{d.name}"
+        )
+
+    def count_pg_rows(result: subprocess.CompletedProcess[str], d: Path) -> None:
+        with psycopg.connect(pg.dsn.replace("dbname=postgres", f"dbname={d.name}")) as db:
+            rows = sum(db.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in tables)  # type: ignore[index]
+        assert rows == expected_rows, f"postgresql rows {rows} != {expected_rows}"
+
     def count_entries(result: subprocess.CompletedProcess[str], d: Path) -> None:
         assert f"({txns} WalEntries)" in result.stderr, result.stderr[-500:]
 
@@ -398,6 +412,15 @@ def compare(
             ],
             count_rows,
         ),
+        Tool(
+            "replicate into PostgreSQL",
+            lambda dsn, slot, end, d: [
+                *ours("replicate", "--target", pg_target(d), "--snapshot", "never")(
+                    dsn, slot, end, d
+                )
+            ],
+            count_pg_rows,
+        ),
     ]
 
     def count_published(result: subprocess.CompletedProcess[str], d: Path) -> None:
@@ -437,6 +460,20 @@ def compare(
                 ],
                 count_rows,
             ),
+            Tool(
+                "before: replicate into PostgreSQL",
+                lambda dsn, slot, end, d: [
+                    *ours(
+                        "replicate",
+                        "--target",
+                        pg_target(d),
+                        "--snapshot",
+                        "never",
+                        python=baseline,
+                    )(dsn, slot, end, d)
+                ],
+                count_pg_rows,
+            ),
         ]
     with psycopg.connect(pg.dsn, autocommit=True) as conn:
         for r in range(rounds):
@@ -444,6 +481,8 @@ def compare(
                 conn.execute(
                     "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (f"bench_{r}_{i}",)
                 )
+                if "PostgreSQL" in tools[i].name:  # its target database
+                    conn.execute(f"CREATE DATABASE bench_{r}_{i}")
         started = time.perf_counter()
         if kind == "realistic":
             txns, total = realistic_workload(conn, changes)

@@ -93,3 +93,12 @@ def test_only_sqlite_edits_text() -> None:
     assert value_path(col, "postgresql")[0] == col.type_oid
     assert value_path(col, "mysql")[0] == col.type_oid
     assert isinstance(column_type(col, "sqlite", is_key=False), sa.DateTime)
+
+
+def test_input_that_postgresql_reads_but_never_prints_is_declined() -> None:
+    """Array input may quote numbers and space elements (``wire.jsonread`` writes such
+    literals); only PostgreSQL's own output shape is edited."""
+    for text in ['{"1",NULL,"3"}', "{1, 2}", "{ 1}", "[0:1]={5,6}"]:
+        with pytest.raises(ValueError):
+            sqlitetext.integer_array(text)
+    assert sqlitetext.integer_array("{{1,NULL},{-3,4}}") == "[[1, null], [-3, 4]]"

@@ -962,7 +962,12 @@ class SqlSink:
         table = sa.Table(name, sa.MetaData(), *cols)
         fused = tuple((c.name, *loaders(c, self.dialect)) for c in columns)
         dialect = conn.dialect
-        passthrough = {c.name for c in columns if text_is_driver_value(c, self.dialect)}
+        # under LWW the copy looks keys up as Python values (sinks.lww), so a PostgreSQL
+        # target's rows stay typed there; everywhere else its text goes through as it is
+        typed = self.conflict == "lww" and self.dialect == "postgresql"
+        passthrough = {
+            c.name for c in columns if not typed and text_is_driver_value(c, self.dialect)
+        }
         driver_fused = tuple(
             (
                 name,

@@ -74,9 +74,12 @@ def uuid(text: str) -> str:
     raise _refuse(text)
 
 
+_INTEGER_ARRAY = re.compile(r"\{[-0-9,{}NUL]*")
+
+
 def integer_array(text: str) -> str:
     """``{1,NULL,{2}}`` → ``json.dumps([1, None, [2]])``: ``[1, null, [2]]``."""
-    if text[:1] != "{":  # explicit bounds: [0:1]={...}
+    if _INTEGER_ARRAY.fullmatch(text) is None:  # explicit bounds ([0:1]={...}), quotes
         raise _refuse(text)
     return text.replace("{", "[").replace("}", "]").replace("NULL", "null").replace(",", ", ")
 

@@ -136,11 +136,16 @@ def _jsonable(value: Any) -> Any:
 def text_is_driver_value(col: Column, dialect: str) -> bool:
     """Whether PostgreSQL's text output of this column is, as it is, the value the target's
     driver stores, so the SQL sink can pass it through without loading and re-formatting it:
-    json/jsonb into a JSON column off PostgreSQL (stored as JSON text; read back, the same
-    value), numeric into SQLite's exact TEXT."""
+    every column into PostgreSQL (the target column has the source's type, ``column_type``,
+    and psycopg sends a str as an untyped literal, which the server reads with that type's
+    own input function: the value PostgreSQL printed, read back by PostgreSQL); json/jsonb
+    into a JSON column elsewhere (stored as JSON text; read back, the same value); numeric
+    into SQLite's exact TEXT."""
+    if dialect == "postgresql":
+        return True
     name, _ = describe(col.type_oid)
     if name in ("json", "jsonb"):
-        return dialect != "postgresql"
+        return True
     return name == "numeric" and dialect == "sqlite"
 
 
