@@ -334,6 +334,49 @@ def test_constraint_violation_names_table_and_key_and_is_retried(
     assert slot_before is not None
 
 
+def test_inserts_into_postgresql_go_through_copy_and_a_refused_row_is_named(
+    pg: PostgresServer, pg_conn: Conn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group of inserts into PostgreSQL is one COPY; a row the target refuses fails it,
+    and the row-by-row retry names the row; fixed, a restart applies it all."""
+    from pglogrepl_bridge.sinks.sql import COPY_INSERTS_FROM, SqlSink
+
+    copied: list[int] = []
+    real_copy = SqlSink._copy_rows
+
+    def counting(self: SqlSink, conn: Any, target: Any, rows: list[dict[str, Any]]) -> None:
+        copied.append(len(rows))
+        real_copy(self, conn, target, rows)
+
+    monkeypatch.setattr(SqlSink, "_copy_rows", counting)
+    src = Source(pg_conn)
+    pg_conn.execute("CREATE DATABASE copy_target")
+    url = pg_url(pg.dsn, "copy_target").render_as_string(hide_password=False)
+    engine = sa.create_engine(url)
+    with engine.begin() as c:  # an existing target table is used as it is: with its constraint
+        c.execute(
+            sa.text(
+                f"CREATE TABLE {src.notes} (k TEXT PRIMARY KEY, "
+                "body VARCHAR(200) CHECK (body <> 'bad'))"
+            )
+        )
+    rows = COPY_INSERTS_FROM * 3
+    with pg_conn.transaction():
+        for i in range(rows):
+            body = "bad" if i == 30 else f"tab\there\nnewline \\ {i}"
+            pg_conn.execute(f"INSERT INTO {src.notes} VALUES (%s, %s)", (f"k{i:03d}", body))
+    with pytest.raises(SinkError, match=rf"table {src.notes} key {{'k': 'k030'}}"):
+        replicate_changes(pg.dsn, url, src.options(), until=src.end())
+    assert copied == [rows]  # the batch went as one COPY, which the bad row failed
+    with engine.begin() as c:
+        assert c.execute(sa.text(f"SELECT count(*) FROM {src.notes}")).scalar() == 0
+        c.execute(sa.text(f"ALTER TABLE {src.notes} DROP CONSTRAINT {src.notes}_body_check"))
+    replicate_changes(pg.dsn, url, src.options(), until=src.end())
+    engine.dispose()
+    assert copied == [rows, rows]
+    assert assert_same(pg.dsn, url, src.notes, "k") == rows
+
+
 def test_unreachable_target(pg: PostgresServer, pg_conn: Conn) -> None:
     src = Source(pg_conn)
     with pytest.raises(SinkError, match="cannot reach the target") as info:
