@@ -43,15 +43,16 @@ def test_memory_benchmark_smoke() -> None:
     assert "peak RSS" in result.stdout
 
 
-def test_decode_benchmark_smoke() -> None:
+@pytest.mark.parametrize("workload", ["basic", "realistic"])
+def test_decode_benchmark_smoke(workload: str) -> None:
     result = subprocess.run(
-        [sys.executable, str(BENCH / "decode_bench.py"), "--smoke"],
+        [sys.executable, str(BENCH / "decode_bench.py"), "--smoke", "--workload", workload],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "changes/s" in result.stdout
+    assert "changes/s" in result.stdout and "typed values/s" in result.stdout
 
 
 def test_snapshot_benchmark_smoke() -> None:
