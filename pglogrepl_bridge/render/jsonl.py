@@ -36,6 +36,7 @@ from pglogrepl_bridge.pgoutput.values import (
     ValueMode,
     describe,
 )
+from pglogrepl_bridge.render import textjson
 from pglogrepl_bridge.render._jsoncompile import ColumnRender, Render, compile_json_row
 from pglogrepl_bridge.render._jsoncompile import quote as _quote
 
@@ -156,6 +157,18 @@ def _kept_as_text(render: Render) -> Render:
     return careful
 
 
+def _edited(edit: Callable[[str], str], loaded: Render) -> Render:
+    """``edit`` of the text (``render.textjson``), or ``loaded`` where it declines."""
+
+    def render(data: bytes) -> str:
+        try:
+            return edit(data.decode())
+        except ValueError:
+            return loaded(data)
+
+    return render
+
+
 def _loaded(load: Callable[[bytes], Any]) -> Render:
     return _kept_as_text(lambda data: py_json(load(data)))
 
@@ -218,7 +231,9 @@ class JsonRenderer:
                 _integer_array(self._transformer.get_loader(oid, Format.TEXT).load)
             )
         if facts.name in TEMPORAL_TYPES or facts.element in JSON_ARRAY_ELEMENTS:
-            return _loaded(self._transformer.get_loader(oid, Format.TEXT).load)
+            loaded = _loaded(self._transformer.get_loader(oid, Format.TEXT).load)
+            edit = textjson.edit(facts.name, facts.element)
+            return loaded if edit is None else _edited(edit, loaded)
         return _text  # numeric, bytea (hex output), uuid, text, and anything else
 
     def _binary_renderer(self, oid: int) -> Render:

@@ -17,6 +17,8 @@ import json
 import re
 from collections.abc import Callable
 
+from pglogrepl_bridge.pgoutput import textarray
+
 Direct = Callable[[str], str]
 
 
@@ -84,44 +86,13 @@ def integer_array(text: str) -> str:
     return text.replace("{", "[").replace("}", "]").replace("NULL", "null").replace(",", ", ")
 
 
-_ELEMENT = re.compile(r'(?:"((?:[^"\\]|\\.)*)"|([^,"{}\\\s]+))(,|\Z)', re.S)
-_ESCAPED = re.compile(r"\\(.)", re.S)
-
-
 #: json.dumps's own string encoder (C): ensure_ascii, as SQLAlchemy's JSON serializer writes
 _json_string: Callable[[str], str] = json.encoder.encode_basestring_ascii
 
 
-def _bare(element: str) -> str:
-    return "null" if element == "NULL" else _json_string(element)
-
-
 def text_array(text: str) -> str:
-    """A one-dimensional text array → ``json.dumps`` of its list, written directly. An
-    element is bare, or quoted with backslash escapes (PostgreSQL quotes one that is empty,
-    holds a delimiter, brace, quote, backslash or space, or reads NULL); a bare NULL is null."""
-    if text == "{}":
-        return "[]"
-    if text[:1] != "{" or text[-1:] != "}":
-        raise _refuse(text)
-    inner = text[1:-1]
-    if '"' not in inner and "\\" not in inner:  # bare elements only: the commas split them
-        if "{" in inner or "}" in inner or "" in (elements := inner.split(",")):
-            raise _refuse(text)
-        return "[" + ", ".join(map(_bare, elements)) + "]"
-    at, items = 0, []
-    while True:
-        found = _ELEMENT.match(inner, at)
-        if found is None:
-            raise _refuse(text)
-        quoted, bare, comma = found.groups()
-        if quoted is None:
-            items.append(_bare(bare))
-        else:
-            items.append(_json_string(_ESCAPED.sub(r"\1", quoted) if "\\" in quoted else quoted))
-        at = found.end()
-        if not comma:
-            break
+    """A one-dimensional text array → ``json.dumps`` of its list, written directly."""
+    items = ["null" if e is None else _json_string(e) for e in textarray.elements(text)]
     return "[" + ", ".join(items) + "]"
 
 
