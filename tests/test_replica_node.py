@@ -36,9 +36,11 @@ from pglogrepl_bridge.wire.protocol import (
 
 from .streamkit import Conn, last_commit_end, wait_for
 from .test_bridge import Running, start_bridge
-from .test_from_nats import _declared, _rows, _same, _types_columns, _types_setup, more_changes
+from .test_from_nats import _declared, _rows, more_changes
 from .test_replicate import Source, assert_same
-from .test_types_live import NO_BINARY_LOADER
+from .test_types_live import NO_BINARY_LOADER, _same
+from .test_types_live import _columns as _types_columns
+from .test_types_live import _setup as _types_setup
 
 REPO = Path(__file__).resolve().parent.parent
 
