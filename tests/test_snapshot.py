@@ -28,6 +28,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pglogrepl_bridge import ConfigError, SinkError, StreamOptions, TargetUnavailableError
+from pglogrepl_bridge.pgoutput import _accel as accel
 from pglogrepl_bridge.pgoutput.relcache import RelationInfo
 from pglogrepl_bridge.sinks.replicate import ReplicateStats, run_replicate
 from pglogrepl_bridge.sinks.sql import Conflict
@@ -151,6 +152,22 @@ def test_copy_text_rows_read_back_to_the_values(values: list[bytes | None]) -> N
     assert split_row(line, len(values)) == values
     with pytest.raises(ValueError, match="columns"):
         split_row(line, len(values) + 1)
+    if accel.copy_row is not None:  # the C splitter: the same values, and only them
+        assert accel.copy_row(line, len(values)) == values
+        assert accel.copy_row(line[:-1], len(values)) == values
+        assert accel.copy_row(line, len(values) + 1) is None
+        if len(values) > 1:
+            assert accel.copy_row(line, len(values) - 1) is None
+
+
+@given(st.binary(max_size=40), st.integers(min_value=1, max_value=5))
+def test_the_c_splitter_agrees_or_declines_on_any_bytes(line: bytes, ncols: int) -> None:
+    """Whatever the bytes, the C splitter gives split_row's values or declines (None)."""
+    if accel.copy_row is None:
+        return
+    fast = accel.copy_row(line, ncols)
+    if fast is not None:
+        assert fast == split_row(line, ncols)
 
 
 # -- live -------------------------------------------------------------------------------------

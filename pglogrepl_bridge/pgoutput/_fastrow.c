@@ -668,6 +668,100 @@ static PyTypeObject JsonRowType = {
     .tp_dealloc = (destructor)JsonRow_dealloc,
 };
 
+/* copy_row(line, ncols) -> list | None
+ *
+ * One row of COPY TO's text output (tab-separated, an optional newline at the end) as its
+ * values: bytes, or None for a field that is exactly \N. COPY TO escapes a backslash,
+ * backspace, form feed, newline, carriage return, tab and vertical tab as \\ \b \f \n \r \t
+ * \v; those are undone. None (the caller takes copytext.split_row, which says what is wrong)
+ * for a row without ncols fields or with any other escape. */
+static PyObject *
+copy_row(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "copy_row(line: bytes, ncols: int)");
+        return NULL;
+    }
+    Py_ssize_t ncols = PyLong_AsSsize_t(args[1]);
+    if (ncols == -1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *data = view.buf;
+    Py_ssize_t len = view.len;
+    if (len > 0 && data[len - 1] == '\n')
+        len--;
+    PyObject *values = ncols > 0 ? PyList_New(ncols) : NULL;
+    PyObject *result = NULL;
+    char *buf = NULL;
+    if (values == NULL) {
+        if (ncols > 0)
+            goto done; /* out of memory */
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    Py_ssize_t field = 0, start = 0;
+    for (Py_ssize_t at = 0; at <= len; at++) {
+        if (at < len && data[at] != '\t')
+            continue;
+        if (field >= ncols) /* too many fields */
+            goto irregular;
+        Py_ssize_t size = at - start;
+        const unsigned char *text = data + start;
+        PyObject *value;
+        if (size == 2 && text[0] == '\\' && text[1] == 'N')
+            value = Py_NewRef(Py_None);
+        else if (memchr(text, '\\', (size_t)size) == NULL)
+            value = PyBytes_FromStringAndSize((const char *)text, size);
+        else {
+            if (buf == NULL && (buf = PyMem_Malloc((size_t)len + 1)) == NULL) {
+                PyErr_NoMemory();
+                goto fail;
+            }
+            Py_ssize_t n = 0;
+            for (Py_ssize_t i = 0; i < size; i++) {
+                unsigned char c = text[i];
+                if (c == '\\') {
+                    if (++i >= size)
+                        goto irregular;
+                    switch (text[i]) {
+                    case '\\': c = '\\'; break;
+                    case 'b': c = '\b'; break;
+                    case 'f': c = '\f'; break;
+                    case 'n': c = '\n'; break;
+                    case 'r': c = '\r'; break;
+                    case 't': c = '\t'; break;
+                    case 'v': c = '\v'; break;
+                    default: goto irregular; /* \N inside a field, octal, hex: not COPY TO's */
+                    }
+                }
+                buf[n++] = (char)c;
+            }
+            value = PyBytes_FromStringAndSize(buf, n);
+        }
+        if (value == NULL)
+            goto fail;
+        PyList_SET_ITEM(values, field++, value);
+        start = at + 1;
+    }
+    if (field != ncols)
+        goto irregular;
+    result = values;
+    values = NULL;
+    goto done;
+irregular:
+    result = Py_NewRef(Py_None);
+fail:
+    Py_XDECREF(values);
+    values = NULL;
+done:
+    Py_XDECREF(values);
+    PyMem_Free(buf);
+    PyBuffer_Release(&view);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"bind_row_change", (PyCFunction)(void (*)(void))bind_row_change, METH_FASTCALL,
      PyDoc_STR("bind_row_change(cls, fields): where row_change puts each field")},
@@ -675,6 +769,8 @@ static PyMethodDef methods[] = {
      PyDoc_STR("row_change(relations, payload, pos) -> RowChange | None")},
     {"put_row", (PyCFunction)(void (*)(void))put_row, METH_FASTCALL,
      PyDoc_STR("put_row(relations, changes, message) -> bool")},
+    {"copy_row", (PyCFunction)(void (*)(void))copy_row, METH_FASTCALL,
+     PyDoc_STR("copy_row(line, ncols) -> list | None")},
     {"typed_row", (PyCFunction)(void (*)(void))typed_row, METH_FASTCALL,
      PyDoc_STR("typed_row(template, load_text_row, load_binary_row, buf, pos) -> dict | None")},
     {NULL, NULL, 0, NULL},

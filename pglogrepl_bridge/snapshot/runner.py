@@ -35,6 +35,7 @@ from pglogrepl_bridge.errors import (
     TargetUnavailableError,
 )
 from pglogrepl_bridge.lsn import Lsn, format_lsn
+from pglogrepl_bridge.pgoutput import _accel as accel
 from pglogrepl_bridge.pgoutput.relcache import RelationCache, RelationInfo
 from pglogrepl_bridge.pgoutput.values import ValueLoaders
 from pglogrepl_bridge.postgres import admin
@@ -467,6 +468,8 @@ class SnapshotJob:
 
 
 def _rows(blocks: Iterator[list[bytes]], ncols: int) -> Iterator[list[bytes | None]]:
+    fast = accel.copy_row  # C, where built; None for a row it leaves to split_row
     for block in blocks:
         for line in block:
-            yield split_row(line, ncols)
+            values = None if fast is None else fast(line, ncols)
+            yield split_row(line, ncols) if values is None else values
