@@ -16,6 +16,38 @@ _ELEMENT = re.compile(r'(?:"((?:[^"\\]|\\.)*)"|([^,"{}\\\s]+))(,|\Z)', re.S)
 _ESCAPED = re.compile(r"\\(.)", re.S)
 
 
+_NOT_BARE = re.compile(r'[{}"\\\s]')
+
+
+def _bare(segment: str, text: str) -> list[str | None]:
+    """Comma-separated bare elements (each non-empty, no brace, quote, backslash or space)."""
+    found = segment.split(",")
+    if "" in found or _NOT_BARE.search(segment):
+        raise ValueError(f"not a one-dimensional array: {text[:40]!r}")
+    return [None if e == "NULL" else e for e in found]
+
+
+def _quoted_plainly(inner: str, text: str) -> list[str | None]:
+    """Elements when some are quoted but none holds an escape: splitting on the quotes
+    alternates between the text around quoted elements and their contents."""
+    parts = inner.split('"')
+    last = len(parts) - 1
+    if last % 2:
+        raise ValueError(f"not a one-dimensional array: {text[:40]!r}")
+    items: list[str | None] = []
+    for i, part in enumerate(parts):
+        if i % 2:
+            items.append(part)
+        elif part == ("," if 0 < i < last else ""):
+            continue  # nothing but the separator between quoted elements
+        else:
+            lead, trail = i > 0, i < last
+            if (lead and part[:1] != ",") or (trail and part[-1:] != ","):
+                raise ValueError(f"not a one-dimensional array: {text[:40]!r}")
+            items += _bare(part[lead : len(part) - trail], text)
+    return items
+
+
 def elements(text: str) -> list[str | None]:
     """The elements of ``{a,"b c",NULL}``: ``["a", "b c", None]``."""
     if text == "{}":
@@ -23,10 +55,8 @@ def elements(text: str) -> list[str | None]:
     if text[:1] != "{" or text[-1:] != "}":
         raise ValueError(f"not a one-dimensional array: {text[:40]!r}")
     inner = text[1:-1]
-    if '"' not in inner and "\\" not in inner:  # bare elements only: the commas split them
-        if "{" in inner or "}" in inner or "" in (bare := inner.split(",")):
-            raise ValueError(f"not a one-dimensional array: {text[:40]!r}")
-        return [None if e == "NULL" else e for e in bare]
+    if "\\" not in inner:
+        return _bare(inner, text) if '"' not in inner else _quoted_plainly(inner, text)
     at, items = 0, list[str | None]()
     while True:
         found = _ELEMENT.match(inner, at)

@@ -32,6 +32,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
+from itertools import islice
 from operator import itemgetter
 from typing import Any, Literal
 
@@ -620,23 +621,35 @@ class SqlSink:
                 names = tuple(name for name, _, _ in target.driver_fused)
                 convert = target.row_values
                 assert convert is not None
-                batch: list[Sequence[Any]] = []
-                for values in rows:
-                    try:
-                        batch.append(convert(values))
-                    except Exception:  # a value that does not convert: reported, kept as text
-                        kinds = bytes(0x6E if v is None else 0x74 for v in values)
-                        careful = rel.row(TupleData(kinds, tuple(values)), target.driver_fused)
-                        batch.append([careful.get(n) for n in names])
-                    if len(batch) >= COPY_BATCH:
-                        done += self._copy_batch(conn, target, names, batch)
-                        batch = []
-                if batch:
+                source = iter(rows)
+                while values := list(islice(source, COPY_BATCH)):
+                    try:  # a batch in one pass; a row that does not convert: row by row
+                        batch: list[Sequence[Any]] = list(map(convert, values))
+                    except Exception:
+                        batch = [self._copy_row(rel, target, names, row) for row in values]
                     done += self._copy_batch(conn, target, names, batch)
                 self._record_chunk(conn, chunk, done)
         except SQLAlchemyError as exc:
             raise self._failure(exc, f"copy rows of {chunk.table} into") from None
         return done
+
+    def _copy_row(
+        self,
+        rel: RelationInfo,
+        target: _Target,
+        names: tuple[str, ...],
+        values: Sequence[bytes | None],
+    ) -> Sequence[Any]:
+        """One copied row's driver values; one that does not convert is reported and kept as
+        text, as the stream's careful path does."""
+        convert = target.row_values
+        assert convert is not None
+        try:
+            return convert(values)
+        except Exception:
+            kinds = bytes(0x6E if v is None else 0x74 for v in values)
+            careful = rel.row(TupleData(kinds, tuple(values)), target.driver_fused)
+            return [careful.get(n) for n in names]
 
     def takes_copy_text(self, rel: RelationInfo) -> bool:
         """Whether ``copy_lines`` can take this relation's COPY text as it is: into a

@@ -470,6 +470,11 @@ class SnapshotJob:
 def _rows(blocks: Iterator[list[bytes]], ncols: int) -> Iterator[list[bytes | None]]:
     fast = accel.copy_row  # C, where built; None for a row it leaves to split_row
     for block in blocks:
+        if fast is not None:
+            rows = [fast(line, ncols) for line in block]
+            if None not in rows:  # every row regular: the common case, a block at a time
+                yield from rows  # type: ignore[misc]
+                continue
         for line in block:
             values = None if fast is None else fast(line, ncols)
             yield split_row(line, ncols) if values is None else values
