@@ -32,7 +32,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
-from itertools import islice
+from itertools import chain, islice
 from operator import itemgetter
 from typing import Any, Literal
 
@@ -73,6 +73,9 @@ COPY_BATCH = 2000
 #: a group of at least this many inserts goes into PostgreSQL through COPY (a round trip
 #: to set up); smaller ones through executemany
 COPY_INSERTS_FROM = 16
+#: SQLite: rows per multi-row INSERT, and the parameter limit of its oldest builds
+VALUES_ROWS = 100
+SQLITE_MAX_PARAMS = 999
 #: the chunk number of a "copy this table (again)" marker in the snapshot table; its
 #: anchor is ``UNTIL_COPIED``: the table's changes are skipped until the copy is done
 REQUESTED = -1
@@ -428,6 +431,9 @@ class SqlSink:
             self._copy_rows(conn, target, rows)
             return
         stmt = self._statement(conn, target, op, tuple(rows[0]))
+        if op == "insert" and stmt.order is not None and self.dialect == "sqlite":
+            self._insert_many(conn, target, stmt.order, list(map(stmt.params, rows)))
+            return
         done = conn.exec_driver_sql(stmt.sql, list(map(stmt.params, rows)))
         if op != "insert" and done.rowcount is not None and 0 <= done.rowcount < len(rows):
             log.warning(
@@ -459,6 +465,48 @@ class SqlSink:
             raise DBAPIError.instance(
                 f"COPY {target.table.name}", None, exc, psycopg.Error
             ) from None
+
+    def _insert_many(
+        self,
+        conn: sa.Connection,
+        target: _Target,
+        names: tuple[str, ...],
+        rows: list[tuple[Any, ...]],
+    ) -> None:
+        """Rows (tuples in ``names`` order) inserted; into SQLite as many rows per INSERT as
+        its parameters allow (one statement stepped once for them all: about a third faster
+        than ``executemany`` of one row each), the rest one row each."""
+        per = 1
+        if self.dialect == "sqlite":
+            per = min(VALUES_ROWS, SQLITE_MAX_PARAMS // max(1, len(names)))
+        done = 0
+        if per > 1 and len(rows) >= per:
+            many = self._values_statement(conn, target, names, per)
+            if many is not None:
+                done = len(rows) // per * per
+                flat = [tuple(chain.from_iterable(rows[i : i + per])) for i in range(0, done, per)]
+                conn.exec_driver_sql(many, flat)
+        if done < len(rows):
+            one = self._statement(conn, target, "insert", names)
+            conn.exec_driver_sql(one.sql, rows[done:])
+
+    def _values_statement(
+        self, conn: sa.Connection, target: _Target, names: tuple[str, ...], per: int
+    ) -> str | None:
+        """A Core INSERT of ``per`` rows (multi-row VALUES), compiled once; None when the
+        dialect does not bind its parameters row after row, in ``names`` order."""
+        key = (f"insert*{per}", names)
+        known = target.statements.get(key)
+        if known is not None:
+            return known.sql or None
+        bound = [f"r{i}c{j}" for i in range(per) for j in range(len(names))]
+        rows: list[dict[str, Any]] = [
+            {c: sa.bindparam(f"r{i}c{j}") for j, c in enumerate(names)} for i in range(per)
+        ]
+        compiled = sa.insert(target.table).values(rows).compile(dialect=conn.dialect)
+        usable = compiled.positiontup == bound and not compiled.escaped_bind_names
+        target.statements[key] = _Statement(str(compiled) if usable else "", tuple)
+        return str(compiled) if usable else None
 
     def _keyless_change(
         self, conn: sa.Connection, target: _Target, op: str, row: dict[str, Any]
@@ -727,13 +775,12 @@ class SqlSink:
             if not rows:
                 return 0
         stmt = self._statement(conn, target, "insert", names)
-        params: list[Any] = (
-            list(map(tuple, rows))
-            if stmt.order == names
-            else [stmt.params(dict(zip(names, row, strict=True))) for row in rows]
-        )
         try:
-            conn.exec_driver_sql(stmt.sql, params)
+            if stmt.order == names:
+                self._insert_many(conn, target, names, list(map(tuple, rows)))
+            else:
+                params = [stmt.params(dict(zip(names, row, strict=True))) for row in rows]
+                conn.exec_driver_sql(stmt.sql, params)
         except DBAPIError as exc:
             if _transient(exc):
                 raise
