@@ -68,6 +68,18 @@ def _change(change: Any) -> tuple[Any, ...]:
     return ("message", change.prefix, change.content, change.transactional)
 
 
+def same_transaction(back: Transaction, txn: Transaction) -> None:
+    """A transaction read back is the one sent: its fields, and every change's values."""
+    assert (back.xid, back.commit_lsn, back.end_lsn, back.origin) == (
+        txn.xid,
+        txn.commit_lsn,
+        txn.end_lsn,
+        txn.origin,
+    )
+    assert back.commit_timestamp == txn.commit_timestamp
+    assert [_change(c) for c in back.changes] == [_change(c) for c in txn.changes]
+
+
 def _transactions(version: int, name: str) -> list[Transaction]:
     events, _ = replay(version, name)
     return [e for e in events if isinstance(e, Transaction) and e.changes]
@@ -80,15 +92,7 @@ def test_every_transaction_reads_back_as_it_was_published(version: int, name: st
     assert txns
     reader = EntryReader()
     for txn, (body, header) in zip(txns, _published(txns), strict=True):
-        back = reader.transaction(body, header)
-        assert (back.xid, back.commit_lsn, back.end_lsn, back.origin) == (
-            txn.xid,
-            txn.commit_lsn,
-            txn.end_lsn,
-            txn.origin,
-        )
-        assert back.commit_timestamp == txn.commit_timestamp
-        assert [_change(c) for c in back.changes] == [_change(c) for c in txn.changes]
+        same_transaction(reader.transaction(body, header), txn)
 
 
 def test_one_relation_object_per_description() -> None:

@@ -38,9 +38,7 @@ from pglogrepl_bridge.testing.postgres import PostgresServer
 from .streamkit import Conn, last_commit_end, wait_for
 from .test_publish import Running, read_stream
 from .test_replicate import Source, assert_same
-from .test_types_live import _columns as _types_columns
-from .test_types_live import _same
-from .test_types_live import _setup as _types_setup
+from .test_types_live import _same, zoo_changes
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -126,16 +124,8 @@ def test_every_type_lands_as_replicate_lands_it(
 ) -> None:
     """The type zoo (enums, domains, composites, arrays, ranges...), through the slot into
     one SQLite file and through publish + the stream into another: the same tables."""
-    _types_setup(pg_conn)
     slot = f"zoo_nats_{pg.version}_{int(binary)}"  # one NATS cluster serves every version
-    pg_conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
-    columns = _types_columns(pg_conn)
-    for i in range(2):
-        values = ", ".join(v[i] for _, v in columns.values())
-        pg_conn.execute(f"INSERT INTO all_types ({', '.join(columns)}) VALUES ({values})")
-    pg_conn.execute("INSERT INTO all_types (id) VALUES (100)")  # NULLs everywhere
-    pg_conn.execute("UPDATE all_types SET c_text = 'changed', c_int4 = 7 WHERE id = 1")
-    pg_conn.execute("DELETE FROM all_types WHERE id = 2")
+    zoo_changes(pg_conn, slot)
     end = last_commit_end(pg_conn, slot, "types_pub")
     options = StreamOptions(slot=slot, publications=("types_pub",), binary=binary)
     direct, via_nats = f"sqlite:///{tmp_path}/direct.db", f"sqlite:///{tmp_path}/nats.db"

@@ -17,23 +17,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pglogrepl_bridge.errors import ProtocolError
-from pglogrepl_bridge.pgoutput.transaction import Transaction
 from pglogrepl_bridge.wire.jsonread import JsonPayloadReader
 from pglogrepl_bridge.wire.payload import encoder
 
 from .test_captures import VERSIONS
-from .test_entries import CAPTURES, _change, _transactions
-
-
-def _same_transaction(back: Transaction, txn: Transaction) -> None:
-    assert (back.xid, back.commit_lsn, back.end_lsn, back.origin) == (
-        txn.xid,
-        txn.commit_lsn,
-        txn.end_lsn,
-        txn.origin,
-    )
-    assert back.commit_timestamp == txn.commit_timestamp
-    assert [_change(c) for c in back.changes] == [_change(c) for c in txn.changes]
+from .test_entries import CAPTURES, _transactions, same_transaction
 
 
 @pytest.mark.parametrize("name", CAPTURES)
@@ -43,7 +31,7 @@ def test_every_transaction_reads_back_as_it_was_sent(version: int, name: str) ->
     assert txns
     encode, reader = encoder("json"), JsonPayloadReader()
     for txn in txns:
-        _same_transaction(reader.transaction(encode(txn)), txn)
+        same_transaction(reader.transaction(encode(txn)), txn)
 
 
 def test_the_payload_is_tails_line_plus_the_relations() -> None:

@@ -38,9 +38,7 @@ from .streamkit import Conn, last_commit_end, wait_for
 from .test_bridge import Running, start_bridge
 from .test_from_nats import _declared, _rows, more_changes
 from .test_replicate import Source, assert_same
-from .test_types_live import NO_BINARY_LOADER, _same
-from .test_types_live import _columns as _types_columns
-from .test_types_live import _setup as _types_setup
+from .test_types_live import NO_BINARY_LOADER, _same, zoo_changes
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -206,16 +204,8 @@ def test_every_type_lands_from_json_as_replicate_lands_it(
     """The type zoo (enums, domains, composites, arrays, ranges, json, intervals...) through
     the slot into one SQLite file, and as the bridge's JSON payload through a replica into
     another: the same tables, the same values."""
-    _types_setup(pg_conn)
     slot = f"zoo_json_{int(binary)}"
-    pg_conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
-    columns = _types_columns(pg_conn)
-    for i in range(2):
-        values = ", ".join(v[i] for _, v in columns.values())
-        pg_conn.execute(f"INSERT INTO all_types ({', '.join(columns)}) VALUES ({values})")
-    pg_conn.execute("INSERT INTO all_types (id) VALUES (100)")  # NULLs everywhere
-    pg_conn.execute("UPDATE all_types SET c_text = 'changed', c_int4 = 7 WHERE id = 1")
-    pg_conn.execute("DELETE FROM all_types WHERE id = 2")
+    columns = zoo_changes(pg_conn, slot)
     end = last_commit_end(pg_conn, slot, "types_pub")
     options = StreamOptions(slot=slot, publications=("types_pub",), binary=binary)
     direct, via_json = f"sqlite:///{tmp_path}/direct.db", f"sqlite:///{tmp_path}/json.db"

@@ -300,19 +300,25 @@ def test_last_writer_wins_converges(pg: PostgresServer, pg_conn: Conn, tmp_path:
     assert outcomes["b_then_a"] == outcomes["a_then_b"]
 
 
+def _strict_table(engine: sa.Engine, table: str) -> None:
+    """The notes table made in the target first, refusing body 'bad': an existing target
+    table is used as it is, with its constraint."""
+    with engine.begin() as c:
+        c.execute(
+            sa.text(
+                f"CREATE TABLE {table} (k TEXT PRIMARY KEY, "
+                "body VARCHAR(200) CHECK (body <> 'bad'))"
+            )
+        )
+
+
 def test_constraint_violation_names_table_and_key_and_is_retried(
     pg: PostgresServer, pg_conn: Conn, tmp_path: Path
 ) -> None:
     src = Source(pg_conn)
     url = f"sqlite:///{tmp_path / 'strict.db'}"
     engine = sa.create_engine(url)
-    with engine.begin() as c:  # an existing target table is used as it is: with its constraint
-        c.execute(
-            sa.text(
-                f"CREATE TABLE {src.notes} (k TEXT PRIMARY KEY, "
-                "body VARCHAR(200) CHECK (body <> 'bad'))"
-            )
-        )
+    _strict_table(engine, src.notes)
     pg_conn.execute(f"INSERT INTO {src.notes} VALUES ('ok', 'fine')")
     pg_conn.execute(f"INSERT INTO {src.notes} VALUES ('k-bad', 'bad')")
     slot_before = _confirmed(pg_conn, src.slot)
@@ -353,13 +359,7 @@ def test_inserts_into_postgresql_go_through_copy_and_a_refused_row_is_named(
     pg_conn.execute("CREATE DATABASE copy_target")
     url = pg_url(pg.dsn, "copy_target").render_as_string(hide_password=False)
     engine = sa.create_engine(url)
-    with engine.begin() as c:  # an existing target table is used as it is: with its constraint
-        c.execute(
-            sa.text(
-                f"CREATE TABLE {src.notes} (k TEXT PRIMARY KEY, "
-                "body VARCHAR(200) CHECK (body <> 'bad'))"
-            )
-        )
+    _strict_table(engine, src.notes)
     rows = COPY_INSERTS_FROM * 3
     with pg_conn.transaction():
         for i in range(rows):

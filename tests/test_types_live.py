@@ -98,6 +98,21 @@ def _columns(conn: Conn) -> dict[str, tuple[str, list[str]]]:
     return COLUMNS
 
 
+def zoo_changes(conn: Conn, slot: str) -> dict[str, tuple[str, list[str]]]:
+    """The type zoo's table and a slot on it, then two full rows, a row of NULLs, an update
+    and a delete: what every output must carry alike. Returns the columns."""
+    _setup(conn)
+    conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
+    columns = _columns(conn)
+    for i in range(2):
+        values = ", ".join(v[i] for _, v in columns.values())
+        conn.execute(f"INSERT INTO all_types ({', '.join(columns)}) VALUES ({values})")
+    conn.execute("INSERT INTO all_types (id) VALUES (100)")  # NULLs everywhere
+    conn.execute("UPDATE all_types SET c_text = 'changed', c_int4 = 7 WHERE id = 1")
+    conn.execute("DELETE FROM all_types WHERE id = 2")
+    return columns
+
+
 def _setup(conn: Conn) -> None:
     conn.execute(SETUP)
     cols = ", ".join(f"{c} {t}" for c, (t, _) in _columns(conn).items())
