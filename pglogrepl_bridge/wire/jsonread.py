@@ -22,7 +22,8 @@ J5. A type with no binary loader (an enum, a composite) in a binary stream was w
 J6. A row lists every column, but for the key-only old row of a delete or key change (the
     other columns are NULL, as pgoutput sends them) and the columns in
     ``unchanged_toast`` (left unchanged). Anything else is a ProtocolError, as are malformed
-    bytes.
+    bytes. A payload with no ``relations`` member at all (an older writer) is a ConfigError:
+    a setup to fix, not a message to skip.
 """
 
 from __future__ import annotations
@@ -324,10 +325,11 @@ class JsonPayloadReader:
         if not isinstance(doc, _Object):
             raise ProtocolError("the JSON payload is not an object")
         top = dict(doc)
-        if "relations" not in top:
-            raise ProtocolError(
-                "the JSON payload has no relations member: the bridge that sent it is older "
-                "than this replica (run both from the same version, or --payload bincode)"
+        if "relations" not in top:  # a setup to fix, not a peer's slip: stop and say so
+            raise ConfigError(
+                "the JSON payload has no relations member: it was written by an older "
+                "pglogrepl-bridge (or is tail's line); run the writer from this version, or "
+                "use --payload bincode"
             )
         relations = self._relations.described(top["relations"])
         by_name = {rel.qualified_name: rel for rel in relations}
