@@ -45,12 +45,14 @@ def _offset(text: str) -> str:
 
 
 def date(text: str) -> str:
+    """``YYYY-MM-DD`` is ``date.isoformat`` as it is."""
     if len(text) == 10 and text[4] == "-" and text[7] == "-":
         return '"' + text + '"'
     raise _refuse(text)
 
 
 def timestamp(text: str) -> str:
+    """``YYYY-MM-DD HH:MM:SS[.f]`` → ``YYYY-MM-DDTHH:MM:SS[.ffffff]``."""
     if len(text) >= 19 and text[4] == "-" and text[10] == " ":
         return '"' + text[:10] + "T" + _clock(text[11:]) + '"'
     raise _refuse(text)
@@ -64,10 +66,12 @@ def timestamptz(text: str) -> str:
 
 
 def time(text: str) -> str:
+    """``HH:MM:SS[.f]`` → ``time.isoformat``."""
     return '"' + _clock(text) + '"'
 
 
 def timetz(text: str) -> str:
+    """``HH:MM:SS[.f]+HH[:MM]`` → ``time.isoformat`` with its fixed offset."""
     cut = max(text.rfind("+"), text.rfind("-"))
     if cut < 8:
         raise _refuse(text)
