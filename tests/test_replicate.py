@@ -350,12 +350,9 @@ def test_inserts_into_postgresql_go_through_copy_and_a_refused_row_is_named(
     copied: list[int] = []
     real_copy = SqlSink._copy_rows
 
-    def counting(
-        self: SqlSink, conn: Any, target: Any, into: str, rows: Any, names: tuple[str, ...]
-    ) -> None:
-        rows = list(rows)
+    def counting(self: SqlSink, conn: Any, target: Any, rows: list[dict[str, Any]]) -> None:
         copied.append(len(rows))
-        real_copy(self, conn, target, into, rows, names)
+        real_copy(self, conn, target, rows)
 
     monkeypatch.setattr(SqlSink, "_copy_rows", counting)
     src = Source(pg_conn)
@@ -378,54 +375,6 @@ def test_inserts_into_postgresql_go_through_copy_and_a_refused_row_is_named(
     engine.dispose()
     assert copied == [rows, rows]
     assert assert_same(pg.dsn, url, src.notes, "k") == rows
-
-
-def test_updates_and_deletes_into_postgresql_go_through_a_staged_join(
-    pg: PostgresServer, pg_conn: Conn, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Groups of updates that keep their key, and of deletes, are COPied into a temporary
-    table and applied by one joined statement: with unchanged TOAST columns, a key updated
-    twice in one group, and a group that moves keys (which takes the plain path)."""
-    from pglogrepl_bridge.sinks.sql import SqlSink
-
-    staged: list[tuple[str, bool, bool]] = []  # op, staged, with every column
-    real_staged = SqlSink._staged
-
-    def counting(self: SqlSink, conn: Any, target: Any, op: str, rows: Any) -> bool:
-        done = real_staged(self, conn, target, op, rows)
-        staged.append((op, done, "big" in rows[0]))
-        return done
-
-    monkeypatch.setattr(SqlSink, "_staged", counting)
-    src = Source(pg_conn)
-    pg_conn.execute("CREATE DATABASE staged_target")
-    url = pg_url(pg.dsn, "staged_target").render_as_string(hide_password=False)
-    with pg_conn.transaction():
-        for i in range(80):
-            src.insert(i)
-    c = pg_conn
-    with c.transaction():  # every row, then half of them again: keys twice in one group
-        c.execute(f"UPDATE {src.items} SET qty = qty + 1, name = name || '!', big = NULL")
-        c.execute(f"UPDATE {src.items} SET qty = qty * 2 WHERE id < 40")
-    with c.transaction():  # TOASTed values, then updates that leave them unchanged
-        c.execute(f"UPDATE {src.items} SET big = repeat('y', 3000) WHERE id >= 40")
-    with c.transaction():
-        c.execute(f"UPDATE {src.items} SET qty = qty + 5 WHERE id >= 40")
-    with c.transaction():
-        c.execute(f"DELETE FROM {src.items} WHERE id >= 60")
-    with c.transaction():
-        c.execute(f"UPDATE {src.items} SET id = id + 1000 WHERE id < 20")
-    end = src.end()
-    replicate_changes(pg.dsn, url, src.options(no_ack=True), until=end)
-    assert ("update", True, True) in staged and ("delete", True, False) in staged
-    assert ("update", True, False) in staged  # unchanged TOAST: only the columns sent
-    assert ("update", False, True) in staged  # the key moves: executemany, row by row
-    assert assert_same(pg.dsn, url, src.items, "id") == 60
-    # and again from the start into a second target: the temporary tables are per session
-    pg_conn.execute("CREATE DATABASE staged_again")
-    again = pg_url(pg.dsn, "staged_again").render_as_string(hide_password=False)
-    replicate_changes(pg.dsn, again, src.options(), until=end)
-    assert assert_same(pg.dsn, again, src.items, "id") == 60
 
 
 def test_unreachable_target(pg: PostgresServer, pg_conn: Conn) -> None:

@@ -24,7 +24,6 @@ what the target committed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
@@ -158,9 +157,8 @@ class SqlSink:
         self.source_id = source_id
         self.slot = slot
         self.conflict = conflict
-        #: inserts go through COPY (``_copy_rows``), updates and deletes through COPY and
-        #: one joined statement (``_staged``): a PostgreSQL target through psycopg, rows in
-        #: the source's order with no conflict handling
+        #: inserts go through COPY (``_copy_rows``): a PostgreSQL target through psycopg,
+        #: rows in the source's order with no conflict handling
         self._copies_inserts = (
             self.dialect == "postgresql"
             and self.engine.dialect.driver == "psycopg"
@@ -429,12 +427,9 @@ class SqlSink:
             for row in rows:
                 self._keyless_change(conn, target, op, row)
             return
-        if len(rows) >= COPY_INSERTS_FROM and self._copies_inserts:
-            if op == "insert":
-                self._copy_rows(conn, target, target.table.name, rows, tuple(rows[0]))
-                return
-            if self._staged(conn, target, op, rows):
-                return
+        if op == "insert" and len(rows) >= COPY_INSERTS_FROM and self._copies_inserts:
+            self._copy_rows(conn, target, rows)
+            return
         stmt = self._statement(conn, target, op, tuple(rows[0]))
         if op == "insert" and stmt.order is not None and self.dialect == "sqlite":
             self._insert_many(conn, target, stmt.order, list(map(stmt.params, rows)))
@@ -449,20 +444,16 @@ class SqlSink:
                 len(rows),
             )
 
-    def _copy_rows(
-        self,
-        conn: sa.Connection,
-        target: _Target,
-        into: str,
-        rows: Iterable[dict[str, Any]],
-        names: tuple[str, ...],
-    ) -> None:
-        """Rows (their ``names`` columns) into table ``into`` of PostgreSQL through ``COPY
-        FROM STDIN``: psycopg writes them in C, where ``executemany`` spends about 20 µs a row
-        in Python. A refused row fails the batch, which ``apply`` then retries row by row
-        (plain statements) to name it."""
+    def _copy_rows(self, conn: sa.Connection, target: _Target, rows: list[dict[str, Any]]) -> None:
+        """Inserts into PostgreSQL through ``COPY FROM STDIN``: psycopg writes the rows in C,
+        where ``executemany`` spends about 20 µs a row in Python. Rows of one group have one
+        shape (``_groups``), so the first row's columns are every row's. A refused row fails
+        the batch, which ``apply`` then retries row by row (plain INSERTs) to name it."""
+        names = tuple(rows[0])
         columns = psql.SQL(", ").join(map(psql.Identifier, names))
-        stmt = psql.SQL("COPY {} ({}) FROM STDIN").format(psql.Identifier(into), columns)
+        stmt = psql.SQL("COPY {} ({}) FROM STDIN").format(
+            psql.Identifier(target.table.name), columns
+        )
         values = itemgetter(*names) if len(names) > 1 else lambda row: (row[names[0]],)
         with (
             _driver(conn, f"COPY {target.table.name}") as driver,
@@ -470,66 +461,6 @@ class SqlSink:
         ):
             for row in rows:
                 copy.write_row(values(row))
-
-    def _staged(
-        self, conn: sa.Connection, target: _Target, op: str, rows: list[dict[str, Any]]
-    ) -> bool:
-        """Updates that keep their key, and deletes, into PostgreSQL as one statement joined
-        to the rows COPied into a temporary table (the target's columns and types, made once
-        per session and shape, emptied at each commit). One row per key, the last: the
-        changes of one group touch each key once, or else in turn with the last one winning.
-        False (nothing done) for a group this does not fit: updates that move a key."""
-        keys = target.keys
-        if op == "update":
-            if any(row[pk] != row[k] for row in rows for k, pk in target.key_params):
-                return False
-            names = tuple(n for n in rows[0] if not n.startswith(_KEY))
-            latest = {tuple(row[k] for k in keys): row for row in rows}
-            set_cols = [n for n in names if n not in keys]
-            if not set_cols:
-                return False
-        else:
-            names = keys
-            latest = {tuple(row[pk] for _, pk in target.key_params): row for row in rows}
-            latest = {k: dict(zip(keys, k, strict=True)) for k in latest}
-        table = target.table.name
-        stage = "pglb_stage_" + hashlib.sha1("\0".join((table, *names)).encode()).hexdigest()[:16]
-        t, st, stage_id = psql.Identifier("t"), psql.Identifier("s"), psql.Identifier(stage)
-        columns = psql.SQL(", ").join(map(psql.Identifier, names))
-        prepare = psql.SQL(
-            "CREATE TEMP TABLE IF NOT EXISTS {} ON COMMIT DELETE ROWS AS "
-            "SELECT {} FROM {} WITH NO DATA; DELETE FROM {}"
-        ).format(stage_id, columns, psql.Identifier(table), stage_id)
-        match = psql.SQL(" AND ").join(
-            psql.SQL("{}.{} = {}.{}").format(t, psql.Identifier(k), st, psql.Identifier(k))
-            for k in keys
-        )
-        if op == "update":
-            assign = psql.SQL(", ").join(
-                psql.SQL("{} = {}.{}").format(psql.Identifier(c), st, psql.Identifier(c))
-                for c in set_cols
-            )
-            apply = psql.SQL("UPDATE {} AS {} SET {} FROM {} AS {} WHERE {}").format(
-                psql.Identifier(table), t, assign, stage_id, st, match
-            )
-        else:
-            apply = psql.SQL("DELETE FROM {} AS {} USING {} AS {} WHERE {}").format(
-                psql.Identifier(table), t, stage_id, st, match
-            )
-        with _driver(conn, f"{op.upper()} {table}") as driver:
-            driver.execute(prepare)
-        self._copy_rows(conn, target, stage, latest.values(), names)
-        with _driver(conn, f"{op.upper()} {table}") as driver:
-            matched = driver.execute(apply).rowcount
-        if 0 <= matched < len(latest):
-            log.warning(
-                "%s on %s matched %d of %d rows (already absent in the target?)",
-                op,
-                table,
-                matched,
-                len(latest),
-            )
-        return True
 
     def _insert_many(
         self,
