@@ -11,6 +11,7 @@ prints) raises ValueError, and the caller takes psycopg's array loader instead.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 _ELEMENT = re.compile(r'(?:"((?:[^"\\]|\\.)*)"|([^,"{}\\\s]+))(,|\Z)', re.S)
 _ESCAPED = re.compile(r"\\(.)", re.S)
@@ -70,3 +71,9 @@ def elements(text: str) -> list[str | None]:
         at = found.end()
         if not comma:
             return items
+
+
+def json_array(text: str, quote: Callable[[str], str], separator: str) -> str:
+    """The elements of a one-dimensional array as a JSON array of strings and nulls, each
+    string written by ``quote`` (the caller's JSON string encoder), joined by ``separator``."""
+    return "[" + separator.join(["null" if e is None else quote(e) for e in elements(text)]) + "]"

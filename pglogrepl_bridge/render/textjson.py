@@ -80,8 +80,7 @@ def timetz(text: str) -> str:
 
 def text_array(text: str) -> str:
     """A one-dimensional array of strings as a JSON array (non-ASCII kept, as ``tail``)."""
-    items = ["null" if e is None else quote(e) for e in textarray.elements(text)]
-    return "[" + ",".join(items) + "]"
+    return textarray.json_array(text, quote, ",")
 
 
 #: type name (scalar) or ("[]", element name) → its edit

@@ -92,8 +92,7 @@ _json_string: Callable[[str], str] = json.encoder.encode_basestring_ascii
 
 def text_array(text: str) -> str:
     """A one-dimensional text array → ``json.dumps`` of its list, written directly."""
-    items = ["null" if e is None else _json_string(e) for e in textarray.elements(text)]
-    return "[" + ", ".join(items) + "]"
+    return textarray.json_array(text, _json_string, ", ")
 
 
 #: type name (scalar) or ("[]", element name) → its edit of the text
