@@ -762,6 +762,138 @@ done:
     return result;
 }
 
+/* ---- a one-dimensional array's text output as a JSON array (textarray.json_array) ------ */
+
+/* Writes c as JSON string content at out[o], as json's encode_basestring (ascii == 0) or
+ * encode_basestring_ascii (ascii != 0) writes it; returns the new position. */
+static Py_ssize_t
+json_char(Py_UCS4 *out, Py_ssize_t o, Py_UCS4 c, int ascii)
+{
+    static const char hex[] = "0123456789abcdef";
+    switch (c) {
+    case '"': out[o++] = '\\'; out[o++] = '"'; return o;
+    case '\\': out[o++] = '\\'; out[o++] = '\\'; return o;
+    case '\b': out[o++] = '\\'; out[o++] = 'b'; return o;
+    case '\f': out[o++] = '\\'; out[o++] = 'f'; return o;
+    case '\n': out[o++] = '\\'; out[o++] = 'n'; return o;
+    case '\r': out[o++] = '\\'; out[o++] = 'r'; return o;
+    case '\t': out[o++] = '\\'; out[o++] = 't'; return o;
+    default: break;
+    }
+    if (c >= ' ' && (!ascii || c <= '~')) {
+        out[o++] = c;
+        return o;
+    }
+    if (c >= 0x10000) { /* only in ascii mode: a surrogate pair */
+        Py_UCS4 v = c - 0x10000;
+        Py_UCS4 hi = 0xd800 | ((v >> 10) & 0x3ff), lo = 0xdc00 | (v & 0x3ff);
+        o = json_char(out, o, hi, ascii);
+        return json_char(out, o, lo, ascii);
+    }
+    out[o++] = '\\';
+    out[o++] = 'u';
+    out[o++] = hex[(c >> 12) & 0xf];
+    out[o++] = hex[(c >> 8) & 0xf];
+    out[o++] = hex[(c >> 4) & 0xf];
+    out[o++] = hex[c & 0xf];
+    return o;
+}
+
+/* text_array_json(text, ascii, separator) -> str | None: the elements of PostgreSQL's text
+ * output of a one-dimensional array ({a,"b c",NULL}) as a JSON array of strings and nulls,
+ * joined by separator; None for anything textarray.elements declines (nested arrays,
+ * bounds, an element neither bare nor quoted), which the caller then hands to Python. */
+static PyObject *
+text_array_json(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyUnicode_Check(args[0]) || !PyUnicode_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "text_array_json(text: str, ascii, separator: str)");
+        return NULL;
+    }
+    PyObject *text = args[0];
+    int ascii = PyObject_IsTrue(args[1]);
+    if (ascii < 0)
+        return NULL;
+    Py_ssize_t seplen;
+    const char *sep = PyUnicode_AsUTF8AndSize(args[2], &seplen);
+    if (sep == NULL)
+        return NULL;
+    int kind = PyUnicode_KIND(text);
+    const void *data = PyUnicode_DATA(text);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(text);
+    if (n < 2 || PyUnicode_READ(kind, data, 0) != '{' || PyUnicode_READ(kind, data, n - 1) != '}')
+        Py_RETURN_NONE;
+    if (n == 2)
+        return PyUnicode_FromString("[]");
+    /* each input character writes at most 12 (a surrogate pair), each element one separator */
+    if (n > (PY_SSIZE_T_MAX / (Py_ssize_t)sizeof(Py_UCS4) - 2) / (14 + seplen))
+        return PyErr_NoMemory();
+    Py_UCS4 *out = PyMem_Malloc(sizeof(Py_UCS4) * (size_t)(2 + n * (14 + seplen)));
+    if (out == NULL)
+        return PyErr_NoMemory();
+    Py_ssize_t end = n - 1, i = 1, o = 0;
+    out[o++] = '[';
+    for (;;) {
+        if (i >= end)
+            goto decline; /* an empty element: {,a} or {a,} */
+        Py_UCS4 c = PyUnicode_READ(kind, data, i);
+        if (c == '"') {
+            out[o++] = '"';
+            i++;
+            for (;;) {
+                if (i >= end)
+                    goto decline;
+                c = PyUnicode_READ(kind, data, i++);
+                if (c == '"')
+                    break;
+                if (c == '\\') {
+                    if (i >= end)
+                        goto decline;
+                    c = PyUnicode_READ(kind, data, i++);
+                }
+                o = json_char(out, o, c, ascii);
+            }
+            out[o++] = '"';
+        }
+        else {
+            Py_ssize_t start = i;
+            while (i < end && (c = PyUnicode_READ(kind, data, i)) != ',') {
+                if (c == '{' || c == '}' || c == '"' || c == '\\' || Py_UNICODE_ISSPACE(c))
+                    goto decline;
+                i++;
+            }
+            if (i == start)
+                goto decline; /* {a,,b} */
+            if (i - start == 4 && PyUnicode_READ(kind, data, start) == 'N' &&
+                PyUnicode_READ(kind, data, start + 1) == 'U' &&
+                PyUnicode_READ(kind, data, start + 2) == 'L' &&
+                PyUnicode_READ(kind, data, start + 3) == 'L') {
+                out[o++] = 'n'; out[o++] = 'u'; out[o++] = 'l'; out[o++] = 'l';
+            }
+            else {
+                out[o++] = '"';
+                for (Py_ssize_t j = start; j < i; j++)
+                    o = json_char(out, o, PyUnicode_READ(kind, data, j), ascii);
+                out[o++] = '"';
+            }
+        }
+        if (i == end)
+            break;
+        if (PyUnicode_READ(kind, data, i) != ',')
+            goto decline;
+        i++;
+        for (Py_ssize_t j = 0; j < seplen; j++)
+            out[o++] = (unsigned char)sep[j];
+    }
+    out[o++] = ']';
+    PyObject *result = PyUnicode_FromKindAndData(PyUnicode_4BYTE_KIND, out, o);
+    PyMem_Free(out);
+    return result;
+decline:
+    PyMem_Free(out);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"bind_row_change", (PyCFunction)(void (*)(void))bind_row_change, METH_FASTCALL,
      PyDoc_STR("bind_row_change(cls, fields): where row_change puts each field")},
@@ -771,6 +903,8 @@ static PyMethodDef methods[] = {
      PyDoc_STR("put_row(relations, changes, message) -> bool")},
     {"copy_row", (PyCFunction)(void (*)(void))copy_row, METH_FASTCALL,
      PyDoc_STR("copy_row(line, ncols) -> list | None")},
+    {"text_array_json", (PyCFunction)(void (*)(void))text_array_json, METH_FASTCALL,
+     PyDoc_STR("text_array_json(text, ascii, separator) -> str | None")},
     {"typed_row", (PyCFunction)(void (*)(void))typed_row, METH_FASTCALL,
      PyDoc_STR("typed_row(template, load_text_row, load_binary_row, buf, pos) -> dict | None")},
     {NULL, NULL, 0, NULL},

@@ -10,8 +10,10 @@ prints) raises ValueError, and the caller takes psycopg's array loader instead.
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Callable
+
+from pglogrepl_bridge.pgoutput import _accel as accel
 
 _ELEMENT = re.compile(r'(?:"((?:[^"\\]|\\.)*)"|([^,"{}\\\s]+))(,|\Z)', re.S)
 _ESCAPED = re.compile(r"\\(.)", re.S)
@@ -73,7 +75,17 @@ def elements(text: str) -> list[str | None]:
             return items
 
 
-def json_array(text: str, quote: Callable[[str], str], separator: str) -> str:
-    """The elements of a one-dimensional array as a JSON array of strings and nulls, each
-    string written by ``quote`` (the caller's JSON string encoder), joined by ``separator``."""
+#: JSON string writers (C): non-ASCII as ``\\u`` escapes (``json.dumps``'s default), or kept
+_QUOTE = {True: json.encoder.encode_basestring_ascii, False: json.encoder.encode_basestring}
+
+
+def json_array(text: str, ascii: bool, separator: str) -> str:
+    """The elements of a one-dimensional array as a JSON array of strings and nulls, written
+    as ``json`` writes strings (``ascii``: non-ASCII escaped), joined by ``separator``. In C
+    where built (one pass, no list of elements); it declines what ``elements`` refuses."""
+    if accel.text_array_json is not None:
+        written = accel.text_array_json(text, ascii, separator)
+        if written is not None:
+            return written
+    quote = _QUOTE[ascii]
     return "[" + separator.join(["null" if e is None else quote(e) for e in elements(text)]) + "]"

@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from pglogrepl_bridge.pgoutput import textarray
-from pglogrepl_bridge.render._jsoncompile import quote
 
 Edit = Callable[[str], str]
 
@@ -80,7 +79,7 @@ def timetz(text: str) -> str:
 
 def text_array(text: str) -> str:
     """A one-dimensional array of strings as a JSON array (non-ASCII kept, as ``tail``)."""
-    return textarray.json_array(text, quote, ",")
+    return textarray.json_array(text, False, ",")
 
 
 #: type name (scalar) or ("[]", element name) → its edit

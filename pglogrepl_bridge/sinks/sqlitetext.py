@@ -13,7 +13,6 @@ other than UTC, quoted array elements): the caller then takes that path for the 
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 
@@ -86,13 +85,9 @@ def integer_array(text: str) -> str:
     return text.replace("{", "[").replace("}", "]").replace("NULL", "null").replace(",", ", ")
 
 
-#: json.dumps's own string encoder (C): ensure_ascii, as SQLAlchemy's JSON serializer writes
-_json_string: Callable[[str], str] = json.encoder.encode_basestring_ascii
-
-
 def text_array(text: str) -> str:
     """A one-dimensional text array → ``json.dumps`` of its list, written directly."""
-    return textarray.json_array(text, _json_string, ", ")
+    return textarray.json_array(text, True, ", ")
 
 
 #: type name (scalar) or ("[]", element name) → its edit of the text
