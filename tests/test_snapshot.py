@@ -6,12 +6,16 @@ multiset (keyless tables), into SQLite, PostgreSQL and MariaDB.
 
 from __future__ import annotations
 
+import array
+import fcntl
 import itertools
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import termios
 import threading
 import time
 import urllib.request
@@ -350,6 +354,7 @@ def _read(url: str) -> dict[str, Any]:
 
 _KILLED_RUN = """
 import sys
+import termios
 from pglogrepl_bridge import StreamOptions
 from pglogrepl_bridge.sinks.replicate import run_replicate
 from pglogrepl_bridge.sinks.sql import Conflict
@@ -521,10 +526,39 @@ def test_tail_snapshot_then_stream_folds_to_the_source(pg: PostgresServer, pg_co
             state[new["id"]] = (new["id"], new["n"], new["note"], new.get("big", full[3]))
         if any((c.get("new") or {}).get("id") == -1 for c in txn["changes"]):
             break
-    proc.terminate()
-    assert proc.wait(10) == 0, proc.stderr.read() if proc.stderr else ""
+    proc.terminate()  # its stdout is read to the end: a stop can wait on a full pipe
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
     assert reads > 1000
     assert sorted(state.values()) == t.source_rows()[0]
+
+
+def _buffered(pipe: Any) -> int:
+    """Bytes waiting in a pipe, unread."""
+    count = array.array("i", [0])
+    fcntl.ioctl(pipe.fileno(), termios.FIONREAD, count)
+    return count[0]
+
+
+def test_a_second_signal_ends_a_stop_stuck_on_stdout(pg: PostgresServer, pg_conn: Conn) -> None:
+    """``tail --snapshot`` into a pipe nobody reads: the first SIGTERM's clean stop waits on
+    the full pipe; a second one exits at once (128 + 15), and says so."""
+    t = Tables(pg_conn)
+    _fill(t, rows=3000)  # lines of far more than a pipe's 64 KiB
+    cmd = [sys.executable, "-m", "pglogrepl_bridge", "tail", "--dsn", pg.dsn, "--slot"]
+    cmd += [t.slots[0], "-p", t.pub, "--snapshot", "--format", "jsonl", "--table", t.keyed]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: _buffered(proc.stdout) >= 65536, timeout=60, what="a full pipe")
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert proc.poll() is None  # the clean stop waits for the reader
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 128 + signal.SIGTERM
+        assert proc.stderr is not None
+        assert b"a second signal during the stop: exiting at once" in proc.stderr.read()
+    finally:
+        proc.kill()
 
 
 def _eventually_equal(check: Callable[[], None], timeout: float = 60.0) -> None:

@@ -6,8 +6,10 @@ unless --verbose, and never a password.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import os
 import signal
 import sys
 import threading
@@ -201,6 +203,8 @@ class Signals:
             stream.stop()
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is not None:  # the clean stop is stuck (stdout nobody reads, say)
+            _exit_now(signum)
         self.received = signum
         for stop in self._stops:
             stop()
@@ -215,6 +219,15 @@ class Signals:
     def __exit__(self, *exc: object) -> None:
         for sig, old in self._previous.items():
             signal.signal(sig, old)
+
+
+def _exit_now(signum: int) -> NoReturn:
+    """A second SIGINT/SIGTERM: exit at once (128 + the signal). Nothing is lost: the slot
+    is only confirmed up to what was written and acknowledged, so the next run resumes
+    there, as after ``kill -9``."""
+    with contextlib.suppress(OSError):
+        os.write(2, b"pglogrepl-bridge: a second signal during the stop: exiting at once\n")
+    os._exit(128 + signum)
 
 
 @contextmanager
