@@ -129,9 +129,13 @@ def test_the_master_lost_and_another_member_takes_over(
         def taken_over() -> bool:
             return slot_holder(pg_conn, src.slot) not in (None, first)
 
-        wait_for(taken_over, timeout=30, what="another member to take the slot")
-        wait_for(lambda: group.held() > before, timeout=30,
-                 what="the replicas to receive from the new master")  # fmt: skip
+        try:
+            wait_for(taken_over, timeout=30, what="another member to take the slot")
+            wait_for(lambda: group.held() > before, timeout=30,
+                     what="the replicas to receive from the new master")  # fmt: skip
+        except AssertionError as exc:  # the members' and replicas' own words, for CI's log
+            raise AssertionError(f"{exc}; held {group.held():X}, before {before:X}\n"
+                                 f"{group.report()}") from None  # fmt: skip
         takeover = time.monotonic() - killed
         now = slot_holder(pg_conn, src.slot)
         assert now is not None

@@ -146,6 +146,17 @@ class BridgeGroup:
             low.append(int(row[0]) if row else 0)
         return min(low)
 
+    def report(self, lines: int = 30) -> str:
+        """What a failed wait needs to be understood: each process's state and the end of
+        its log (the test's temporary directory is gone by the time CI's log is read)."""
+        out = []
+        for name, proc in sorted(self.procs.items()):
+            path = self.workdir / f"{name}.log"
+            tail = path.read_text(errors="replace").splitlines()[-lines:] if path.exists() else []
+            out.append(f"--- {name} (exit {proc.poll()}) ---")
+            out.extend(tail)
+        return "\n".join(out)
+
     def close(self) -> None:
         """Stop every process (SIGTERM, then SIGKILL) and close the logs."""
         for proc in self.procs.values():
