@@ -9,9 +9,12 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from hypothesis import given
+from hypothesis import strategies as st
 from psycopg.postgres import types as pgtypes
 from sqlalchemy.dialects import sqlite
 
+from pglogrepl_bridge.pgoutput import _accel as accel
 from pglogrepl_bridge.pgoutput.messages import Column
 from pglogrepl_bridge.postgres.connection import connect
 from pglogrepl_bridge.sinks import sqlitetext
@@ -119,3 +122,22 @@ def test_input_that_postgresql_reads_but_never_prints_is_declined() -> None:
         with pytest.raises(ValueError):
             sqlitetext.integer_array(text)
     assert sqlitetext.integer_array("{{1,NULL},{-3,4}}") == "[[1, null], [-3, 4]]"
+
+
+@pytest.mark.skipif(accel.int_array_json is None, reason="the C accelerator is not built")
+@given(
+    st.text(alphabet=st.sampled_from('{}-0123456789,NUL nul[]=:"é'), max_size=14)
+    | st.text(alphabet=st.sampled_from("{}-0123456789,NUL"), max_size=14).map(lambda s: "{" + s)
+)
+def test_the_c_integer_array_edit_equals_the_python_one(text: str) -> None:
+    """The same JSON text, and the same texts refused."""
+    assert accel.int_array_json is not None
+    try:
+        expected: str | None = sqlitetext._integer_array(text)
+    except ValueError:
+        expected = None
+    try:
+        written: str | None = accel.int_array_json(text)
+    except ValueError:
+        written = None
+    assert written == expected

@@ -29,6 +29,8 @@ typed_row: TypedRow | None = None
 copy_row: Callable[[bytes, int], list[bytes | None] | None] | None = None
 #: a one-dimensional array's text → a JSON array (None: declined, take ``textarray``)
 text_array_json: Callable[[str, bool, str], str | None] | None = None
+#: an integer array's text → JSON with ", " (ValueError: not one; ``sqlitetext`` in Python)
+int_array_json: Callable[[str], str] | None = None
 json_row: Callable[[Sequence[ColumnPlan]], RowRender] | None = None
 _row_change: Callable[[dict[int, Any], bytes, int], Any] | None = None
 PutRow = Callable[[dict[int, Any], list[Any], Any], bool]
@@ -43,6 +45,7 @@ if os.environ.get("PGLOGREPL_BRIDGE_PURE_PYTHON", "") in ("", "0"):
         typed_row = _fastrow.typed_row
         copy_row = _fastrow.copy_row
         text_array_json = _fastrow.text_array_json
+        int_array_json = _fastrow.int_array_json
         json_row = _fastrow.JsonRow
         _row_change = _fastrow.row_change
         _put_row = _fastrow.put_row

@@ -894,6 +894,61 @@ decline:
     Py_RETURN_NONE;
 }
 
+/* int_array_json(text) -> str: an integer array's text output as JSON, as
+ * sqlitetext.integer_array writes it ({1,NULL,{2}} -> [1, null, [2]]); any
+ * character an integer array never prints (explicit bounds, quotes) raises ValueError, and the caller takes the loader's path. */
+static PyObject *
+int_array_json(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 1 || !PyUnicode_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "int_array_json(text: str)");
+        return NULL;
+    }
+    PyObject *text = args[0];
+    if (!PyUnicode_IS_ASCII(text))
+        goto decline;
+    const char *in = (const char *)PyUnicode_DATA(text);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(text);
+    if (n < 1 || in[0] != '{')
+        goto decline;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        char c = in[i];
+        if (!((c >= '0' && c <= '9') || c == '-' || c == ',' || c == '{' || c == '}' ||
+              c == 'N' || c == 'U' || c == 'L'))
+            goto decline;
+    }
+    if (n > PY_SSIZE_T_MAX / 2)
+        return PyErr_NoMemory();
+    char *out = PyMem_Malloc((size_t)(2 * n));
+    if (out == NULL)
+        return PyErr_NoMemory();
+    Py_ssize_t o = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        char c = in[i];
+        if (c == 'N' && n - i >= 4 && memcmp(in + i, "NULL", 4) == 0) {
+            memcpy(out + o, "null", 4);
+            o += 4;
+            i += 3;
+        }
+        else if (c == '{')
+            out[o++] = '[';
+        else if (c == '}')
+            out[o++] = ']';
+        else if (c == ',') {
+            out[o++] = ',';
+            out[o++] = ' ';
+        }
+        else
+            out[o++] = c;
+    }
+    PyObject *result = PyUnicode_DecodeASCII(out, o, NULL);
+    PyMem_Free(out);
+    return result;
+decline:
+    PyErr_SetString(PyExc_ValueError, "not an integer array's text output");
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"bind_row_change", (PyCFunction)(void (*)(void))bind_row_change, METH_FASTCALL,
      PyDoc_STR("bind_row_change(cls, fields): where row_change puts each field")},
@@ -903,6 +958,8 @@ static PyMethodDef methods[] = {
      PyDoc_STR("put_row(relations, changes, message) -> bool")},
     {"copy_row", (PyCFunction)(void (*)(void))copy_row, METH_FASTCALL,
      PyDoc_STR("copy_row(line, ncols) -> list | None")},
+    {"int_array_json", (PyCFunction)(void (*)(void))int_array_json, METH_FASTCALL,
+     PyDoc_STR("int_array_json(text) -> str (ValueError: not an integer array)")},
     {"text_array_json", (PyCFunction)(void (*)(void))text_array_json, METH_FASTCALL,
      PyDoc_STR("text_array_json(text, ascii, separator) -> str | None")},
     {"typed_row", (PyCFunction)(void (*)(void))typed_row, METH_FASTCALL,

@@ -1216,11 +1216,10 @@ def _row_values(
     for i, col in enumerate(columns):
         oid, post = (None, None) if col.name in passthrough else value_path(col, dialect.name)
         oids.append(_TEXT_OID if oid is None else oid)
-        process = (
-            None
-            if oid is None
-            else table.c[col.name].type.dialect_impl(dialect).bind_processor(dialect)
-        )
+        impl = None if oid is None else table.c[col.name].type.dialect_impl(dialect)
+        process = None if impl is None else impl.bind_processor(dialect)
+        if dialect.name == "sqlite" and isinstance(impl, sa.LargeBinary):
+            process = None  # sqlite3 binds bytes as the BLOB its Binary (a memoryview) makes
         if post is not None and process is not None:
             steps.append((i, _chain(post, process)))
         elif post is not None:
