@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import select
 from collections.abc import Iterator
+from typing import Literal, overload
 
 import psycopg
 from psycopg import sql
@@ -23,11 +24,22 @@ from pglogrepl_bridge.postgres.connection import Conn
 BLOCK_ROWS = 1024
 
 
-def copy_out(conn: Conn, query: sql.Composable) -> Iterator[list[bytes]]:
+@overload
+def copy_out(
+    conn: Conn, query: sql.Composable, *, views: Literal[False] = False
+) -> Iterator[list[bytes]]: ...
+@overload
+def copy_out(
+    conn: Conn, query: sql.Composable, *, views: Literal[True]
+) -> Iterator[list[bytes | memoryview]]: ...
+def copy_out(
+    conn: Conn, query: sql.Composable, *, views: bool = False
+) -> Iterator[list[bytes]] | Iterator[list[bytes | memoryview]]:
     """The rows (each ending in a newline) of a ``COPY ... TO STDOUT`` in blocks. The
     connection must be idle (in a transaction or not); it is idle again when this ends.
     Closing the iterator early cancels the COPY and leaves the transaction aborted (roll back
-    to a savepoint to go on)."""
+    to a savepoint to go on). ``views``: each row as libpq's own buffer, not copied into
+    bytes, for a caller that only joins them (the copy into a PostgreSQL target)."""
     pgconn = conn.pgconn
     encoding = conn.info.encoding
     pgconn.send_query(query.as_bytes(conn))
@@ -40,12 +52,12 @@ def copy_out(conn: Conn, query: sql.Composable) -> Iterator[list[bytes]]:
         raise psycopg.ProgrammingError(f"not a COPY TO STDOUT: {result and result.status}")
     finished = False
     try:
-        block: list[bytes] = []
+        block: list[bytes | memoryview] = []
         get = pgconn.get_copy_data
         while True:
             nbytes, data = get(1)
             if nbytes > 0:
-                block.append(bytes(data))
+                block.append(data if views else bytes(data))
                 if len(block) == BLOCK_ROWS:
                     yield block
                     block = []

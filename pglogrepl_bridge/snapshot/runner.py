@@ -23,7 +23,7 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -90,6 +90,9 @@ class SnapshotStats:
     checkpoint: Lsn | None = None
     complete: bool = False
     seconds: float = 0.0
+
+
+_Block = TypeVar("_Block")
 
 
 class _Stopped(Exception):
@@ -425,14 +428,18 @@ class SnapshotJob:
         backoff = 0.1
         while True:
             conn.execute("SAVEPOINT chunk")  # a failed target write re-reads the chunk
-            blocks = self._source(copy_out(conn, query))
             try:
+                if self.sink.takes_copy_text(info):  # COPY text as it is, rows not even copied
+                    views = self._source(copy_out(conn, query, views=True))
+                    try:
+                        return self.sink.copy_lines(info, map(b"".join, views), done)
+                    finally:
+                        views.close()  # an unfinished COPY is cancelled
+                blocks = self._source(copy_out(conn, query))
                 try:
-                    if self.sink.takes_copy_text(info):  # COPY text as it is
-                        return self.sink.copy_lines(info, map(b"".join, blocks), done)
                     return self.sink.copy_chunk(info, _rows(blocks, info.ncols), done)
                 finally:
-                    blocks.close()  # an unfinished COPY is cancelled
+                    blocks.close()
             except TargetUnavailableError as exc:
                 conn.execute("ROLLBACK TO SAVEPOINT chunk")
                 if self.stopping:
@@ -451,7 +458,7 @@ class SnapshotJob:
                     f"cannot read {table.name} from the source: {str(cause).strip()}"
                 ) from None
 
-    def _source(self, blocks: Iterator[list[bytes]]) -> Generator[list[bytes], None, None]:
+    def _source(self, blocks: Iterator[_Block]) -> Generator[_Block, None, None]:
         """The source's blocks of rows, stopping between blocks; a failure of the source is
         wrapped so that the sink, which catches its own driver's errors, lets it through."""
         try:
