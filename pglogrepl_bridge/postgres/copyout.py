@@ -27,11 +27,17 @@ BLOCK_ROWS = 1024
 @overload
 def copy_out(
     conn: Conn, query: sql.Composable, *, views: Literal[False] = False
-) -> Iterator[list[bytes]]: ...
+) -> Iterator[list[bytes]]:
+    """Rows as bytes."""
+
+
 @overload
 def copy_out(
     conn: Conn, query: sql.Composable, *, views: Literal[True]
-) -> Iterator[list[bytes | memoryview]]: ...
+) -> Iterator[list[bytes | memoryview]]:
+    """Rows as libpq's buffers."""
+
+
 def copy_out(
     conn: Conn, query: sql.Composable, *, views: bool = False
 ) -> Iterator[list[bytes]] | Iterator[list[bytes | memoryview]]:

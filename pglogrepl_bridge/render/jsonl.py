@@ -23,6 +23,7 @@ from psycopg.pq import Format
 from psycopg.types.range import Range
 
 from pglogrepl_bridge.lsn import format_lsn
+from pglogrepl_bridge.pgoutput import bintext
 from pglogrepl_bridge.pgoutput.loaders import transformer
 from pglogrepl_bridge.pgoutput.messages import Message
 from pglogrepl_bridge.pgoutput.relcache import Fused, RelationInfo
@@ -237,7 +238,21 @@ class JsonRenderer:
         return _text  # numeric, bytea (hex output), uuid, text, and anything else
 
     def _binary_renderer(self, oid: int) -> Render:
-        return _loaded(self._transformer.get_loader(oid, Format.BINARY).load)
+        """A binary value: PostgreSQL's text where ``bintext`` writes it from the bytes (so a
+        binary stream prints inet, interval, macaddr, bit strings as a text stream does),
+        else through psycopg's binary loader."""
+        loaded = _loaded(self._transformer.get_loader(oid, Format.BINARY).load)
+        write = bintext.writer(describe(oid).name)
+        if write is None:
+            return loaded
+
+        def render(data: bytes) -> str:
+            try:
+                return _quote(write(bytes(data)))
+            except ValueError:
+                return loaded(data)
+
+        return render
 
     def _careful(
         self, rel: RelationInfo, raw: bytes, at: int, key_only: bool

@@ -16,7 +16,7 @@ from psycopg.postgres import types as pgtypes
 from psycopg.pq import Format
 from sqlalchemy.dialects import mysql, postgresql
 
-from pglogrepl_bridge.pgoutput import values
+from pglogrepl_bridge.pgoutput import bintext, values
 from pglogrepl_bridge.pgoutput.loaders import transformer
 from pglogrepl_bridge.pgoutput.messages import Column
 from pglogrepl_bridge.sinks import sqlitetext
@@ -166,7 +166,7 @@ def loaders(col: Column, dialect: str) -> tuple[Adapt, Adapt]:
         if post is not None:
             return _then(tload, post), _then(bload, post)
         return tload, bload
-    return _decode, _hex
+    return _decode, _binary_text(bintext.writer(name))
 
 
 _JSON_NATIVE = frozenset({"int2", "int4", "int8", "float4", "float8", "bool", "text", "varchar"})
@@ -206,6 +206,22 @@ def _decode(data: bytes) -> str:
 
 def _hex(data: bytes) -> str:
     return "\\x" + bytes(data).hex()
+
+
+def _binary_text(write: bintext.Writer | None) -> Adapt:
+    """A binary value of a type stored as text: PostgreSQL's text of it (``bintext``), as a
+    text stream gives it; ``\\x`` and the hex of the bytes for a type without a writer (an
+    enum, a composite) or bytes the writer refuses."""
+    if write is None:
+        return _hex
+
+    def text(data: bytes) -> str:
+        try:
+            return write(bytes(data))
+        except ValueError:
+            return _hex(data)
+
+    return text
 
 
 _TRANSFORMER = transformer()

@@ -18,7 +18,8 @@ J4. A JSON array of an array column becomes an array literal (elements quoted, N
     each element by its element type's rules); a string is already PostgreSQL's text.
 J5. A type with no binary loader (an enum, a composite) in a binary stream was written as
     ``\\x`` and the hex of its binary form: such a value is read back as that binary value,
-    as the stream sent it.
+    as the stream sent it. (inet, interval, macaddr, bit strings and pg_lsn were written as
+    PostgreSQL's text, ``pgoutput.bintext``: they read back as text, as from a text stream.)
 J6. A row lists every column, but for the key-only old row of a delete or key change (the
     other columns are NULL, as pgoutput sends them) and the columns in
     ``unchanged_toast`` (left unchanged). Anything else is a ProtocolError, as are malformed
