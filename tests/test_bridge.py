@@ -153,6 +153,31 @@ def test_request_from_replays(
         bridge.stop()
 
 
+def test_a_replica_that_reconnects_ahead_of_a_window_of_entries_gets_the_rest(
+    pg: PostgresServer, pg_conn: Conn, replicas: list[TcpReplica]
+) -> None:
+    """A replica drops its connection after more than a window of entries; the bridge dials
+    it again, it asks for what follows its last one, and gets every later entry (the
+    entries below its position used to count as in flight, and it got nothing more)."""
+    src = make_source(pg_conn)
+    addrs = [r.listen() for r in replicas]
+    bridge = start_bridge(pg, src, BridgeConfig(replicas=addrs, ack_quorum=1, window=3))
+    try:
+        for i in range(12):
+            src.insert(i)
+        rep = replicas[0]
+        wait_for(lambda: len(rep.node.applied) == 12, what="applied")
+        connections = rep.connections
+        rep.drop()
+        wait_for(lambda: rep.connections > connections, what="the bridge to dial again")
+        for i in range(12, 16):
+            src.insert(i)
+        wait_for(lambda: len(rep.node.applied) == 16, timeout=20, what="the later entries")
+        assert rep.node.duplicates == []
+    finally:
+        bridge.stop()
+
+
 def test_votes_refused_and_promotion_stops_streaming(
     pg: PostgresServer, pg_conn: Conn, replicas: list[TcpReplica]
 ) -> None:

@@ -206,3 +206,22 @@ def test_full_when_a_quorum_lags_too_far() -> None:
     for lsn in (1, 2, 3):
         small.publish(lsn, entry(lsn))
     assert small.full  # over the byte bound with nothing held by a quorum
+
+
+def test_a_replica_that_holds_most_of_the_buffer_gets_the_rest_after_reconnecting() -> None:
+    """What a RequestFrom says the replica holds is not in flight: a reconnecting replica
+    whose position has more than a window of buffered entries below it still gets what
+    follows (it was starved before: those entries counted against its window forever)."""
+    hub = Hub(node_id=1, quorum=1, window=10)
+    hub.connect("a")
+    for lsn in range(1, 101):
+        hub.publish(lsn, entry(lsn))
+    while sent := hub.pending("a"):  # the replica takes everything, acknowledging as it goes
+        hub.receive("a", Acknowledge(7, lsns(sent)[-1]))
+    assert hub.quorum_lsn == 100 and hub.floor == 0  # all of it still buffered, for replays
+    hub.disconnect("a")
+    for lsn in range(101, 106):
+        hub.publish(lsn, entry(lsn))
+    hub.connect("b")  # the same replica again: it holds up to 97 (the rest was lost)
+    hub.receive("b", RequestFrom(7, 97))
+    assert lsns(hub.pending("b")) == [98, 99, 100, 101, 102, 103, 104, 105]

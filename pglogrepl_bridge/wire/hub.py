@@ -1,7 +1,9 @@
 """The bridge's bookkeeping, sans IO: which WalEntries each replica gets, what a quorum holds,
 and what to answer. Connections are opaque ids; time is passed in; frames are bytes.
 
-- Entries go to every replica in LSN order, at most ``window`` unacknowledged at a time.
+- Entries go to every replica in LSN order, at most ``window`` unacknowledged at a time;
+  what a replica's RequestFrom says it holds is not in flight (a reconnecting replica ahead
+  of most of the buffer gets what follows at once).
 - A replica's acknowledgements are cumulative: it applies only ``lsn > last``, in order.
 - ``quorum_lsn`` is the highest LSN acknowledged by ``quorum`` distinct replicas; only that
   may be confirmed to PostgreSQL.
@@ -48,6 +50,9 @@ class Replica:
     sent: int = 0  # where sending continues: the highest LSN sent, or a replay's start
     high: int = 0  # the highest LSN ever sent on this connection: acks count up to it
     acked: int = 0  # highest LSN it acknowledged (cumulative, at most ``high``)
+    #: what its RequestFrom said it holds: not in flight (the window), though no quorum
+    #: counts it beyond ``high``
+    holds: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +192,7 @@ class Hub:
         out = self.outbox[conn]
         self.outbox[conn] = []
         start = bisect.bisect_right(self._lsns, rep.sent)
-        inflight = start - bisect.bisect_right(self._lsns, rep.acked)
+        inflight = start - bisect.bisect_right(self._lsns, max(rep.acked, rep.holds))
         room = self.window - max(inflight, 0)
         if room > 0 and start < len(self._lsns):
             stop = min(len(self._lsns), start + room)
@@ -212,8 +217,10 @@ class Hub:
         if isinstance(msg, Acknowledge):
             self._ack(rep, msg.node_id, msg.lsn)
         elif isinstance(msg, RequestFrom):
-            # it holds everything up to lsn: that counts as acknowledged (up to ``high``)
+            # it holds everything up to lsn: that counts as acknowledged (up to ``high``),
+            # and none of it is in flight
             self._ack(rep, msg.node_id, msg.lsn)
+            rep.holds = max(rep.holds, msg.lsn)
             if msg.lsn < self.floor:
                 log.warning(
                     "replica %d asks to replay from %X, older than the buffer (%X): "
