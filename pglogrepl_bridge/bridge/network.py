@@ -103,8 +103,11 @@ class Network:
                 timeout = max(0.0, min(self._heartbeat_due - now, 0.5))
                 for key, mask in self.sel.select(timeout):
                     if key.data == "wake":
-                        self._wake_pending = False  # before looking: later news wakes again
+                        # drained before the flag is cleared: a wake in between leaves its
+                        # byte for the next turn (cleared first, its byte could be drained
+                        # with the flag left set, and no wake would send a byte again)
                         self._drain_wake()
+                        self._wake_pending = False
                     elif key.data == "listen":
                         self._accept()
                     else:
