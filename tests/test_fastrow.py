@@ -19,11 +19,13 @@ from pglogrepl_bridge.pgoutput.decoder import PgOutputDecoder, _Bad, parse_tuple
 from pglogrepl_bridge.pgoutput.messages import Column, Relation
 from pglogrepl_bridge.pgoutput.relcache import RelationCache
 from pglogrepl_bridge.pgoutput.transaction import RowChange
+from pglogrepl_bridge.render import textjson
 from pglogrepl_bridge.render._jsoncompile import (
     ColumnRender,
     compile_json_row,
     compile_json_row_python,
 )
+from pglogrepl_bridge.render.jsonl import _edited
 
 needs_c = pytest.mark.skipif(accel.typed_row is None, reason="the C accelerator is not built")
 
@@ -300,3 +302,53 @@ def test_open_changes_only_inside_a_plain_transaction() -> None:
     assert txn is not None and asm.open_changes is None
     asm.feed(b"S" + struct.pack("!IB", 11, 1), 4)  # Stream Start: rows go to the stream
     assert asm.open_changes is None
+
+
+_NATIVE = [
+    (accel.DATE, textjson.date),
+    (accel.TIME, textjson.time),
+    (accel.TIMESTAMP, textjson.timestamp),
+    (accel.TIMESTAMPTZ, textjson.timestamptz),
+]
+
+
+def _loaded_marker(data: bytes) -> str:
+    return '"loaded ' + bytes(data).hex() + '"'
+
+
+@st.composite
+def _temporal_text(draw: st.DrawFn) -> bytes:
+    """What PostgreSQL prints for dates, times and timestamps (fractions of 0 to 6 digits,
+    ``+00``), those cut or bent, and any text of their characters."""
+    clock = draw(st.sampled_from(["00", "09", "19", "23", "24", "29", "3x"])) + ":59:07"
+    clock += draw(st.sampled_from(["", ".", ".5", ".123", ".123456", ".1234567"]))
+    day = draw(st.sampled_from(["2026-01-31", "0001-12-01", "2026/01/31", "12345-01-01"]))
+    shapes = [day, clock, f"{day} {clock}", f"{day} {clock}+00", f"{day} {clock}+02"]
+    made = draw(st.sampled_from([*shapes, f"{day}T{clock}"]))
+    text = draw(
+        st.one_of(
+            st.just(made),
+            st.just(made[: draw(st.integers(0, len(made)))]),
+            st.text(alphabet=st.sampled_from("0123456789-: .+Té"), max_size=30),
+        )
+    )
+    return text.encode()
+
+
+@needs_c
+@settings(max_examples=400)
+@given(st.sampled_from(_NATIVE), st.lists(st.none() | _temporal_text(), min_size=1, max_size=4))
+def test_the_temporal_edits_written_in_c_equal_the_python_ones(
+    native: tuple[int, Callable[[str], str]], values: list[bytes | None]
+) -> None:
+    """The C walk's own temporal modes give what the Python edit gives, and take the text
+    renderer (edit, else loader) for every text the edit's shape does not match."""
+    mode, edit = native
+    buf = struct.pack("!H", len(values)) + b"".join(
+        b"n" if v is None else b"t" + struct.pack("!I", len(v)) + v for v in values
+    )
+    text = _edited(edit, _loaded_marker)
+    columns = [
+        ColumnRender(f'"c{i}":', text, _binary_render, edit=mode) for i in range(len(values))
+    ]
+    assert compile_json_row(columns)(buf, 0) == compile_json_row_python(columns)(buf, 0)

@@ -21,8 +21,10 @@ TypedRow = Callable[[dict[str, None], LoadRow, LoadRow, bytes, int], "dict[str, 
 
 T = TypeVar("T")
 
-# JsonRow column modes: how a text value becomes JSON
+# JsonRow column modes: how a text value becomes JSON (DATE..TIMESTAMPTZ: render.textjson's
+# edit written in C for the shapes it accepts, anything else through the text renderer)
 QUOTE, RAW, CALL = 0, 1, 2
+DATE, TIME, TIMESTAMP, TIMESTAMPTZ = 3, 4, 5, 6
 
 typed_row: TypedRow | None = None
 #: one row of COPY TO text → its values (None: irregular, take ``copytext.split_row``)

@@ -358,7 +358,19 @@ put_row(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 
 /* ---- JsonRow: TupleData -> JSON object text ---------------------------------------- */
 
-enum { MODE_QUOTE = 0, MODE_RAW = 1, MODE_CALL = 2 };
+/* QUOTE: the text as a JSON string; RAW: the text is the JSON value; CALL: the text
+ * renderer's result. DATE..TIMESTAMPTZ: render.textjson's edit of the text, written here
+ * for the shapes that edit accepts (ASCII only), and anything else through the text
+ * renderer, as CALL (which then edits or loads it in Python: the same JSON either way). */
+enum {
+    MODE_QUOTE = 0,
+    MODE_RAW = 1,
+    MODE_CALL = 2,
+    MODE_DATE = 3,
+    MODE_TIME = 4,
+    MODE_TIMESTAMP = 5,
+    MODE_TIMESTAMPTZ = 6
+};
 
 typedef struct {
     PyObject *key;    /* bytes: '"name":' as UTF-8, or NULL when the column is left out */
@@ -481,6 +493,63 @@ out_called(Out *o, PyObject *fn, const unsigned char *s, Py_ssize_t n)
     return -1;
 }
 
+/* textjson._clock's shape: HH:MM:SS or HH:MM:SS.f (1 to 6 digits), HH below "24" as text. */
+static int
+clock_shape(const unsigned char *s, Py_ssize_t n)
+{
+    if (!(n == 8 || (n >= 10 && n <= 15 && s[8] == '.')))
+        return 0;
+    return s[2] == ':' && s[5] == ':' && (s[0] < '2' || (s[0] == '2' && s[1] < '4'));
+}
+
+/* The clock as time.isoformat writes it: six fraction digits, or none. */
+static int
+out_clock(Out *o, const unsigned char *s, Py_ssize_t n)
+{
+    if (!out_put(o, (const char *)s, n))
+        return 0;
+    return n == 8 || out_put(o, "000000", 15 - n);
+}
+
+/* The native edits (MODE_DATE..MODE_TIMESTAMPTZ): 1 written, 0 not this edit's shape (the
+ * caller renders through Python), -1 out of memory. */
+static int
+out_edited(Out *o, int mode, const unsigned char *s, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (s[i] >= 0x80)
+            return 0;
+    int ok;
+    switch (mode) {
+    case MODE_DATE:
+        if (n != 10 || s[4] != '-' || s[7] != '-')
+            return 0;
+        ok = out_put(o, "\"", 1) && out_put(o, (const char *)s, n) && out_put(o, "\"", 1);
+        break;
+    case MODE_TIME:
+        if (!clock_shape(s, n))
+            return 0;
+        ok = out_put(o, "\"", 1) && out_clock(o, s, n) && out_put(o, "\"", 1);
+        break;
+    case MODE_TIMESTAMP:
+        if (n < 19 || s[4] != '-' || s[10] != ' ' || !clock_shape(s + 11, n - 11))
+            return 0;
+        ok = out_put(o, "\"", 1) && out_put(o, (const char *)s, 10) && out_put(o, "T", 1) &&
+             out_clock(o, s + 11, n - 11) && out_put(o, "\"", 1);
+        break;
+    case MODE_TIMESTAMPTZ:
+        if (n < 22 || memcmp(s + n - 3, "+00", 3) != 0 || s[4] != '-' || s[10] != ' ' ||
+            !clock_shape(s + 11, n - 14))
+            return 0;
+        ok = out_put(o, "\"", 1) && out_put(o, (const char *)s, 10) && out_put(o, "T", 1) &&
+             out_clock(o, s + 11, n - 14) && out_put(o, "+00:00\"", 7);
+        break;
+    default:
+        return 0;
+    }
+    return ok ? 1 : -1;
+}
+
 static PyObject *
 JsonRow_call(JsonRow *self, PyObject *args, PyObject *kwargs)
 {
@@ -532,7 +601,8 @@ JsonRow_call(JsonRow *self, PyObject *args, PyObject *kwargs)
             got = out_quoted(&out, value, size);
         else if (col->mode == MODE_RAW)
             got = out_put(&out, (const char *)value, size);
-        else
+        else if (col->mode == MODE_CALL ||
+                 (got = out_edited(&out, col->mode, value, size)) == 0)
             got = out_called(&out, col->text, value, size);
         if (got == 0 && !PyErr_Occurred())
             goto irregular;
@@ -607,8 +677,8 @@ JsonRow_init(JsonRow *self, PyObject *args, PyObject *kwargs)
                               "text, binary)", &key, &mode, &text, &binary))
             goto fail;
         ColumnPlan *col = &self->columns[i];
-        if (mode < MODE_QUOTE || mode > MODE_CALL || !PyCallable_Check(binary) ||
-            (mode == MODE_CALL && !PyCallable_Check(text))) {
+        if (mode < MODE_QUOTE || mode > MODE_TIMESTAMPTZ || !PyCallable_Check(binary) ||
+            (mode >= MODE_CALL && !PyCallable_Check(text))) {
             PyErr_SetString(PyExc_ValueError, "bad column plan");
             goto fail;
         }

@@ -44,6 +44,9 @@ class ColumnRender:
     quote_text: bool = False  # text is a JSON string of the text as it is: inlined
     raw_text: bool = False  # text is already the JSON value (integers): inlined
     included: bool = True  # False: parsed over but left out (non-key column of a key tuple)
+    #: ``text`` is ``render.textjson``'s edit of this temporal type (``accel.DATE`` ...,
+    #: 0: none): the C walk writes it itself for the shapes the edit accepts
+    edit: int = 0
 
 
 def compile_json_row(columns: Sequence[ColumnRender]) -> RowRender:
@@ -54,7 +57,11 @@ def compile_json_row(columns: Sequence[ColumnRender]) -> RowRender:
         [
             (
                 col.key if col.included else None,
-                accel.QUOTE if col.quote_text else accel.RAW if col.raw_text else accel.CALL,
+                accel.QUOTE
+                if col.quote_text
+                else accel.RAW
+                if col.raw_text
+                else col.edit or accel.CALL,
                 col.text,
                 col.binary,
             )

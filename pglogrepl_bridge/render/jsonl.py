@@ -23,6 +23,7 @@ from psycopg.pq import Format
 from psycopg.types.range import Range
 
 from pglogrepl_bridge.lsn import format_lsn
+from pglogrepl_bridge.pgoutput import _accel as accel
 from pglogrepl_bridge.pgoutput import bintext
 from pglogrepl_bridge.pgoutput.loaders import transformer
 from pglogrepl_bridge.pgoutput.messages import Message
@@ -174,6 +175,15 @@ def _loaded(load: Callable[[bytes], Any]) -> Render:
     return _kept_as_text(lambda data: py_json(load(data)))
 
 
+#: temporal types whose ``textjson`` edit the C walk writes itself (timetz stays in Python)
+_NATIVE_EDITS = {
+    "date": accel.DATE,
+    "time": accel.TIME,
+    "timestamp": accel.TIMESTAMP,
+    "timestamptz": accel.TIMESTAMPTZ,
+}
+
+
 class _Shape:
     """What rendering one relation needs, worked out once: compiled row renderers (all
     columns, and key columns only) and the fixed text around the values."""
@@ -188,9 +198,10 @@ class _Shape:
             (c.name, t, b) for c, t, b in zip(rel.columns, text, binary, strict=True)
         )
         self.keys = {c.name: _quote(c.name) + ":" for c in rel.columns}
+        edits = [renderer._native_edit(oid) for oid in oids]
         columns = [
-            ColumnRender(self.keys[c.name], t, b, quote_text=t is _text, raw_text=t is _int)
-            for c, t, b in zip(rel.columns, text, binary, strict=True)
+            ColumnRender(self.keys[c.name], t, b, quote_text=t is _text, raw_text=t is _int, edit=e)
+            for c, t, b, e in zip(rel.columns, text, binary, edits, strict=True)
         ]
         self.row = compile_json_row(columns)
         self.key_row = compile_json_row(
@@ -236,6 +247,14 @@ class JsonRenderer:
             edit = textjson.edit(facts.name, facts.element)
             return loaded if edit is None else _edited(edit, loaded)
         return _text  # numeric, bytea (hex output), uuid, text, and anything else
+
+    def _native_edit(self, oid: int) -> int:
+        """The C walk's own mode for this type's ``textjson`` edit (0: none): the text
+        renderer is that edit (with the loader behind it), which the walk then calls only for
+        text the edit's shape does not match."""
+        if self.values == "text":
+            return 0
+        return _NATIVE_EDITS.get(describe(oid).name or "", 0)
 
     def _binary_renderer(self, oid: int) -> Render:
         """A binary value: PostgreSQL's text where ``bintext`` writes it from the bytes (so a
