@@ -13,7 +13,15 @@ from hypothesis import strategies as st
 from psycopg.adapt import Transformer
 from psycopg.pq import Format
 
-from pglogrepl_bridge.pgoutput.loaders import json_loads, transformer
+from pglogrepl_bridge.pgoutput import _accel
+from pglogrepl_bridge.pgoutput.loaders import (
+    _NETWORKS,
+    _NETWORKS_MAX,
+    _digit_run_py,
+    _ipv4_int_py,
+    json_loads,
+    transformer,
+)
 
 _JSON = st.recursive(
     st.none()
@@ -76,3 +84,48 @@ def test_cidr_loader_equals_the_stock_one(address: Any, prefix: int) -> None:
     ours = _OURS.get_loader(650, Format.TEXT).load(text)
     stock = _STOCK.get_loader(650, Format.TEXT).load(text)
     assert ours == stock and type(ours) is type(stock)
+
+
+_QUADISH = st.lists(
+    st.sampled_from(["0", "1", "01", "9", "25", "255", "256", "300", "1000", "", "a", "-1"]),
+    min_size=1,
+    max_size=6,
+).map(lambda parts: ".".join(parts).encode())
+
+
+@given(_QUADISH | st.binary(max_size=20))
+@example(b"255.255.255.255")
+@example(b"1.2.3.4/32")
+@example(b"1.2.3.4 ")
+@example("1.2.3.\u0664".encode())  # an Arabic-Indic digit: str.isdigit says yes, int() too
+def test_the_c_dotted_quad_reader_equals_the_python_one(data: bytes) -> None:
+    if _accel.ipv4_int is None:
+        pytest.skip("the C accelerator is not built")
+    assert _accel.ipv4_int(data) == _ipv4_int_py(data)
+    assert _accel.ipv4_int(memoryview(data)) == _ipv4_int_py(data)
+
+
+def test_cidr_networks_are_cached_within_a_bound() -> None:
+    load = _OURS.get_loader(650, Format.TEXT).load
+    first = load(b"10.7.0.0/16")
+    assert load(memoryview(b"10.7.0.0/16")) is first  # the second load is the cached value
+    for i in range(_NETWORKS_MAX + 10):
+        network = ipaddress.ip_network((i << 8, 24))
+        assert load(str(network).encode()) == network
+    assert len(_NETWORKS) <= _NETWORKS_MAX
+    assert load(b"10.7.0.0/16") == ipaddress.ip_network("10.7.0.0/16")
+
+
+@given(
+    st.text(alphabet="0123456789 .e-\u0664x", max_size=40) | st.binary(max_size=40),
+    st.integers(0, 20),
+)
+@example("1234567890123456789", 19)
+@example("123456789012345678", 19)
+@example("\u0664" * 20, 1)  # not ASCII digits: no run
+def test_the_c_digit_run_test_equals_the_python_one(data: str | bytes, length: int) -> None:
+    if _accel.digit_run is None:
+        pytest.skip("the C accelerator is not built")
+    assert _accel.digit_run(data, length) == _digit_run_py(data, length)
+    if isinstance(data, bytes):
+        assert _accel.digit_run(memoryview(data), length) == _digit_run_py(data, length)

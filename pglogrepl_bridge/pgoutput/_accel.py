@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from pglogrepl_bridge.pgoutput.values import LoadRow
+if TYPE_CHECKING:  # values imports loaders, which imports this module
+    from pglogrepl_bridge.pgoutput.values import LoadRow
 
 RowRender = Callable[[bytes, int], "str | None"]
 ColumnPlan = tuple[str | None, int, Callable[[bytes], str] | None, Callable[[bytes], str]]
-TypedRow = Callable[[dict[str, None], LoadRow, LoadRow, bytes, int], "dict[str, Any] | None"]
+TypedRow = Callable[[dict[str, None], "LoadRow", "LoadRow", bytes, int], "dict[str, Any] | None"]
 
 T = TypeVar("T")
 
@@ -33,6 +34,10 @@ copy_row: Callable[[bytes, int], list[bytes | None] | None] | None = None
 text_array_json: Callable[[str, bool, str], str | None] | None = None
 #: an integer array's text → JSON with ", " (ValueError: not one; ``sqlitetext`` in Python)
 int_array_json: Callable[[str], str] | None = None
+#: whether a str/bytes-like value holds N ASCII digits in a row (``loaders``' JSON test)
+digit_run: Callable[[str | bytes | memoryview, int], bool] | None = None
+#: inet/cidr text (bytes-like) → a plain dotted quad's integer, or None (``loaders``)
+ipv4_int: Callable[[bytes | memoryview], int | None] | None = None
 json_row: Callable[[Sequence[ColumnPlan]], RowRender] | None = None
 _row_change: Callable[[dict[int, Any], bytes, int], Any] | None = None
 PutRow = Callable[[dict[int, Any], list[Any], Any], bool]
@@ -48,6 +53,8 @@ if os.environ.get("PGLOGREPL_BRIDGE_PURE_PYTHON", "") in ("", "0"):
         copy_row = _fastrow.copy_row
         text_array_json = _fastrow.text_array_json
         int_array_json = _fastrow.int_array_json
+        ipv4_int = _fastrow.ipv4_int
+        digit_run = _fastrow.digit_run
         json_row = _fastrow.JsonRow
         _row_change = _fastrow.row_change
         _put_row = _fastrow.put_row

@@ -11,9 +11,9 @@ the same thing in every output:
   differently or refuses (integers beyond 64 bits, which orjson makes floats; 1e400), so
   nothing changes but the speed. A property test holds the two to each other.
 - inet and cidr (text): an IPv4 address without a prefix, and an IPv4 network, are built
-  from their four octets instead of parsed by ``ipaddress``; anything
-  else goes the stock way. PostgreSQL's output is canonical, so the shortcut sees only
-  dotted quads.
+  from their four octets (read in C where built) instead of parsed by ``ipaddress``;
+  anything else goes the stock way. PostgreSQL's output is canonical, so the shortcut sees
+  only dotted quads. cidr networks are also cached (few distinct values per column).
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from psycopg.adapt import AdaptersMap, Loader, Transformer
 from psycopg.postgres import types as builtin_types
 from psycopg.types.json import set_json_loads
 
+from pglogrepl_bridge.pgoutput import _accel
+
 try:
     import orjson
 except ImportError:  # pragma: no cover - a dependency; json.loads is the fallback
@@ -40,13 +42,19 @@ __all__ = ["ADAPTERS", "json_loads", "transformer"]
 
 # orjson reads an integer beyond 64 bits as a float (json.loads keeps it exact): any run of
 # 19+ digits goes the stock way, costing a regex search, not a different value.
-_LONG_DIGITS_B = re.compile(rb"[0-9]{19}")
-_LONG_DIGITS_S = re.compile(r"[0-9]{19}")
+def _digit_run_py(data: str | bytes | memoryview, length: int) -> bool:
+    """``_fastrow.digit_run`` in Python."""
+    if isinstance(data, str):
+        return re.search(f"[0-9]{{{length}}}", data) is not None
+    return re.search(b"[0-9]{%d}" % length, bytes(data)) is not None
+
+
+#: N ASCII digits in a row? One C pass where built: the regex cost more than orjson's parse
+_digit_run: Callable[[str | bytes | memoryview, int], bool] = _accel.digit_run or _digit_run_py
 
 
 def _json_loads_fast(data: str | bytes) -> Any:
-    long_digits = _LONG_DIGITS_B if isinstance(data, bytes) else _LONG_DIGITS_S
-    if long_digits.search(data):  # type: ignore[arg-type]
+    if _digit_run(data, 19):
         return json.loads(data)
     try:
         return orjson.loads(data)
@@ -57,7 +65,7 @@ def _json_loads_fast(data: str | bytes) -> Any:
 json_loads: Callable[[str | bytes], Any] = json.loads if orjson is None else _json_loads_fast
 
 
-def _ipv4_int(text: str) -> int | None:
+def _ipv4_int_text(text: str) -> int | None:
     """A dotted quad as its integer, or None for anything else (left to ``ipaddress``)."""
     parts = text.split(".")
     if len(parts) != 4:
@@ -73,31 +81,64 @@ def _ipv4_int(text: str) -> int | None:
     return value
 
 
+def _ipv4_int_py(data: bytes | memoryview) -> int | None:
+    """``_fastrow.ipv4_int`` in Python: the bytes of a plain dotted quad as its integer."""
+    try:
+        text = bytes(data).decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    return _ipv4_int_text(text)
+
+
+#: a plain dotted quad (bytes-like) → its integer, else None: one C pass where built
+ipv4_int: Callable[[bytes | memoryview], int | None] = _accel.ipv4_int or _ipv4_int_py
+
+
 class InetLoader(Loader):
     """inet text to ``ipaddress`` objects, as psycopg's own ``InetLoader`` does, faster for
-    IPv4 addresses without a prefix."""
+    IPv4 addresses without a prefix (read from the bytes, not parsed by ``ipaddress``)."""
 
     def load(self, data: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address | Any:
         """An ``IPv4Address``/``IPv6Address``, or an interface when there is a prefix."""
-        text = bytes(data).decode()
-        if "/" not in text and (packed := _ipv4_int(text)) is not None:
+        packed = ipv4_int(data)
+        if packed is not None:
             return ipaddress.IPv4Address(packed)
+        text = bytes(data).decode()
         if "/" in text:
             return ipaddress.ip_interface(text)
         return ipaddress.ip_address(text)
 
 
+#: cidr text → its network, for the networks seen last (cleared when full). Why a cache: a
+#: network costs about 1 µs to build even from its integer, and a cidr column holds few
+#: distinct networks (subnets, not hosts); a hit costs a dict lookup. The objects are the
+#: immutable values ``ipaddress`` hands out anyway, so rows may share one.
+_NETWORKS: dict[bytes, ipaddress.IPv4Network | ipaddress.IPv6Network] = {}
+_NETWORKS_MAX = 4096
+
+
+def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    address, slash, prefix = text.partition("/")
+    if slash and prefix.isdigit() and (packed := _ipv4_int_text(address)) is not None:
+        return ipaddress.IPv4Network((packed, int(prefix)))
+    return ipaddress.ip_network(text)
+
+
 class CidrLoader(Loader):
-    """cidr text to ``ipaddress`` networks, as psycopg's own ``CidrLoader`` does, faster for
-    IPv4: the network is built from its integer and prefix, not parsed."""
+    """cidr text to ``ipaddress`` networks, as psycopg's own ``CidrLoader`` does, faster: an
+    IPv4 network is built from its integer and prefix, not parsed, and the last few thousand
+    networks are kept (``_NETWORKS``)."""
 
     def load(self, data: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         """An ``IPv4Network`` or ``IPv6Network``."""
-        text = bytes(data).decode()
-        address, slash, prefix = text.partition("/")
-        if slash and prefix.isdigit() and (packed := _ipv4_int(address)) is not None:
-            return ipaddress.IPv4Network((packed, int(prefix)))
-        return ipaddress.ip_network(text)
+        key = bytes(data)
+        network = _NETWORKS.get(key)
+        if network is None:
+            network = _network(key.decode())
+            if len(_NETWORKS) >= _NETWORKS_MAX:
+                _NETWORKS.clear()
+            _NETWORKS[key] = network
+        return network
 
 
 #: The one adapter context of the package (see the module doc).
