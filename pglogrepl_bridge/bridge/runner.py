@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -27,6 +28,15 @@ from pglogrepl_bridge.wire.payload import PayloadFormat, encoder
 from pglogrepl_bridge.wire.protocol import DEFAULT_MAX_FRAME, WalEntry, frame
 
 log = logging.getLogger(__name__)
+
+# When the publishing thread wakes the network thread: after WAKE_AFTER entries, once the
+# oldest unannounced entry is WAKE_WITHIN seconds old (checked as transactions arrive), and
+# whenever the stream has caught up (on_idle). Why not per entry: each wake hands the GIL
+# to the network thread and back, and under load that cost about a tenth of the bridge's
+# time (py-spy, RESULTS.md); in a burst the stream pauses at most 10 ms, so no entry waits
+# longer than that for its wake.
+WAKE_AFTER = 16
+WAKE_WITHIN = 0.002
 
 
 @dataclass
@@ -125,6 +135,8 @@ def _serve(
     seen_idle = [0]
 
     def on_idle() -> None:
+        # caught up with PostgreSQL: what _publish buffered without a wake goes out now
+        network.wake()
         # PostgreSQL's keepalive moved on and there is nothing to send: tell the replicas
         idle = stream.feedback.idle_end
         if idle > seen_idle[0]:
@@ -277,6 +289,8 @@ def _publish(
 ) -> None:
     node_id = config.node_id
     lock = network.lock
+    unwoken = 0  # entries published since the last wake (the stream's on_idle wakes too)
+    first_unwoken = 0.0
     with Progress(stream, metrics_port=None if metrics else metrics_port, metrics=metrics):
         for txn in stream:
             stats.transactions += 1
@@ -286,13 +300,20 @@ def _publish(
                 continue
             entry = frame(WalEntry(node_id, txn.end_lsn, txn.timestamp_us, encode(txn)))
             with lock:
+                if hub.full:
+                    network.wake()  # what is buffered must go out for the acks to come
                 while hub.full and not stream.stopping:
                     lock.wait(0.1)  # backpressure: a quorum must catch up first
                 published = txn.end_lsn > hub.last_lsn  # not buffered before (a rewind,
                 if published:  # or what a takeover started with)
                     hub.publish(txn.end_lsn, entry)
                     stats.entries += 1
-            network.wake()
+            if not unwoken:
+                first_unwoken = time.monotonic()
+            unwoken += 1
+            if unwoken >= WAKE_AFTER or time.monotonic() - first_unwoken >= WAKE_WITHIN:
+                network.wake()
+                unwoken = 0
             if group is not None:
                 group.set_last_lsn(txn.end_lsn)
                 if published:
