@@ -352,3 +352,77 @@ def test_the_temporal_edits_written_in_c_equal_the_python_ones(
         ColumnRender(f'"c{i}":', text, _binary_render, edit=mode) for i in range(len(values))
     ]
     assert compile_json_row(columns)(buf, 0) == compile_json_row_python(columns)(buf, 0)
+
+
+# the modes for jsonl's other renderers: (type oid, what PostgreSQL prints and text around it)
+_MODE_TYPES = {
+    16: ["t", "f", "", "true", "x"],  # bool
+    701: ["0", "-0", "1.5", "1e+300", "-1.5e-07", "NaN", "Infinity", "-Infinity", "01", "1.", ".5"],
+    3802: ['{"a": 1}', '{"a": "x\\ny"}', "[]", '"é"', "1", "null"],  # jsonb
+    114: ['{"a" :\n 1}', '{"b": 2}\r', " [1, 2] ", '{"é": "\\u0000"}'],  # json, line breaks kept
+    1007: ["{1,NULL,-3}", "{{1,2},{3,4}}", "{}", "[0:1]={1,2}", "{NULL}", "{NNULL}"],  # int4[]
+    1009: [  # text[]
+        "{}",
+        "{a,b}",
+        '{"a b",NULL,"NULL"}',
+        '{"x\\"y","\\\\"}',
+        "{é,naïve}",
+        "{a,,b}",
+        "{,}",
+        '{"a"b}',
+        "{{a}}",
+        "{a\u00a0b}",
+        "{a\u2028b}",
+        "{\x01\x1f}",
+        '{"\x01\t\n"}',
+        "{a\x1cb}",
+        "{a,b",
+        "{NULL,null}",
+        '{"é\\\\",x}',
+    ],
+}
+
+
+@needs_c
+@settings(max_examples=400)
+@given(
+    st.sampled_from(sorted(_MODE_TYPES)).flatmap(
+        lambda oid: st.tuples(
+            st.just(oid),
+            st.lists(
+                st.none()
+                | st.sampled_from(_MODE_TYPES[oid]).map(str.encode)
+                | st.text(
+                    alphabet=st.sampled_from('{}",\\ NULabé01-.e\n\u00a0\u2028\x1c'), max_size=12
+                ).map(str.encode)
+                | st.binary(max_size=6),
+                min_size=1,
+                max_size=4,
+            ),
+        )
+    )
+)
+def test_the_c_modes_of_jsonl_renderers_equal_the_renderers(
+    case: tuple[int, list[bytes | None]],
+) -> None:
+    """Each of the C walk's modes for bool, float8, json, jsonb, int4[] and text[] writes what
+    the column's text renderer writes (else calls it), or steps aside on text that is not
+    UTF-8, as the quoted mode does."""
+    from pglogrepl_bridge.render.jsonl import JsonRenderer
+
+    oid, values = case
+    render, mode = JsonRenderer()._text_plan(oid)
+    assert mode >= accel.BOOL
+    buf = struct.pack("!H", len(values)) + b"".join(
+        b"n" if v is None else b"t" + struct.pack("!I", len(v)) + v for v in values
+    )
+    native = [
+        ColumnRender(f'"c{i}":', render, _binary_render, edit=mode) for i in range(len(values))
+    ]
+    called = [ColumnRender(f'"c{i}":', render, _binary_render) for i in range(len(values))]
+    ours, theirs = compile_json_row(native)(buf, 0), compile_json_row(called)(buf, 0)
+    if ours is None:  # stepped aside: only for bytes that are not UTF-8
+        with pytest.raises(UnicodeDecodeError):
+            b"".join(v for v in values if v is not None).decode()
+    else:
+        assert ours == theirs

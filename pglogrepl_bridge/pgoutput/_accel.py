@@ -22,10 +22,12 @@ TypedRow = Callable[[dict[str, None], "LoadRow", "LoadRow", bytes, int], "dict[s
 
 T = TypeVar("T")
 
-# JsonRow column modes: how a text value becomes JSON (DATE..TIMESTAMPTZ: render.textjson's
-# edit written in C for the shapes it accepts, anything else through the text renderer)
+# JsonRow column modes: how a text value becomes JSON. From DATE on, the text renderer's own
+# result written in C for the texts it can (render.textjson's edits, jsonl's renderers for
+# bool, floats, json, integer and text arrays), anything else through the text renderer.
 QUOTE, RAW, CALL = 0, 1, 2
 DATE, TIME, TIMESTAMP, TIMESTAMPTZ = 3, 4, 5, 6
+BOOL, FLOAT, JSON, INT_ARRAY, TEXT_ARRAY = 7, 8, 9, 10, 11
 
 typed_row: TypedRow | None = None
 #: one row of COPY TO text → its values (None: irregular, take ``copytext.split_row``)

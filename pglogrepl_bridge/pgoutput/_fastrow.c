@@ -369,8 +369,14 @@ enum {
     MODE_DATE = 3,
     MODE_TIME = 4,
     MODE_TIMESTAMP = 5,
-    MODE_TIMESTAMPTZ = 6
+    MODE_TIMESTAMPTZ = 6,
+    MODE_BOOL = 7,       /* t/f: true/false */
+    MODE_FLOAT = 8,      /* a JSON number as it is (NaN, Infinity: the text renderer) */
+    MODE_JSON = 9,       /* json/jsonb text as it is, unless it holds a line break */
+    MODE_INT_ARRAY = 10, /* {1,NULL,{2}} -> [1,null,[2]] */
+    MODE_TEXT_ARRAY = 11 /* {a,"b c",NULL} -> ["a","b c",null], as text_array_json */
 };
+#define MODE_LAST MODE_TEXT_ARRAY
 
 typedef struct {
     PyObject *key;    /* bytes: '"name":' as UTF-8, or NULL when the column is left out */
@@ -511,11 +517,233 @@ out_clock(Out *o, const unsigned char *s, Py_ssize_t n)
     return n == 8 || out_put(o, "000000", 15 - n);
 }
 
-/* The native edits (MODE_DATE..MODE_TIMESTAMPTZ): 1 written, 0 not this edit's shape (the
- * caller renders through Python), -1 out of memory. */
+/* One byte of JSON string content, escaped as json's encode_basestring escapes it. */
+static int
+out_json_byte(Out *o, unsigned char c)
+{
+    static const char hex[] = "0123456789abcdef";
+    if (!out_reserve(o, 6))
+        return 0;
+    char *w = o->buf + o->len;
+    if (c >= 0x20 && c != '"' && c != '\\') {
+        *w++ = (char)c;
+    }
+    else {
+        *w++ = '\\';
+        switch (c) {
+        case '"': *w++ = '"'; break;
+        case '\\': *w++ = '\\'; break;
+        case '\n': *w++ = 'n'; break;
+        case '\r': *w++ = 'r'; break;
+        case '\t': *w++ = 't'; break;
+        case '\b': *w++ = 'b'; break;
+        case '\f': *w++ = 'f'; break;
+        default:
+            *w++ = 'u';
+            *w++ = '0';
+            *w++ = '0';
+            *w++ = hex[c >> 4];
+            *w++ = hex[c & 0xF];
+        }
+    }
+    o->len = w - o->buf;
+    return 1;
+}
+
+/* The code point of the UTF-8 sequence at s[i] (a lead byte >= 0x80) and its length, or 0
+ * for a sequence that is not UTF-8. */
+static int
+utf8_point(const unsigned char *s, Py_ssize_t n, Py_ssize_t i, Py_UCS4 *cp)
+{
+    unsigned char c = s[i];
+    int len = c >= 0xF0 && c <= 0xF4 ? 4 : c >= 0xE0 ? 3 : c >= 0xC2 && c < 0xE0 ? 2 : 0;
+    if (len == 0 || n - i < len)
+        return 0;
+    Py_UCS4 v = c & (len == 2 ? 0x1F : len == 3 ? 0x0F : 0x07);
+    for (int k = 1; k < len; k++) {
+        if ((s[i + k] & 0xC0) != 0x80)
+            return 0;
+        v = (v << 6) | (s[i + k] & 0x3F);
+    }
+    *cp = v;
+    return len;
+}
+
+/* MODE_TEXT_ARRAY: text_array_json(text, False, ",") over UTF-8 bytes, declining (0) exactly
+ * where it declines, and also on a bare element that is not UTF-8. */
+static int
+out_text_array(Out *o, const unsigned char *s, Py_ssize_t n)
+{
+    if (n < 2 || s[0] != '{' || s[n - 1] != '}')
+        return 0;
+    Py_ssize_t mark = o->len, end = n - 1, i = 1;
+    if (!out_put(o, "[", 1))
+        return -1;
+    if (n == 2)
+        return out_put(o, "]", 1) ? 1 : -1;
+    for (;;) {
+        if (i >= end)
+            goto decline; /* an empty element: {,a} or {a,} */
+        unsigned char c = s[i];
+        if (c == '"') {
+            if (!out_put(o, "\"", 1))
+                return -1;
+            i++;
+            for (;;) {
+                if (i >= end)
+                    goto decline;
+                c = s[i++];
+                if (c == '"')
+                    break;
+                if (c == '\\') {
+                    if (i >= end)
+                        goto decline;
+                    c = s[i++];
+                }
+                if (!out_json_byte(o, c))
+                    return -1;
+            }
+            if (!out_put(o, "\"", 1))
+                return -1;
+        }
+        else {
+            Py_ssize_t start = i;
+            while (i < end && (c = s[i]) != ',') {
+                if (c == '{' || c == '}' || c == '"' || c == '\\')
+                    goto decline;
+                if (c < 0x80) {
+                    if (Py_UNICODE_ISSPACE(c))
+                        goto decline;
+                    i++;
+                }
+                else {
+                    Py_UCS4 cp;
+                    int len = utf8_point(s, end, i, &cp);
+                    if (len == 0 || Py_UNICODE_ISSPACE(cp))
+                        goto decline;
+                    i += len;
+                }
+            }
+            if (i == start)
+                goto decline; /* {a,,b} */
+            if (i - start == 4 && memcmp(s + start, "NULL", 4) == 0) {
+                if (!out_put(o, "null", 4))
+                    return -1;
+            }
+            else {
+                if (!out_put(o, "\"", 1))
+                    return -1;
+                for (Py_ssize_t j = start; j < i; j++)
+                    if (!out_json_byte(o, s[j]))
+                        return -1;
+                if (!out_put(o, "\"", 1))
+                    return -1;
+            }
+        }
+        if (i == end)
+            break;
+        if (s[i] != ',')
+            goto decline;
+        i++;
+        if (!out_put(o, ",", 1))
+            return -1;
+    }
+    return out_put(o, "]", 1) ? 1 : -1;
+decline:
+    o->len = mark;
+    return 0;
+}
+
+/* A JSON number (RFC 8259's grammar), which every finite float PostgreSQL prints is. */
+static int
+json_number(const unsigned char *s, Py_ssize_t n)
+{
+    Py_ssize_t i = 0, d;
+    if (i < n && s[i] == '-')
+        i++;
+    if (i >= n)
+        return 0;
+    if (s[i] == '0')
+        i++;
+    else if (s[i] >= '1' && s[i] <= '9')
+        while (i < n && s[i] >= '0' && s[i] <= '9')
+            i++;
+    else
+        return 0;
+    if (i < n && s[i] == '.') {
+        d = ++i;
+        while (i < n && s[i] >= '0' && s[i] <= '9')
+            i++;
+        if (i == d)
+            return 0;
+    }
+    if (i < n && (s[i] == 'e' || s[i] == 'E')) {
+        i++;
+        if (i < n && (s[i] == '+' || s[i] == '-'))
+            i++;
+        d = i;
+        while (i < n && s[i] >= '0' && s[i] <= '9')
+            i++;
+        if (i == d)
+            return 0;
+    }
+    return i == n;
+}
+
+/* MODE_INT_ARRAY: jsonl._integer_array's edit, for text of an integer array's characters. */
+static int
+out_int_array(Out *o, const unsigned char *s, Py_ssize_t n)
+{
+    if (n < 1 || s[0] != '{')
+        return 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char c = s[i];
+        if (!((c >= '0' && c <= '9') || c == '-' || c == ',' || c == '{' || c == '}' ||
+              c == 'N' || c == 'U' || c == 'L'))
+            return 0;
+    }
+    if (!out_reserve(o, n))
+        return -1;
+    char *w = o->buf + o->len;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char c = s[i];
+        if (c == 'N' && n - i >= 4 && memcmp(s + i, "NULL", 4) == 0) {
+            memcpy(w, "null", 4);
+            w += 4;
+            i += 3;
+        }
+        else
+            *w++ = c == '{' ? '[' : c == '}' ? ']' : (char)c;
+    }
+    o->len = w - o->buf;
+    return 1;
+}
+
+/* The native modes (MODE_DATE..MODE_LAST): 1 written, 0 not this mode's shape (the caller
+ * renders through Python), -1 out of memory. */
 static int
 out_edited(Out *o, int mode, const unsigned char *s, Py_ssize_t n)
 {
+    switch (mode) {
+    case MODE_BOOL:
+        if (n != 1 || (s[0] != 't' && s[0] != 'f'))
+            return 0;
+        return (s[0] == 't' ? out_put(o, "true", 4) : out_put(o, "false", 5)) ? 1 : -1;
+    case MODE_FLOAT:
+        if (!json_number(s, n))
+            return 0;
+        return out_put(o, (const char *)s, n) ? 1 : -1;
+    case MODE_JSON:
+        if (memchr(s, '\n', (size_t)n) != NULL || memchr(s, '\r', (size_t)n) != NULL)
+            return 0;
+        return out_put(o, (const char *)s, n) ? 1 : -1;
+    case MODE_INT_ARRAY:
+        return out_int_array(o, s, n);
+    case MODE_TEXT_ARRAY:
+        return out_text_array(o, s, n);
+    default:
+        break;
+    }
     for (Py_ssize_t i = 0; i < n; i++)
         if (s[i] >= 0x80)
             return 0;
@@ -677,7 +905,7 @@ JsonRow_init(JsonRow *self, PyObject *args, PyObject *kwargs)
                               "text, binary)", &key, &mode, &text, &binary))
             goto fail;
         ColumnPlan *col = &self->columns[i];
-        if (mode < MODE_QUOTE || mode > MODE_TIMESTAMPTZ || !PyCallable_Check(binary) ||
+        if (mode < MODE_QUOTE || mode > MODE_LAST || !PyCallable_Check(binary) ||
             (mode >= MODE_CALL && !PyCallable_Check(text))) {
             PyErr_SetString(PyExc_ValueError, "bad column plan");
             goto fail;

@@ -192,16 +192,16 @@ class _Shape:
 
     def __init__(self, renderer: JsonRenderer, rel: RelationInfo) -> None:
         oids = [rel.loaders.base_oid(c.type_oid) for c in rel.columns]  # domains: their base
-        text = [renderer._text_renderer(oid) for oid in oids]
+        plans = [renderer._text_plan(oid) for oid in oids]
+        text = [render for render, _ in plans]
         binary = [renderer._binary_renderer(oid) for oid in oids]
         self.fused: Fused = tuple(
             (c.name, t, b) for c, t, b in zip(rel.columns, text, binary, strict=True)
         )
         self.keys = {c.name: _quote(c.name) + ":" for c in rel.columns}
-        edits = [renderer._native_edit(oid) for oid in oids]
         columns = [
             ColumnRender(self.keys[c.name], t, b, quote_text=t is _text, raw_text=t is _int, edit=e)
-            for c, t, b, e in zip(rel.columns, text, binary, edits, strict=True)
+            for c, (t, e), b in zip(rel.columns, plans, binary, strict=True)
         ]
         self.row = compile_json_row(columns)
         self.key_row = compile_json_row(
@@ -227,34 +227,35 @@ class JsonRenderer:
 
     def _text_renderer(self, oid: int) -> Render:
         """``oid`` is a base type (the registry resolved domains); its facts choose."""
+        return self._text_plan(oid)[0]
+
+    def _text_plan(self, oid: int) -> tuple[Render, int]:
+        """The text renderer, and the C walk's own mode for it (``accel.DATE`` ...; 0:
+        none). A mode writes the renderer's result itself for the texts it recognises and
+        calls the renderer for the rest, so the JSON is the same either way (the tests hold
+        each mode to its renderer)."""
         if self.values == "text":
-            return _text
+            return _text, 0
         facts = describe(oid)
         if facts.name in INTEGER_TYPES:
-            return _int
+            return _int, 0
         if facts.name in FLOAT_TYPES:
-            return _float
+            return _float, accel.FLOAT
         if facts.name == "bool":
-            return _bool
+            return _bool, accel.BOOL
         if facts.name in JSON_TYPES:
-            return _kept_as_text(_json_text)
+            return _kept_as_text(_json_text), accel.JSON
         if facts.element in INTEGER_TYPES:
-            return _kept_as_text(
-                _integer_array(self._transformer.get_loader(oid, Format.TEXT).load)
-            )
+            load = self._transformer.get_loader(oid, Format.TEXT).load
+            return _kept_as_text(_integer_array(load)), accel.INT_ARRAY
         if facts.name in TEMPORAL_TYPES or facts.element in JSON_ARRAY_ELEMENTS:
             loaded = _loaded(self._transformer.get_loader(oid, Format.TEXT).load)
             edit = textjson.edit(facts.name, facts.element)
-            return loaded if edit is None else _edited(edit, loaded)
-        return _text  # numeric, bytea (hex output), uuid, text, and anything else
-
-    def _native_edit(self, oid: int) -> int:
-        """The C walk's own mode for this type's ``textjson`` edit (0: none): the text
-        renderer is that edit (with the loader behind it), which the walk then calls only for
-        text the edit's shape does not match."""
-        if self.values == "text":
-            return 0
-        return _NATIVE_EDITS.get(describe(oid).name or "", 0)
+            if edit is None:
+                return loaded, 0
+            mode = accel.TEXT_ARRAY if edit is textjson.text_array else 0
+            return _edited(edit, loaded), _NATIVE_EDITS.get(facts.name or "", mode)
+        return _text, 0  # numeric, bytea (hex output), uuid, text, and anything else
 
     def _binary_renderer(self, oid: int) -> Render:
         """A binary value: PostgreSQL's text where ``bintext`` writes it from the bytes (so a
