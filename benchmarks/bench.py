@@ -320,6 +320,7 @@ def compare(
     tmp = Path(tempfile.mkdtemp(prefix="pglb-bench-"))
     replicas: list[subprocess.Popen[str]] = []
     ports: list[int] = []
+    before_ports: list[int] = []  # the baseline's bridge gets a replica of its own
 
     def ours(*extra: str, python: str = PY) -> Callable[[str, str, Lsn, Path], list[str]]:
         # -P: the baseline must not import this checkout's package from the working directory
@@ -447,6 +448,20 @@ def compare(
                 count_lines,
             ),
             Tool(
+                "before: bridge --payload bincode",
+                lambda dsn, slot, end, d: [
+                    *ours(
+                        "bridge",
+                        "--payload",
+                        "bincode",
+                        "--replica",
+                        f"127.0.0.1:{before_ports[-1]}",
+                        python=baseline,
+                    )(dsn, slot, end, d)
+                ],
+                count_entries,
+            ),
+            Tool(
                 "before: replicate into SQLite",
                 lambda dsn, slot, end, d: [
                     *ours(
@@ -501,6 +516,10 @@ def compare(
             replica, port = start_replica()  # a fresh replica each round: it applies it all
             replicas.append(replica)
             ports.append(port)
+            if baseline is not None:
+                replica, port = start_replica()
+                replicas.append(replica)
+                before_ports.append(port)
             base = None
             for i, tool in enumerate(tools):
                 slot = f"bench_{r}_{i}"

@@ -136,6 +136,25 @@ def test_tail_jsonl_until_lsn(source: tuple[PostgresServer, Source], pg_conn: Co
     assert again.returncode == 0 and again.stdout == ""
 
 
+def test_tail_writes_utf8_whatever_stdout_encoding_says(
+    source: tuple[PostgresServer, Source], pg_conn: Conn
+) -> None:
+    """JSON Lines are UTF-8: a latin-1 stdout (which cannot encode ✓) changes nothing."""
+    pg, src = source
+    src.insert(1)
+    pg_conn.execute(f"UPDATE {src.table} SET v = 'naïve ✓ 😀' WHERE id = 1")
+    result = subprocess.run(
+        [sys.executable, "-m", "pglogrepl_bridge", "tail", "--dsn", pg.dsn, "--slot", src.slot,
+         "--publication", src.publication, "--until-lsn", _end(pg_conn, src)],
+        capture_output=True,
+        timeout=120,
+        env={**os.environ, "PYTHONIOENCODING": "latin-1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.decode("utf-8").splitlines()]
+    assert lines[-1]["changes"][0]["new"] == {"id": 1, "v": "naïve ✓ 😀"}
+
+
 def test_tail_filters_and_text_values(source: tuple[PostgresServer, Source], pg_conn: Conn) -> None:
     pg, src = source
     src.insert(1)

@@ -24,6 +24,7 @@ from pglogrepl_bridge.render._jsoncompile import (
     ColumnRender,
     compile_json_row,
     compile_json_row_python,
+    compile_json_rows,
 )
 from pglogrepl_bridge.render.jsonl import _edited
 
@@ -107,10 +108,12 @@ def test_json_row_equals_the_python_walk(case: tuple[int, bytes], data: st.DataO
             ColumnRender(key, _text_render, _binary_render, quote, raw, included=included)
         )
     python = compile_json_row_python(columns)
-    c = compile_json_row(columns)  # the C walk, where built (needs_c)
+    c, c_utf8 = compile_json_rows(columns)  # the C walk, where built (needs_c)
     assert type(c) is not type(python)
     for pos in (0, 1):
-        assert c(buf, pos) == python(buf, pos)
+        text = python(buf, pos)
+        assert c(buf, pos) == text
+        assert c_utf8(buf, pos) == (None if text is None else text.encode())
 
 
 def _as_text(values: Sequence[bytes | None]) -> tuple[object, ...]:
@@ -420,9 +423,59 @@ def test_the_c_modes_of_jsonl_renderers_equal_the_renderers(
         ColumnRender(f'"c{i}":', render, _binary_render, edit=mode) for i in range(len(values))
     ]
     called = [ColumnRender(f'"c{i}":', render, _binary_render) for i in range(len(values))]
-    ours, theirs = compile_json_row(native)(buf, 0), compile_json_row(called)(buf, 0)
+    walk, walk_utf8 = compile_json_rows(native)
+    ours, theirs = walk(buf, 0), compile_json_row(called)(buf, 0)
     if ours is None:  # stepped aside: only for bytes that are not UTF-8
         with pytest.raises(UnicodeDecodeError):
             b"".join(v for v in values if v is not None).decode()
     else:
         assert ours == theirs
+    assert walk_utf8(buf, 0) == (None if ours is None else ours.encode())
+
+
+@needs_c
+@settings(max_examples=600)
+@given(
+    st.one_of(
+        st.text().map(lambda t: t.encode("utf-8", "surrogatepass")),
+        st.binary(max_size=12),
+        st.lists(
+            st.sampled_from(
+                [
+                    b"a",
+                    b"\xc3",
+                    b"\xa9",
+                    b"\xe0",
+                    b"\xa0",
+                    b"\x80",
+                    b"\xed",
+                    b"\x9f",
+                    b"\xbf",
+                    b"\xf0",
+                    b"\x90",
+                    b"\xf4",
+                    b"\x8f",
+                    b"\xf5",
+                    b"\xc0",
+                    b"\xc2",
+                ]
+            ),
+            max_size=8,
+        ).map(b"".join),
+    )
+)
+@example("\ud800".encode("utf-8", "surrogatepass"))  # a surrogate: not UTF-8 for Python
+@example(b"\xf4\x90\x80\x80")  # past U+10FFFF
+@example(b"\xe0\x80\xaf")  # overlong
+def test_the_utf8_walk_takes_exactly_what_python_decodes(value: bytes) -> None:
+    """JsonRow.utf8 validates its output itself: the same texts as Python's strict decoder."""
+    buf = struct.pack("!H", 1) + b"t" + struct.pack("!I", len(value)) + value
+    column = ColumnRender('"c":', _text_render, _binary_render, quote_text=True)
+    walk, walk_utf8 = compile_json_rows([column])
+    try:
+        value.decode()
+    except UnicodeDecodeError:
+        assert walk_utf8(buf, 0) is None and walk(buf, 0) is None
+    else:
+        text = walk(buf, 0)
+        assert text is not None and walk_utf8(buf, 0) == text.encode()

@@ -224,11 +224,12 @@ def print_snapshot(
             return
         lsn = format_lsn(Lsn(chunk.anchor))
         changes = ",".join(head + renderer.row(rel, raw, 0) + "}" for raw in rows)
-        sys.stdout.write(
+        line = (
             f'{{"snapshot":true,"lsn":"{lsn}","end_lsn":"{lsn}",'
             f'"table":{json.dumps(rel.qualified_name)},"changes":[{changes}]}}\n'
         )
-        sys.stdout.flush()
+        sys.stdout.buffer.write(line.encode())  # UTF-8, as the stream's lines
+        sys.stdout.buffer.flush()
 
     job = SnapshotJob(dsn, ReadRows(on_rows), options, advance_slot=False)
     with stop_on_signals(job.stop):
@@ -250,8 +251,11 @@ def run_tail(
     """The tail loop; returns how many transactions were printed."""
     renderer = JsonRenderer(values)  # type: ignore[arg-type]
     show = _pretty_printer() if out_format is Format.pretty else None
-    write = sys.stdout.write
-    flush = sys.stdout.flush
+    # JSON Lines are UTF-8: written as the renderer's bytes, not through a str (whatever
+    # encoding stdout's text layer has)
+    sys.stdout.flush()
+    write = sys.stdout.buffer.write
+    flush = sys.stdout.buffer.flush
     printed = 0
     if until is not None:
         options = replace(options, until_lsn=until)
@@ -272,8 +276,8 @@ def run_tail(
             elif out_format is Format.jsonl:
                 changes = txn.changes if keep is None else [c for c in txn.changes if keep(c)]
                 if keep is None or changes:
-                    write(renderer.transaction(txn, map(renderer.change, changes)))
-                    write("\n")
+                    write(renderer.line(txn, map(renderer.change_utf8, changes)))
+                    write(b"\n")
                     flush()
                     printed += 1
             elif show is not None:  # pretty

@@ -11,12 +11,24 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:  # values imports loaders, which imports this module
     from pglogrepl_bridge.pgoutput.values import LoadRow
 
 RowRender = Callable[[bytes, int], "str | None"]
+RowRenderUtf8 = Callable[[bytes, int], "bytes | None"]
+
+
+class JsonRowWalk(Protocol):
+    """``_fastrow.JsonRow``: a row's JSON as str (called) or as UTF-8 bytes (``utf8``)."""
+
+    def __call__(self, buf: bytes, pos: int, /) -> str | None: ...
+
+    def utf8(self, buf: bytes, pos: int, /) -> bytes | None:
+        """The same JSON as calling the walk, as UTF-8 (None where the call gives None)."""
+
+
 ColumnPlan = tuple[str | None, int, Callable[[bytes], str] | None, Callable[[bytes], str]]
 TypedRow = Callable[[dict[str, None], "LoadRow", "LoadRow", bytes, int], "dict[str, Any] | None"]
 
@@ -40,7 +52,7 @@ int_array_json: Callable[[str], str] | None = None
 digit_run: Callable[[str | bytes | memoryview, int], bool] | None = None
 #: inet/cidr text (bytes-like) → a plain dotted quad's integer, or None (``loaders``)
 ipv4_int: Callable[[bytes | memoryview], int | None] | None = None
-json_row: Callable[[Sequence[ColumnPlan]], RowRender] | None = None
+json_row: Callable[[Sequence[ColumnPlan]], JsonRowWalk] | None = None
 _row_change: Callable[[dict[int, Any], bytes, int], Any] | None = None
 PutRow = Callable[[dict[int, Any], list[Any], Any], bool]
 _put_row: PutRow | None = None

@@ -778,6 +778,128 @@ out_edited(Out *o, int mode, const unsigned char *s, Py_ssize_t n)
     return ok ? 1 : -1;
 }
 
+/* Whether s is UTF-8 as Python's strict decoder reads it (no overlong forms, no surrogates,
+ * nothing past U+10FFFF). */
+static int
+utf8_valid(const unsigned char *s, Py_ssize_t n)
+{
+    Py_ssize_t i = 0;
+    while (i < n) {
+        unsigned char c = s[i];
+        if (c < 0x80) {
+            i++;
+            continue;
+        }
+        int more;
+        unsigned char lo = 0x80, hi = 0xBF;
+        if (c >= 0xC2 && c <= 0xDF)
+            more = 1;
+        else if (c >= 0xE0 && c <= 0xEF) {
+            more = 2;
+            if (c == 0xE0)
+                lo = 0xA0;
+            else if (c == 0xED)
+                hi = 0x9F;
+        }
+        else if (c >= 0xF0 && c <= 0xF4) {
+            more = 3;
+            if (c == 0xF0)
+                lo = 0x90;
+            else if (c == 0xF4)
+                hi = 0x8F;
+        }
+        else
+            return 0;
+        if (n - i <= more || s[i + 1] < lo || s[i + 1] > hi)
+            return 0;
+        for (int k = 2; k <= more; k++)
+            if ((s[i + k] & 0xC0) != 0x80)
+                return 0;
+        i += more + 1;
+    }
+    return 1;
+}
+
+/* Renders the TupleData at buf[pos:] into out: 1 done, 0 irregular (the caller steps aside),
+ * -1 with an exception set. */
+static int
+json_row_render(JsonRow *self, const unsigned char *data, Py_ssize_t len, Py_ssize_t pos, Out *out)
+{
+    int first = 1;
+    if (!read_count(data, len, pos, self->ncols))
+        return 0;
+    pos += 2;
+    if (!out_put(out, "{", 1))
+        return -1;
+    for (Py_ssize_t i = 0; i < self->ncols; i++) {
+        ColumnPlan *col = &self->columns[i];
+        int kind, got = 1;
+        Py_ssize_t start, size;
+        if (!next_value(data, len, &pos, &kind, &start, &size))
+            return 0;
+        if (kind != KIND_TEXT && kind != KIND_BINARY && kind != KIND_NULL)
+            return 0; /* unchanged TOAST, or garbage */
+        if (col->key == NULL)
+            continue;
+        if ((!first && !out_put(out, ",", 1)) ||
+            !out_put(out, PyBytes_AS_STRING(col->key), PyBytes_GET_SIZE(col->key)))
+            return -1;
+        first = 0;
+        const unsigned char *value = data + start;
+        if (kind == KIND_NULL)
+            got = out_put(out, "null", 4);
+        else if (kind == KIND_BINARY)
+            got = out_called(out, col->binary, value, size);
+        else if (col->mode == MODE_QUOTE)
+            got = out_quoted(out, value, size);
+        else if (col->mode == MODE_RAW)
+            got = out_put(out, (const char *)value, size);
+        else if (col->mode == MODE_CALL ||
+                 (got = out_edited(out, col->mode, value, size)) == 0)
+            got = out_called(out, col->text, value, size);
+        if (got == 0 && !PyErr_Occurred())
+            return 0;
+        if (got <= 0)
+            return -1;
+    }
+    return out_put(out, "}", 1) ? 1 : -1;
+}
+
+/* The row as JSON text: str (utf8 == 0) or UTF-8 bytes; None for an irregular row or text
+ * that is not UTF-8 (the careful path reports it). */
+static PyObject *
+json_row_output(JsonRow *self, PyObject *buf_obj, Py_ssize_t pos, int utf8)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(buf_obj, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    Out out;
+    out.buf = out.stack;
+    out.len = 0;
+    out.cap = sizeof(out.stack);
+    out.heap = NULL;
+    PyObject *result = NULL;
+    int done = json_row_render(self, view.buf, view.len, pos, &out);
+    if (done == 1 && utf8) {
+        if (utf8_valid((const unsigned char *)out.buf, out.len))
+            result = PyBytes_FromStringAndSize(out.buf, out.len);
+        else
+            done = 0;
+    }
+    else if (done == 1) {
+        result = PyUnicode_DecodeUTF8(out.buf, out.len, NULL);
+        if (result == NULL && PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
+            PyErr_Clear();
+            done = 0;
+        }
+    }
+    if (done == 0)
+        result = Py_NewRef(Py_None);
+    PyMem_Free(out.heap);
+    PyBuffer_Release(&view);
+    return result;
+}
+
 static PyObject *
 JsonRow_call(JsonRow *self, PyObject *args, PyObject *kwargs)
 {
@@ -789,70 +911,27 @@ JsonRow_call(JsonRow *self, PyObject *args, PyObject *kwargs)
     }
     if (!PyArg_ParseTuple(args, "On", &buf_obj, &pos))
         return NULL;
-    Py_buffer view;
-    if (PyObject_GetBuffer(buf_obj, &view, PyBUF_SIMPLE) < 0)
-        return NULL;
-    const unsigned char *data = view.buf;
-    Py_ssize_t len = view.len;
-    Out out;
-    out.buf = out.stack;
-    out.len = 0;
-    out.cap = sizeof(out.stack);
-    out.heap = NULL;
-    PyObject *result = NULL;
-    int first = 1;
-
-    if (!read_count(data, len, pos, self->ncols))
-        goto irregular;
-    pos += 2;
-    out_put(&out, "{", 1);
-    for (Py_ssize_t i = 0; i < self->ncols; i++) {
-        ColumnPlan *col = &self->columns[i];
-        int kind, got = 1;
-        Py_ssize_t start, size;
-        if (!next_value(data, len, &pos, &kind, &start, &size))
-            goto irregular;
-        if (kind != KIND_TEXT && kind != KIND_BINARY && kind != KIND_NULL)
-            goto irregular; /* unchanged TOAST, or garbage */
-        if (col->key == NULL)
-            continue;
-        if ((!first && !out_put(&out, ",", 1)) ||
-            !out_put(&out, PyBytes_AS_STRING(col->key), PyBytes_GET_SIZE(col->key)))
-            goto done;
-        first = 0;
-        const unsigned char *value = data + start;
-        if (kind == KIND_NULL)
-            got = out_put(&out, "null", 4);
-        else if (kind == KIND_BINARY)
-            got = out_called(&out, col->binary, value, size);
-        else if (col->mode == MODE_QUOTE)
-            got = out_quoted(&out, value, size);
-        else if (col->mode == MODE_RAW)
-            got = out_put(&out, (const char *)value, size);
-        else if (col->mode == MODE_CALL ||
-                 (got = out_edited(&out, col->mode, value, size)) == 0)
-            got = out_called(&out, col->text, value, size);
-        if (got == 0 && !PyErr_Occurred())
-            goto irregular;
-        if (got <= 0)
-            goto done;
-    }
-    if (!out_put(&out, "}", 1))
-        goto done;
-    result = PyUnicode_DecodeUTF8(out.buf, out.len, NULL);
-    if (result == NULL && PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
-        PyErr_Clear(); /* text that is not UTF-8: the careful path reports it */
-        goto irregular;
-    }
-    goto done;
-
-irregular:
-    result = Py_NewRef(Py_None);
-done:
-    PyMem_Free(out.heap);
-    PyBuffer_Release(&view);
-    return result;
+    return json_row_output(self, buf_obj, pos, 0);
 }
+
+/* JsonRow.utf8(buf, pos): the same JSON as calling it, as UTF-8 bytes. */
+static PyObject *
+JsonRow_utf8(JsonRow *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t pos;
+    if (nargs != 2 || (pos = PyLong_AsSsize_t(args[1])) == -1) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "utf8(buf, pos)");
+        return NULL;
+    }
+    return json_row_output(self, args[0], pos, 1);
+}
+
+static PyMethodDef JsonRow_methods[] = {
+    {"utf8", (PyCFunction)(void (*)(void))JsonRow_utf8, METH_FASTCALL,
+     PyDoc_STR("utf8(buf, pos) -> bytes | None: the JSON object as UTF-8")},
+    {NULL, NULL, 0, NULL},
+};
 
 static void
 JsonRow_clear_columns(JsonRow *self)
@@ -961,6 +1040,7 @@ static PyTypeObject JsonRowType = {
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)JsonRow_init,
     .tp_call = (ternaryfunc)JsonRow_call,
+    .tp_methods = JsonRow_methods,
     .tp_traverse = (traverseproc)JsonRow_traverse,
     .tp_clear = (inquiry)JsonRow_clear,
     .tp_dealloc = (destructor)JsonRow_dealloc,

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pglogrepl_bridge.pgoutput import _accel as accel
-from pglogrepl_bridge.pgoutput._accel import RowRender
+from pglogrepl_bridge.pgoutput._accel import RowRender, RowRenderUtf8
 
 try:
     from _json import encode_basestring as _encode  # type: ignore[import-not-found,unused-ignore]
@@ -51,9 +51,22 @@ class ColumnRender:
 
 def compile_json_row(columns: Sequence[ColumnRender]) -> RowRender:
     """A function ``(buf, pos) -> JSON object | None`` for TupleData at ``buf[pos:]``."""
+    return compile_json_rows(columns)[0]
+
+
+def compile_json_rows(columns: Sequence[ColumnRender]) -> tuple[RowRender, RowRenderUtf8]:
+    """The row renderer as str and as UTF-8 bytes (the same JSON). Why both: ``tail`` and
+    the bridge write bytes, and the C walk's bytes skip decoding the row into a str and
+    encoding it back (with one non-ASCII character, a str of 2 or 4 bytes per character)."""
     if accel.json_row is None:
-        return compile_json_row_python(columns)
-    return accel.json_row(
+        row = compile_json_row_python(columns)
+
+        def encoded(buf: bytes, pos: int) -> bytes | None:
+            text = row(buf, pos)
+            return None if text is None else text.encode()
+
+        return row, encoded
+    walk = accel.json_row(
         [
             (
                 col.key if col.included else None,
@@ -68,6 +81,7 @@ def compile_json_row(columns: Sequence[ColumnRender]) -> RowRender:
             for col in columns
         ]
     )
+    return walk, walk.utf8
 
 
 def compile_json_row_python(columns: Sequence[ColumnRender]) -> RowRender:

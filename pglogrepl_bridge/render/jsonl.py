@@ -39,13 +39,13 @@ from pglogrepl_bridge.pgoutput.values import (
     describe,
 )
 from pglogrepl_bridge.render import textjson
-from pglogrepl_bridge.render._jsoncompile import ColumnRender, Render, compile_json_row
+from pglogrepl_bridge.render._jsoncompile import ColumnRender, Render, compile_json_rows
 from pglogrepl_bridge.render._jsoncompile import quote as _quote
 
 log = logging.getLogger(__name__)
 
 _NON_FINITE = {b"NaN", b"Infinity", b"-Infinity"}
-_NO_OLD_NO_TOAST = ',"old":null,"unchanged_toast":[]}'
+_NO_OLD_NO_TOAST = b',"old":null,"unchanged_toast":[]}'
 
 
 def py_json(value: Any) -> str:
@@ -188,7 +188,7 @@ class _Shape:
     """What rendering one relation needs, worked out once: compiled row renderers (all
     columns, and key columns only) and the fixed text around the values."""
 
-    __slots__ = ("fused", "heads", "key_row", "keys", "row")
+    __slots__ = ("fused", "heads", "key_row", "key_row8", "keys", "row", "row8")
 
     def __init__(self, renderer: JsonRenderer, rel: RelationInfo) -> None:
         oids = [rel.loaders.base_oid(c.type_oid) for c in rel.columns]  # domains: their base
@@ -203,12 +203,14 @@ class _Shape:
             ColumnRender(self.keys[c.name], t, b, quote_text=t is _text, raw_text=t is _int, edit=e)
             for c, (t, e), b in zip(rel.columns, plans, binary, strict=True)
         ]
-        self.row = compile_json_row(columns)
-        self.key_row = compile_json_row(
+        self.row, self.row8 = compile_json_rows(columns)
+        self.key_row, self.key_row8 = compile_json_rows(
             [replace(col, included=c.is_key) for c, col in zip(rel.columns, columns, strict=True)]
         )
         where = f'"schema":{_quote(rel.namespace or "pg_catalog")},"table":{_quote(rel.name)}'
-        self.heads = {op: f'{{"op":"{op}",{where},"new":' for op in ("insert", "update", "delete")}
+        self.heads = {
+            op: f'{{"op":"{op}",{where},"new":'.encode() for op in ("insert", "update", "delete")
+        }
 
 
 class JsonRenderer:
@@ -295,30 +297,42 @@ class JsonRenderer:
 
     def change(self, change: RowChange | TruncateChange | Message) -> str:
         """One change as a JSON object (text)."""
-        if type(change) is RowChange:
-            rel = change.relation
-            shape = self._shapes.get(rel) or self._shape(rel)
-            raw = change.raw
-            at = change.new_at
-            toast: list[str] = []
-            if at < 0:
-                new: str | None = "null"
-            elif (new := shape.row(raw, at)) is None:
-                new, toast = self._careful(rel, raw, at, False)
-            elif change.old_at < 0:  # insert, or update of the same key: the hot path
-                return shape.heads[change.op] + new + _NO_OLD_NO_TOAST
-            at = change.old_at
-            if at < 0:
-                old: str | None = "null"
+        if isinstance(change, RowChange):
+            return self.change_utf8(change).decode()
+        return self._other(change)
+
+    def change_utf8(self, change: RowChange | TruncateChange | Message) -> bytes:
+        """One change as a JSON object, UTF-8: what ``line`` joins, with no str between the
+        C walk's bytes and the output."""
+        if not isinstance(change, RowChange):
+            return self._other(change).encode()
+        rel = change.relation
+        shape = self._shapes.get(rel) or self._shape(rel)
+        raw = change.raw
+        at = change.new_at
+        toast: list[str] = []
+        new = b"null"
+        if at >= 0:
+            row = shape.row8(raw, at)
+            if row is not None:
+                if change.old_at < 0:  # insert, or update of the same key: the hot path
+                    return shape.heads[change.op] + row + _NO_OLD_NO_TOAST
+                new = row
             else:
-                key_only = change.old_kind == "K"
-                old = (shape.key_row if key_only else shape.row)(raw, at)
-                if old is None:
-                    old = self._careful(rel, raw, at, key_only)[0]
-            return (
-                f'{shape.heads[change.op]}{new},"old":{old},'
-                f'"unchanged_toast":[{",".join(map(_quote, toast))}]}}'
-            )
+                text, toast = self._careful(rel, raw, at, False)
+                new = text.encode()
+        at = change.old_at
+        old = b"null"
+        if at >= 0:
+            key_only = change.old_kind == "K"
+            row = (shape.key_row8 if key_only else shape.row8)(raw, at)
+            old = row if row is not None else self._careful(rel, raw, at, key_only)[0].encode()
+        unchanged = ",".join(map(_quote, toast)).encode()
+        head = shape.heads[change.op]
+        return b"".join((head, new, b',"old":', old, b',"unchanged_toast":[', unchanged, b"]}"))
+
+    def _other(self, change: TruncateChange | Message) -> str:
+        """A truncate or a logical decoding message as a JSON object."""
         if isinstance(change, TruncateChange):
             names = ",".join(_quote(r.qualified_name) for r in change.relations)
             return (
@@ -335,12 +349,22 @@ class JsonRenderer:
 
     def transaction(self, txn: Transaction, changes: Iterable[str] | None = None) -> str:
         """One line of JSON (no newline). ``changes`` overrides the rendered change list."""
-        body = ",".join(changes if changes is not None else map(self.change, txn.changes))
+        if changes is None:
+            return self.line(txn).decode()
+        return self._head(txn) + ",".join(changes) + "]}"
+
+    def line(self, txn: Transaction, changes: Iterable[bytes] | None = None) -> bytes:
+        """``transaction`` as UTF-8 bytes, from ``change_utf8``'s (or ``changes``)."""
+        body = b",".join(changes if changes is not None else map(self.change_utf8, txn.changes))
+        return b"".join((self._head(txn).encode(), body, b"]}"))
+
+    def _head(self, txn: Transaction) -> str:
+        """A transaction's JSON up to its change list's first element."""
         gid = "" if txn.gid is None else f',"gid":{_quote(txn.gid)}'
         origin = "null" if txn.origin is None else _quote(txn.origin)
         return (
             f'{{"xid":{txn.xid},"lsn":"{format_lsn(txn.commit_lsn)}",'
             f'"end_lsn":"{format_lsn(txn.end_lsn)}",'
             f'"commit_time":"{txn.commit_time.isoformat()}","origin":{origin}{gid},'
-            f'"changes":[{body}]}}'
+            '"changes":['
         )

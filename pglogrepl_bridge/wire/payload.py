@@ -168,7 +168,7 @@ def encoder(fmt: PayloadFormat) -> Callable[[Transaction], bytes]:
 
     def json_line(txn: Transaction) -> bytes:
         # tail's line, plus what a replica needs to apply it (wire.jsonread)
-        line = renderer.transaction(txn)
-        return f'{line[:-1]},"relations":{described(relations_of(txn))}}}'.encode()
+        line = renderer.line(txn)
+        return b"".join((line[:-1], b',"relations":', described(relations_of(txn)).encode(), b"}"))
 
     return json_line
