@@ -41,7 +41,7 @@ __all__ = ["ADAPTERS", "json_loads", "transformer"]
 
 
 # orjson reads an integer beyond 64 bits as a float (json.loads keeps it exact): any run of
-# 19+ digits goes the stock way, costing a regex search, not a different value.
+# 19+ digits goes the stock way, costing a scan of the text, not a different value.
 def _digit_run_py(data: str | bytes | memoryview, length: int) -> bool:
     """``_fastrow.digit_run`` in Python."""
     if isinstance(data, str):
