@@ -433,39 +433,46 @@ out_put(Out *o, const char *s, Py_ssize_t n)
     return 1;
 }
 
-/* Exactly the escaping of json's encode_basestring (ensure_ascii=False): quote, backslash and
- * the C0 controls; everything else, UTF-8 included, is copied. */
+/* Writes c at w as JSON string content, escaped exactly as json's encode_basestring
+ * (ensure_ascii=False) escapes it: quote, backslash and the C0 controls; every other byte,
+ * UTF-8 included, as it is. At most 6 bytes; returns the new end. */
+static char *
+escape_byte(char *w, unsigned char c)
+{
+    static const char hex[] = "0123456789abcdef";
+    if (c >= 0x20 && c != '"' && c != '\\') {
+        *w++ = (char)c;
+        return w;
+    }
+    *w++ = '\\';
+    switch (c) {
+    case '"': *w++ = '"'; break;
+    case '\\': *w++ = '\\'; break;
+    case '\n': *w++ = 'n'; break;
+    case '\r': *w++ = 'r'; break;
+    case '\t': *w++ = 't'; break;
+    case '\b': *w++ = 'b'; break;
+    case '\f': *w++ = 'f'; break;
+    default:
+        *w++ = 'u';
+        *w++ = '0';
+        *w++ = '0';
+        *w++ = hex[c >> 4];
+        *w++ = hex[c & 0xF];
+    }
+    return w;
+}
+
+/* s as a JSON string (escape_byte's escaping), quotes included. */
 static int
 out_quoted(Out *o, const unsigned char *s, Py_ssize_t n)
 {
-    static const char hex[] = "0123456789abcdef";
     if (n > (PY_SSIZE_T_MAX - 2) / 6 || !out_reserve(o, 6 * n + 2))
         return 0;
     char *w = o->buf + o->len;
     *w++ = '"';
-    for (Py_ssize_t i = 0; i < n; i++) {
-        unsigned char c = s[i];
-        if (c >= 0x20 && c != '"' && c != '\\') {
-            *w++ = (char)c;
-            continue;
-        }
-        *w++ = '\\';
-        switch (c) {
-        case '"': *w++ = '"'; break;
-        case '\\': *w++ = '\\'; break;
-        case '\n': *w++ = 'n'; break;
-        case '\r': *w++ = 'r'; break;
-        case '\t': *w++ = 't'; break;
-        case '\b': *w++ = 'b'; break;
-        case '\f': *w++ = 'f'; break;
-        default:
-            *w++ = 'u';
-            *w++ = '0';
-            *w++ = '0';
-            *w++ = hex[c >> 4];
-            *w++ = hex[c & 0xF];
-        }
-    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        w = escape_byte(w, s[i]);
     *w++ = '"';
     o->len = w - o->buf;
     return 1;
@@ -517,36 +524,13 @@ out_clock(Out *o, const unsigned char *s, Py_ssize_t n)
     return n == 8 || out_put(o, "000000", 15 - n);
 }
 
-/* One byte of JSON string content, escaped as json's encode_basestring escapes it. */
+/* One byte of JSON string content (escape_byte). */
 static int
 out_json_byte(Out *o, unsigned char c)
 {
-    static const char hex[] = "0123456789abcdef";
     if (!out_reserve(o, 6))
         return 0;
-    char *w = o->buf + o->len;
-    if (c >= 0x20 && c != '"' && c != '\\') {
-        *w++ = (char)c;
-    }
-    else {
-        *w++ = '\\';
-        switch (c) {
-        case '"': *w++ = '"'; break;
-        case '\\': *w++ = '\\'; break;
-        case '\n': *w++ = 'n'; break;
-        case '\r': *w++ = 'r'; break;
-        case '\t': *w++ = 't'; break;
-        case '\b': *w++ = 'b'; break;
-        case '\f': *w++ = 'f'; break;
-        default:
-            *w++ = 'u';
-            *w++ = '0';
-            *w++ = '0';
-            *w++ = hex[c >> 4];
-            *w++ = hex[c & 0xF];
-        }
-    }
-    o->len = w - o->buf;
+    o->len = escape_byte(o->buf + o->len, c) - o->buf;
     return 1;
 }
 
