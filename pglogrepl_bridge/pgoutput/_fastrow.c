@@ -463,7 +463,8 @@ escape_byte(char *w, unsigned char c)
     return w;
 }
 
-/* s as a JSON string (escape_byte's escaping), quotes included. */
+/* s as a JSON string (escape_byte's escaping), quotes included; runs of bytes that need no
+ * escape (most text: a TOASTed value is kilobytes of them) are copied at once. */
 static int
 out_quoted(Out *o, const unsigned char *s, Py_ssize_t n)
 {
@@ -471,8 +472,16 @@ out_quoted(Out *o, const unsigned char *s, Py_ssize_t n)
         return 0;
     char *w = o->buf + o->len;
     *w++ = '"';
-    for (Py_ssize_t i = 0; i < n; i++)
-        w = escape_byte(w, s[i]);
+    Py_ssize_t i = 0;
+    while (i < n) {
+        Py_ssize_t start = i;
+        while (i < n && s[i] >= 0x20 && s[i] != '"' && s[i] != '\\')
+            i++;
+        memcpy(w, s + start, (size_t)(i - start));
+        w += i - start;
+        if (i < n)
+            w = escape_byte(w, s[i++]);
+    }
     *w++ = '"';
     o->len = w - o->buf;
     return 1;
@@ -771,7 +780,15 @@ utf8_valid(const unsigned char *s, Py_ssize_t n)
     while (i < n) {
         unsigned char c = s[i];
         if (c < 0x80) {
+            /* ASCII: eight bytes at a time while no byte has its top bit set */
+            uint64_t word;
             i++;
+            while (n - i >= 8) {
+                memcpy(&word, s + i, 8);
+                if (word & 0x8080808080808080ULL)
+                    break;
+                i += 8;
+            }
             continue;
         }
         int more;
