@@ -544,32 +544,89 @@ out_json_byte(Out *o, unsigned char c)
 }
 
 /* The code point of the UTF-8 sequence at s[i] (a lead byte >= 0x80) and its length, or 0
- * for a sequence that is not UTF-8. */
+ * for a sequence Python's strict decoder refuses (overlong, a surrogate, past U+10FFFF, cut
+ * short by n). */
 static int
 utf8_point(const unsigned char *s, Py_ssize_t n, Py_ssize_t i, Py_UCS4 *cp)
 {
-    unsigned char c = s[i];
-    int len = c >= 0xF0 && c <= 0xF4 ? 4 : c >= 0xE0 ? 3 : c >= 0xC2 && c < 0xE0 ? 2 : 0;
-    if (len == 0 || n - i < len)
+    unsigned char c = s[i], lo = 0x80, hi = 0xBF;
+    int more;
+    if (c >= 0xC2 && c <= 0xDF)
+        more = 1;
+    else if (c >= 0xE0 && c <= 0xEF) {
+        more = 2;
+        if (c == 0xE0)
+            lo = 0xA0;
+        else if (c == 0xED)
+            hi = 0x9F;
+    }
+    else if (c >= 0xF0 && c <= 0xF4) {
+        more = 3;
+        if (c == 0xF0)
+            lo = 0x90;
+        else if (c == 0xF4)
+            hi = 0x8F;
+    }
+    else
         return 0;
-    Py_UCS4 v = c & (len == 2 ? 0x1F : len == 3 ? 0x0F : 0x07);
-    for (int k = 1; k < len; k++) {
+    if (n - i <= more || s[i + 1] < lo || s[i + 1] > hi)
+        return 0;
+    Py_UCS4 v = c & (0x7F >> (more + 1));
+    for (int k = 1; k <= more; k++) {
         if ((s[i + k] & 0xC0) != 0x80)
             return 0;
         v = (v << 6) | (s[i + k] & 0x3F);
     }
     *cp = v;
-    return len;
+    return more + 1;
 }
 
-/* MODE_TEXT_ARRAY: text_array_json(text, False, ",") over UTF-8 bytes, declining (0) exactly
- * where it declines, and also on a bare element that is not UTF-8. */
+/* \uXXXX for a code point up to U+FFFF. */
 static int
-out_text_array(Out *o, const unsigned char *s, Py_ssize_t n)
+out_u_escape(Out *o, Py_UCS4 cp)
+{
+    static const char hex[] = "0123456789abcdef";
+    char e[6] = {'\\', 'u', hex[(cp >> 12) & 0xF], hex[(cp >> 8) & 0xF], hex[(cp >> 4) & 0xF],
+                 hex[cp & 0xF]};
+    return out_put(o, e, 6);
+}
+
+/* The character at s[*i] (UTF-8) as JSON string content, as json's encode_basestring
+ * (ascii == 0: non-ASCII bytes copied; the caller's output is checked as UTF-8 as a whole)
+ * or encode_basestring_ascii (ascii != 0: \uXXXX, a surrogate pair past U+FFFF) writes it;
+ * advances *i past it. 1 written, 0 not UTF-8, -1 out of memory. */
+static int
+out_json_char(Out *o, const unsigned char *s, Py_ssize_t end, Py_ssize_t *i, int ascii)
+{
+    unsigned char c = s[*i];
+    if (c < 0x7F || (c == 0x7F && !ascii) || (c >= 0x80 && !ascii)) {
+        (*i)++;
+        return out_json_byte(o, c) ? 1 : -1;
+    }
+    Py_UCS4 cp = c;
+    int len = c == 0x7F ? 1 : utf8_point(s, end, *i, &cp);
+    if (len == 0)
+        return 0;
+    *i += len;
+    if (cp < 0x10000)
+        return out_u_escape(o, cp) ? 1 : -1;
+    Py_UCS4 v = cp - 0x10000;
+    return out_u_escape(o, 0xD800 | (v >> 10)) && out_u_escape(o, 0xDC00 | (v & 0x3FF)) ? 1 : -1;
+}
+
+/* The elements of PostgreSQL's text output of a one-dimensional array ({a,"b c",NULL}), as
+ * UTF-8, written as a JSON array of strings and nulls joined by sep (textarray.json_array).
+ * 1 written; 0 declined (o left as it was) for anything textarray.elements refuses (nested
+ * arrays, bounds, an element neither bare nor quoted) and for text that is not UTF-8; -1 out
+ * of memory. */
+static int
+out_array_json(Out *o, const unsigned char *s, Py_ssize_t n, int ascii, const char *sep,
+               Py_ssize_t seplen)
 {
     if (n < 2 || s[0] != '{' || s[n - 1] != '}')
         return 0;
     Py_ssize_t mark = o->len, end = n - 1, i = 1;
+    int got = 0;
     if (!out_put(o, "[", 1))
         return -1;
     if (n == 2)
@@ -577,45 +634,35 @@ out_text_array(Out *o, const unsigned char *s, Py_ssize_t n)
     for (;;) {
         if (i >= end)
             goto decline; /* an empty element: {,a} or {a,} */
-        unsigned char c = s[i];
-        if (c == '"') {
+        if (s[i] == '"') {
             if (!out_put(o, "\"", 1))
                 return -1;
             i++;
             for (;;) {
                 if (i >= end)
                     goto decline;
-                c = s[i++];
-                if (c == '"')
+                if (s[i] == '"') {
+                    i++;
                     break;
-                if (c == '\\') {
-                    if (i >= end)
-                        goto decline;
-                    c = s[i++];
                 }
-                if (!out_json_byte(o, c))
-                    return -1;
+                if (s[i] == '\\' && ++i >= end)
+                    goto decline;
+                if ((got = out_json_char(o, s, end, &i, ascii)) <= 0)
+                    goto failed;
             }
             if (!out_put(o, "\"", 1))
                 return -1;
         }
         else {
             Py_ssize_t start = i;
-            while (i < end && (c = s[i]) != ',') {
-                if (c == '{' || c == '}' || c == '"' || c == '\\')
+            while (i < end && s[i] != ',') {
+                Py_UCS4 cp = s[i];
+                int len = 1;
+                if (cp >= 0x80 && (len = utf8_point(s, end, i, &cp)) == 0)
                     goto decline;
-                if (c < 0x80) {
-                    if (Py_UNICODE_ISSPACE(c))
-                        goto decline;
-                    i++;
-                }
-                else {
-                    Py_UCS4 cp;
-                    int len = utf8_point(s, end, i, &cp);
-                    if (len == 0 || Py_UNICODE_ISSPACE(cp))
-                        goto decline;
-                    i += len;
-                }
+                if (cp == '{' || cp == '}' || cp == '"' || cp == '\\' || Py_UNICODE_ISSPACE(cp))
+                    goto decline;
+                i += len;
             }
             if (i == start)
                 goto decline; /* {a,,b} */
@@ -626,9 +673,9 @@ out_text_array(Out *o, const unsigned char *s, Py_ssize_t n)
             else {
                 if (!out_put(o, "\"", 1))
                     return -1;
-                for (Py_ssize_t j = start; j < i; j++)
-                    if (!out_json_byte(o, s[j]))
-                        return -1;
+                for (Py_ssize_t j = start; j < i;)
+                    if ((got = out_json_char(o, s, i, &j, ascii)) <= 0)
+                        goto failed;
                 if (!out_put(o, "\"", 1))
                     return -1;
             }
@@ -638,10 +685,13 @@ out_text_array(Out *o, const unsigned char *s, Py_ssize_t n)
         if (s[i] != ',')
             goto decline;
         i++;
-        if (!out_put(o, ",", 1))
+        if (!out_put(o, sep, seplen))
             return -1;
     }
     return out_put(o, "]", 1) ? 1 : -1;
+failed:
+    if (got < 0)
+        return -1;
 decline:
     o->len = mark;
     return 0;
@@ -683,9 +733,10 @@ json_number(const unsigned char *s, Py_ssize_t n)
     return i == n;
 }
 
-/* MODE_INT_ARRAY: jsonl._integer_array's edit, for text of an integer array's characters. */
+/* Whether s could be an integer array's text: '{' first, then only digits, '-', ',', braces
+ * and NULL's letters (not explicit bounds, not quotes). */
 static int
-out_int_array(Out *o, const unsigned char *s, Py_ssize_t n)
+int_array_chars(const unsigned char *s, Py_ssize_t n)
 {
     if (n < 1 || s[0] != '{')
         return 0;
@@ -695,9 +746,14 @@ out_int_array(Out *o, const unsigned char *s, Py_ssize_t n)
               c == 'N' || c == 'U' || c == 'L'))
             return 0;
     }
-    if (!out_reserve(o, n))
-        return -1;
-    char *w = o->buf + o->len;
+    return 1;
+}
+
+/* An integer array's text as JSON at w ({1,NULL,{2}} -> [1,null,[2]]; ", " between
+ * elements when spaced): at most 2n bytes; returns the new end. */
+static char *
+int_array_write(char *w, const unsigned char *s, Py_ssize_t n, int spaced)
+{
     for (Py_ssize_t i = 0; i < n; i++) {
         unsigned char c = s[i];
         if (c == 'N' && n - i >= 4 && memcmp(s + i, "NULL", 4) == 0) {
@@ -705,10 +761,25 @@ out_int_array(Out *o, const unsigned char *s, Py_ssize_t n)
             w += 4;
             i += 3;
         }
+        else if (c == ',' && spaced) {
+            *w++ = ',';
+            *w++ = ' ';
+        }
         else
             *w++ = c == '{' ? '[' : c == '}' ? ']' : (char)c;
     }
-    o->len = w - o->buf;
+    return w;
+}
+
+/* MODE_INT_ARRAY: jsonl._integer_array's edit. */
+static int
+out_int_array(Out *o, const unsigned char *s, Py_ssize_t n)
+{
+    if (!int_array_chars(s, n))
+        return 0;
+    if (!out_reserve(o, n))
+        return -1;
+    o->len = int_array_write(o->buf + o->len, s, n, 0) - o->buf;
     return 1;
 }
 
@@ -733,7 +804,7 @@ out_edited(Out *o, int mode, const unsigned char *s, Py_ssize_t n)
     case MODE_INT_ARRAY:
         return out_int_array(o, s, n);
     case MODE_TEXT_ARRAY:
-        return out_text_array(o, s, n);
+        return out_array_json(o, s, n, 0, ",", 1);
     default:
         break;
     }
@@ -771,15 +842,13 @@ out_edited(Out *o, int mode, const unsigned char *s, Py_ssize_t n)
     return ok ? 1 : -1;
 }
 
-/* Whether s is UTF-8 as Python's strict decoder reads it (no overlong forms, no surrogates,
- * nothing past U+10FFFF). */
+/* Whether s is UTF-8 as Python's strict decoder reads it (utf8_point's rules). */
 static int
 utf8_valid(const unsigned char *s, Py_ssize_t n)
 {
     Py_ssize_t i = 0;
     while (i < n) {
-        unsigned char c = s[i];
-        if (c < 0x80) {
+        if (s[i] < 0x80) {
             /* ASCII: eight bytes at a time while no byte has its top bit set */
             uint64_t word;
             i++;
@@ -791,32 +860,11 @@ utf8_valid(const unsigned char *s, Py_ssize_t n)
             }
             continue;
         }
-        int more;
-        unsigned char lo = 0x80, hi = 0xBF;
-        if (c >= 0xC2 && c <= 0xDF)
-            more = 1;
-        else if (c >= 0xE0 && c <= 0xEF) {
-            more = 2;
-            if (c == 0xE0)
-                lo = 0xA0;
-            else if (c == 0xED)
-                hi = 0x9F;
-        }
-        else if (c >= 0xF0 && c <= 0xF4) {
-            more = 3;
-            if (c == 0xF0)
-                lo = 0x90;
-            else if (c == 0xF4)
-                hi = 0x8F;
-        }
-        else
+        Py_UCS4 cp;
+        int len = utf8_point(s, n, i, &cp);
+        if (len == 0)
             return 0;
-        if (n - i <= more || s[i + 1] < lo || s[i + 1] > hi)
-            return 0;
-        for (int k = 2; k <= more; k++)
-            if ((s[i + k] & 0xC0) != 0x80)
-                return 0;
-        i += more + 1;
+        i += len;
     }
     return 1;
 }
@@ -1143,45 +1191,9 @@ done:
 
 /* ---- a one-dimensional array's text output as a JSON array (textarray.json_array) ------ */
 
-/* Writes c as JSON string content at out[o], as json's encode_basestring (ascii == 0) or
- * encode_basestring_ascii (ascii != 0) writes it; returns the new position. */
-static Py_ssize_t
-json_char(Py_UCS4 *out, Py_ssize_t o, Py_UCS4 c, int ascii)
-{
-    static const char hex[] = "0123456789abcdef";
-    switch (c) {
-    case '"': out[o++] = '\\'; out[o++] = '"'; return o;
-    case '\\': out[o++] = '\\'; out[o++] = '\\'; return o;
-    case '\b': out[o++] = '\\'; out[o++] = 'b'; return o;
-    case '\f': out[o++] = '\\'; out[o++] = 'f'; return o;
-    case '\n': out[o++] = '\\'; out[o++] = 'n'; return o;
-    case '\r': out[o++] = '\\'; out[o++] = 'r'; return o;
-    case '\t': out[o++] = '\\'; out[o++] = 't'; return o;
-    default: break;
-    }
-    if (c >= ' ' && (!ascii || c <= '~')) {
-        out[o++] = c;
-        return o;
-    }
-    if (c >= 0x10000) { /* only in ascii mode: a surrogate pair */
-        Py_UCS4 v = c - 0x10000;
-        Py_UCS4 hi = 0xd800 | ((v >> 10) & 0x3ff), lo = 0xdc00 | (v & 0x3ff);
-        o = json_char(out, o, hi, ascii);
-        return json_char(out, o, lo, ascii);
-    }
-    out[o++] = '\\';
-    out[o++] = 'u';
-    out[o++] = hex[(c >> 12) & 0xf];
-    out[o++] = hex[(c >> 8) & 0xf];
-    out[o++] = hex[(c >> 4) & 0xf];
-    out[o++] = hex[c & 0xf];
-    return o;
-}
-
-/* text_array_json(text, ascii, separator) -> str | None: the elements of PostgreSQL's text
- * output of a one-dimensional array ({a,"b c",NULL}) as a JSON array of strings and nulls,
- * joined by separator; None for anything textarray.elements declines (nested arrays,
- * bounds, an element neither bare nor quoted), which the caller then hands to Python. */
+/* text_array_json(text, ascii, separator) -> str | None: out_array_json for a str; None
+ * where it declines, and for a str that is not UTF-8 (a lone surrogate), which the caller
+ * then hands to Python. */
 static PyObject *
 text_array_json(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -1189,88 +1201,33 @@ text_array_json(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "text_array_json(text: str, ascii, separator: str)");
         return NULL;
     }
-    PyObject *text = args[0];
     int ascii = PyObject_IsTrue(args[1]);
     if (ascii < 0)
         return NULL;
-    Py_ssize_t seplen;
+    Py_ssize_t seplen, n;
     const char *sep = PyUnicode_AsUTF8AndSize(args[2], &seplen);
     if (sep == NULL)
         return NULL;
-    int kind = PyUnicode_KIND(text);
-    const void *data = PyUnicode_DATA(text);
-    Py_ssize_t n = PyUnicode_GET_LENGTH(text);
-    if (n < 2 || PyUnicode_READ(kind, data, 0) != '{' || PyUnicode_READ(kind, data, n - 1) != '}')
+    const char *text = PyUnicode_AsUTF8AndSize(args[0], &n);
+    if (text == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_UnicodeEncodeError))
+            return NULL;
+        PyErr_Clear();
         Py_RETURN_NONE;
-    if (n == 2)
-        return PyUnicode_FromString("[]");
-    /* each input character writes at most 12 (a surrogate pair), each element one separator */
-    if (n > (PY_SSIZE_T_MAX / (Py_ssize_t)sizeof(Py_UCS4) - 2) / (14 + seplen))
-        return PyErr_NoMemory();
-    Py_UCS4 *out = PyMem_Malloc(sizeof(Py_UCS4) * (size_t)(2 + n * (14 + seplen)));
-    if (out == NULL)
-        return PyErr_NoMemory();
-    Py_ssize_t end = n - 1, i = 1, o = 0;
-    out[o++] = '[';
-    for (;;) {
-        if (i >= end)
-            goto decline; /* an empty element: {,a} or {a,} */
-        Py_UCS4 c = PyUnicode_READ(kind, data, i);
-        if (c == '"') {
-            out[o++] = '"';
-            i++;
-            for (;;) {
-                if (i >= end)
-                    goto decline;
-                c = PyUnicode_READ(kind, data, i++);
-                if (c == '"')
-                    break;
-                if (c == '\\') {
-                    if (i >= end)
-                        goto decline;
-                    c = PyUnicode_READ(kind, data, i++);
-                }
-                o = json_char(out, o, c, ascii);
-            }
-            out[o++] = '"';
-        }
-        else {
-            Py_ssize_t start = i;
-            while (i < end && (c = PyUnicode_READ(kind, data, i)) != ',') {
-                if (c == '{' || c == '}' || c == '"' || c == '\\' || Py_UNICODE_ISSPACE(c))
-                    goto decline;
-                i++;
-            }
-            if (i == start)
-                goto decline; /* {a,,b} */
-            if (i - start == 4 && PyUnicode_READ(kind, data, start) == 'N' &&
-                PyUnicode_READ(kind, data, start + 1) == 'U' &&
-                PyUnicode_READ(kind, data, start + 2) == 'L' &&
-                PyUnicode_READ(kind, data, start + 3) == 'L') {
-                out[o++] = 'n'; out[o++] = 'u'; out[o++] = 'l'; out[o++] = 'l';
-            }
-            else {
-                out[o++] = '"';
-                for (Py_ssize_t j = start; j < i; j++)
-                    o = json_char(out, o, PyUnicode_READ(kind, data, j), ascii);
-                out[o++] = '"';
-            }
-        }
-        if (i == end)
-            break;
-        if (PyUnicode_READ(kind, data, i) != ',')
-            goto decline;
-        i++;
-        for (Py_ssize_t j = 0; j < seplen; j++)
-            out[o++] = (unsigned char)sep[j];
     }
-    out[o++] = ']';
-    PyObject *result = PyUnicode_FromKindAndData(PyUnicode_4BYTE_KIND, out, o);
-    PyMem_Free(out);
+    Out out;
+    out.buf = out.stack;
+    out.len = 0;
+    out.cap = sizeof(out.stack);
+    out.heap = NULL;
+    PyObject *result = NULL;
+    int done = out_array_json(&out, (const unsigned char *)text, n, ascii, sep, seplen);
+    if (done == 1)
+        result = PyUnicode_DecodeUTF8(out.buf, out.len, NULL);
+    else if (done == 0)
+        result = Py_NewRef(Py_None);
+    PyMem_Free(out.heap);
     return result;
-decline:
-    PyMem_Free(out);
-    Py_RETURN_NONE;
 }
 
 /* int_array_json(text) -> str: an integer array's text output as JSON, as
@@ -1284,48 +1241,21 @@ int_array_json(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     PyObject *text = args[0];
-    if (!PyUnicode_IS_ASCII(text))
-        goto decline;
-    const char *in = (const char *)PyUnicode_DATA(text);
+    const unsigned char *in = (const unsigned char *)PyUnicode_DATA(text);
     Py_ssize_t n = PyUnicode_GET_LENGTH(text);
-    if (n < 1 || in[0] != '{')
-        goto decline;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        char c = in[i];
-        if (!((c >= '0' && c <= '9') || c == '-' || c == ',' || c == '{' || c == '}' ||
-              c == 'N' || c == 'U' || c == 'L'))
-            goto decline;
+    if (!PyUnicode_IS_ASCII(text) || !int_array_chars(in, n)) {
+        PyErr_SetString(PyExc_ValueError, "not an integer array's text output");
+        return NULL;
     }
     if (n > PY_SSIZE_T_MAX / 2)
         return PyErr_NoMemory();
     char *out = PyMem_Malloc((size_t)(2 * n));
     if (out == NULL)
         return PyErr_NoMemory();
-    Py_ssize_t o = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        char c = in[i];
-        if (c == 'N' && n - i >= 4 && memcmp(in + i, "NULL", 4) == 0) {
-            memcpy(out + o, "null", 4);
-            o += 4;
-            i += 3;
-        }
-        else if (c == '{')
-            out[o++] = '[';
-        else if (c == '}')
-            out[o++] = ']';
-        else if (c == ',') {
-            out[o++] = ',';
-            out[o++] = ' ';
-        }
-        else
-            out[o++] = c;
-    }
+    Py_ssize_t o = int_array_write(out, in, n, 1) - out;
     PyObject *result = PyUnicode_DecodeASCII(out, o, NULL);
     PyMem_Free(out);
     return result;
-decline:
-    PyErr_SetString(PyExc_ValueError, "not an integer array's text output");
-    return NULL;
 }
 
 /* ipv4_int(data) -> int | None: a dotted quad as PostgreSQL prints an IPv4 address (four
