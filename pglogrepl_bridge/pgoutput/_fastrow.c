@@ -398,6 +398,16 @@ typedef struct {
     char stack[4096];
 } Out;
 
+/* An empty Out writing into its own stack buffer (to the heap once that is full). */
+static void
+out_init(Out *o)
+{
+    o->buf = o->stack;
+    o->len = 0;
+    o->cap = sizeof(o->stack);
+    o->heap = NULL;
+}
+
 static int
 out_reserve(Out *o, Py_ssize_t extra)
 {
@@ -923,10 +933,7 @@ json_row_output(JsonRow *self, PyObject *buf_obj, Py_ssize_t pos, int utf8)
     if (PyObject_GetBuffer(buf_obj, &view, PyBUF_SIMPLE) < 0)
         return NULL;
     Out out;
-    out.buf = out.stack;
-    out.len = 0;
-    out.cap = sizeof(out.stack);
-    out.heap = NULL;
+    out_init(&out);
     PyObject *result = NULL;
     int done = json_row_render(self, view.buf, view.len, pos, &out);
     if (done == 1 && utf8) {
@@ -1216,10 +1223,7 @@ text_array_json(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         Py_RETURN_NONE;
     }
     Out out;
-    out.buf = out.stack;
-    out.len = 0;
-    out.cap = sizeof(out.stack);
-    out.heap = NULL;
+    out_init(&out);
     PyObject *result = NULL;
     int done = out_array_json(&out, (const unsigned char *)text, n, ascii, sep, seplen);
     if (done == 1)
