@@ -367,13 +367,15 @@ def test_inserts_into_postgresql_go_through_copy_and_a_refused_row_is_named(
             pg_conn.execute(f"INSERT INTO {src.notes} VALUES (%s, %s)", (f"k{i:03d}", body))
     with pytest.raises(SinkError, match=rf"table {src.notes} key {{'k': 'k030'}}"):
         replicate_changes(pg.dsn, url, src.options(), until=src.end())
-    assert copied == [rows]  # the batch went as one COPY, which the bad row failed
+    # the batch went as one COPY, which the bad row failed; then once more in stream order
+    # (what a reordering made fail would pass there), before the row-by-row pass named it
+    assert copied == [rows, rows]
     with engine.begin() as c:
         assert c.execute(sa.text(f"SELECT count(*) FROM {src.notes}")).scalar() == 0
         c.execute(sa.text(f"ALTER TABLE {src.notes} DROP CONSTRAINT {src.notes}_body_check"))
     replicate_changes(pg.dsn, url, src.options(), until=src.end())
     engine.dispose()
-    assert copied == [rows, rows]
+    assert copied == [rows, rows, rows]
     assert assert_same(pg.dsn, url, src.notes, "k") == rows
 
 
@@ -397,3 +399,97 @@ def _confirmed(conn: Conn, slot: str) -> str | None:
         "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s", (slot,)
     ).fetchone()
     return None if row is None else row[0]
+
+
+def _recording(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """Record each row the sink writes as (op, its key's value as text)."""
+    from pglogrepl_bridge.sinks.sql import SqlSink
+
+    writes: list[tuple[str, str]] = []
+    real = SqlSink._execute
+
+    def execute(self: SqlSink, conn: Any, target: Any, op: str, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            key = row.get("_pglb_key_id", row.get("id"))
+            writes.append((op, str(key)))
+        real(self, conn, target, op, rows)
+
+    monkeypatch.setattr(SqlSink, "_execute", execute)
+    return writes
+
+
+@pytest.mark.parametrize("reduce", [True, False], ids=["reduced", "stream-order"])
+def test_a_batch_goes_in_as_one_net_change_per_row(
+    pg: PostgresServer, pg_conn: Conn, target: str, monkeypatch: pytest.MonkeyPatch, reduce: bool
+) -> None:
+    """Rows inserted and deleted in one batch never reach the target; a row changed several
+    times is written once, an update's unchanged TOAST kept from the insert before it; a
+    key change and a delete-then-insert come out right. --no-reduce writes every change.
+    Either way the target equals the source."""
+    src = Source(pg_conn)
+    for i in range(1, 5):
+        src.insert(i)
+    replicate_changes(pg.dsn, target, src.options(), until=src.end())
+    writes = _recording(monkeypatch)
+    c = pg_conn
+    with c.transaction():
+        src.insert(10)  # TOASTed (a multiple of 5): its update below leaves big unsent
+        c.execute(f"UPDATE {src.items} SET qty = -1 WHERE id = 10")
+        c.execute(f"UPDATE {src.items} SET name = 'twice' WHERE id = 10")
+        src.insert(11)
+        c.execute(f"DELETE FROM {src.items} WHERE id = 11")
+        c.execute(f"UPDATE {src.items} SET qty = 7 WHERE id = 1")
+        c.execute(f"UPDATE {src.items} SET name = 'one' WHERE id = 1")
+    with c.transaction():
+        c.execute(f"DELETE FROM {src.items} WHERE id = 2")
+        src.insert(2)  # a new row with the deleted one's key
+        c.execute(f"DELETE FROM {src.items} WHERE id = 3")
+        c.execute(f"UPDATE {src.items} SET id = 40 WHERE id = 4")  # a key change
+        c.execute(f"UPDATE {src.items} SET qty = 41 WHERE id = 40")
+        c.execute(f"INSERT INTO {src.notes} VALUES ('n', 'a')")
+        c.execute(f"UPDATE {src.notes} SET body = 'b' WHERE k = 'n'")
+    replicate_changes(pg.dsn, target, src.options(), until=src.end(), reduce=reduce)
+    assert assert_same(pg.dsn, target, src.items, "id") == 4
+    assert assert_same(pg.dsn, target, src.notes, "k") == 1
+    items = [w for w in writes if w[1] != "None"]
+    if reduce:
+        assert ("insert", "11") not in items and ("delete", "11") not in items
+        assert items.count(("update", "1")) == 1
+        assert [w for w in items if w[1] == "10"] == [("insert", "10")]
+        assert [w for w in items if w[1] == "2"] == [("delete", "2"), ("insert", "2")]
+        assert ("update", "4") in items  # the key change went as it came
+    else:
+        assert items.count(("update", "1")) == 2
+        assert [w for w in items if w[1] == "11"] == [("insert", "11"), ("delete", "11")]
+
+
+def test_a_reduced_batch_a_target_constraint_refuses_goes_in_stream_order(
+    pg: PostgresServer, pg_conn: Conn, target: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A unique index made by hand in the target: the reduced order (updates in the order
+    of their rows' last changes) would break it where the stream's order does not; the
+    batch is applied again in stream order, and the target equals the source."""
+    n = next(_n)
+    table, pub, slot = f"uniq_{n}", f"upub_{n}", f"uslot_{n}"
+    pg_conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, email text UNIQUE)")
+    pg_conn.execute(f"CREATE PUBLICATION {pub} FOR TABLE {table}")
+    pg_conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
+    engine = sa.create_engine(target)
+    sa.Table(
+        table,
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("email", sa.String(20), unique=True),
+    ).create(engine)
+    engine.dispose()
+    options = StreamOptions(slot=slot, publications=(pub,), status_interval=0.5)
+    pg_conn.execute(f"INSERT INTO {table} VALUES (1, 'x'), (2, 'w')")
+    replicate_changes(pg.dsn, target, options, until=last_commit_end(pg_conn, slot, pub))
+    with pg_conn.transaction():
+        pg_conn.execute(f"UPDATE {table} SET email = 'z' WHERE id = 1")
+        pg_conn.execute(f"UPDATE {table} SET email = 'x' WHERE id = 2")
+        pg_conn.execute(f"UPDATE {table} SET email = 'q' WHERE id = 1")
+    with caplog.at_level("INFO", logger="pglogrepl_bridge.sinks.sql"):
+        replicate_changes(pg.dsn, target, options, until=last_commit_end(pg_conn, slot, pub))
+    assert "applying it in stream order" in caplog.text
+    assert assert_same(pg.dsn, target, table, "id") == 2

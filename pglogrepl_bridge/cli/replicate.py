@@ -56,6 +56,16 @@ def replicate(
     batch: Annotated[
         int, typer.Option("--batch", min=1, help="Changes per target transaction at most.")
     ] = 10_000,
+    reduce: Annotated[
+        bool,
+        typer.Option(
+            "--reduce/--no-reduce",
+            help="Write each target transaction as one net change per row (a row inserted "
+            "and deleted in it costs nothing). --no-reduce: every change, in stream order, "
+            "for targets whose triggers must see each one. With --conflict lww every "
+            "change is applied.",
+        ),
+    ] = True,
     snapshot: Annotated[
         str | None,
         typer.Option(
@@ -143,6 +153,7 @@ def replicate(
                     else None,
                     fetch=min(batch, 1024),
                     until=cli.parse_lsn(until_lsn, "--until-lsn"),
+                    reduce=reduce,
                 ),
                 conflict=conflict,
                 node_id=node_id,
@@ -183,6 +194,7 @@ def replicate(
                 metrics_port=metrics_port,
                 batch_changes=batch,
                 until=cli.parse_lsn(until_lsn, "--until-lsn"),
+                reduce=reduce,
                 on_stream=attach,
                 snapshot=snapshot,  # type: ignore[arg-type]
                 snapshot_workers=snapshot_workers,

@@ -64,6 +64,8 @@ class ConsumeConfig:
     ack_wait: float = 60.0  # seconds before JetStream redelivers an unacknowledged message
     max_backoff: float = 5.0
     until: Lsn | None = None  # stop once the target holds this LSN
+    #: each pull's transactions as one net change per row (``sinks.reduce``)
+    reduce: bool = True
 
 
 @dataclass
@@ -187,6 +189,7 @@ def _open_sink(
         slot=key,
         conflict=conflict,
         node_id=zlib.crc32(system_id.encode()) & 0x7FFFFFFF if node_id is None else node_id,
+        reduce=config.reduce,
     )
 
 

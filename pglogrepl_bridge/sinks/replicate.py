@@ -96,6 +96,7 @@ def run_replicate(
     snapshot_workers: int = DEFAULT_WORKERS,
     on_snapshot_progress: Callable[[ChunkCopied], None] | None = None,
     snapshot_chunk_pages: int = CHUNK_PAGES,
+    reduce: bool = True,
 ) -> ReplicateStats:
     """Apply the stream to ``target`` until stopped (or ``until``); returns what was done.
 
@@ -108,8 +109,10 @@ def run_replicate(
 
     Batches of up to ``batch_changes`` changes are applied in one target transaction with
     the checkpoint, then acknowledged; a batch is also flushed whenever the stream catches
-    up, so a trickle is not held back. ``on_stream`` receives the stream before it starts
-    (the CLI attaches its signal handlers there), and the snapshot job before it runs.
+    up, so a trickle is not held back. A batch goes in as one net change per row
+    (``sinks.reduce``) unless ``reduce`` is False. ``on_stream`` receives the stream before
+    it starts (the CLI attaches its signal handlers there), and the snapshot job before it
+    runs.
     """
     from pglogrepl_bridge.sinks.sql import SqlSink
 
@@ -120,6 +123,7 @@ def run_replicate(
         slot=options.slot,
         conflict=conflict,
         node_id=zlib.crc32(system_id.encode()) & 0x7FFFFFFF if node_id is None else node_id,
+        reduce=reduce,
     )
     metrics = Metrics(metrics_port) if metrics_port is not None else None
     try:

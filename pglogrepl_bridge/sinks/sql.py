@@ -51,6 +51,7 @@ from pglogrepl_bridge.pgoutput.relcache import Fused, RelationInfo
 from pglogrepl_bridge.pgoutput.transaction import RowChange, Transaction, TruncateChange
 from pglogrepl_bridge.sinks import lww
 from pglogrepl_bridge.sinks.lww import NODE_COL, TS_COL, VERSION_COLS
+from pglogrepl_bridge.sinks.reduce import Reduction
 from pglogrepl_bridge.sinks.sqltypes import column_type, loaders, text_is_driver_value, value_path
 from pglogrepl_bridge.snapshot.plan import (
     SNAPSHOT_REQUEST_PREFIX,
@@ -102,6 +103,7 @@ class _Target:
     #: in C (``_accel.typed_row``); None where the Python walk must look (unchanged TOAST,
     #: binary values, a value that does not convert, no accelerator)
     fast_row: Callable[[bytes, int], dict[str, Any] | None] = lambda buf, pos: None
+    ncols: int = 0  # the relation's columns: a row with fewer left unchanged TOAST out
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,7 @@ class SqlSink:
         slot: str,
         conflict: Conflict = "source",
         node_id: int = 0,
+        reduce: bool = True,
     ) -> None:
         try:
             self.engine = sa.create_engine(url)
@@ -165,6 +168,9 @@ class SqlSink:
             and conflict == "source"
         )
         self.node_id = node_id
+        #: batches go in as one net change per row (``sinks.reduce``); LWW versions every
+        #: change on its own
+        self._reduces = reduce and conflict == "source"
         self.meta = sa.MetaData()
         self.checkpoints = sa.Table(
             CHECKPOINT_TABLE,
@@ -262,31 +268,25 @@ class SqlSink:
     # -- apply -----------------------------------------------------------------------------
 
     def apply(self, txns: Sequence[Transaction]) -> None:
-        """Apply a batch in one target transaction, with the checkpoint of its last member."""
+        """Apply a batch in one target transaction, with the checkpoint of its last member.
+
+        Reduced first (``sinks.reduce``); a batch the target refuses so is applied again in
+        stream order, where a hand-made constraint may accept it, then row by row to name
+        the row it refuses."""
         if not txns:
             return
-        end = int(txns[-1].end_lsn)  # a plain int for drivers
-        past_snapshot = bool(self._skip) and end >= max(map(highest, self._skip.values()))
-        self._batch_skip = {}
         try:
-            with self.engine.begin() as conn:
-                for txn in txns:
-                    self._apply_txn(conn, txn, grouped=True)
-                self._write_checkpoint(conn, end)
-                if past_snapshot and not self._batch_skip:
-                    # every table's anchor passed: its progress is history
-                    sc = self.snapshot_chunks
-                    conn.execute(
-                        sa.delete(sc).where(
-                            sc.c.source_id == self.source_id, sc.c.slot == self.slot
-                        )
-                    )
-            if past_snapshot and not self._batch_skip:
-                self._skip = {}
-            if self._batch_skip:  # committed: the marked tables wait for their copy
-                self._skip.update(self._batch_skip)
-                self._present.update(self._batch_skip)
-                self.requested = True
+            try:
+                self._commit(txns, reduced=self._reduces)
+            except SQLAlchemyError as exc:
+                if not self._reduces or _transient(exc):
+                    raise
+                self._targets.clear()  # the rollback undid this batch's DDL too
+                log.info(
+                    "the target refused the reduced batch (%s): applying it in stream order",
+                    _reason(exc),
+                )
+                self._commit(txns, reduced=False)
         except SinkError:
             self._targets.clear()
             raise
@@ -300,6 +300,32 @@ class SqlSink:
                 ) from None
             # Find the exact row: apply again, row by row; it fails at the culprit.
             self._pinpoint(txns, exc)
+
+    def _commit(self, txns: Sequence[Transaction], *, reduced: bool) -> None:
+        """One target transaction: the batch (reduced, or in stream order), its checkpoint,
+        and the snapshot progress it makes history of."""
+        end = int(txns[-1].end_lsn)  # a plain int for drivers
+        past_snapshot = bool(self._skip) and end >= max(map(highest, self._skip.values()))
+        self._batch_skip = {}
+        with self.engine.begin() as conn:
+            if reduced:
+                self._apply_reduced(conn, txns)
+            else:
+                for txn in txns:
+                    self._apply_txn(conn, txn, grouped=True)
+            self._write_checkpoint(conn, end)
+            if past_snapshot and not self._batch_skip:
+                # every table's anchor passed: its progress is history
+                sc = self.snapshot_chunks
+                conn.execute(
+                    sa.delete(sc).where(sc.c.source_id == self.source_id, sc.c.slot == self.slot)
+                )
+        if past_snapshot and not self._batch_skip:
+            self._skip = {}
+        if self._batch_skip:  # committed: the marked tables wait for their copy
+            self._skip.update(self._batch_skip)
+            self._present.update(self._batch_skip)
+            self.requested = True
 
     def _pinpoint(self, txns: Sequence[Transaction], first: SQLAlchemyError) -> None:
         try:
@@ -322,24 +348,121 @@ class SqlSink:
         raise SinkError(f"cannot write to the target {self.url}: {_reason(first)}")
 
     def _apply_txn(self, conn: sa.Connection, txn: Transaction, *, grouped: bool) -> None:
-        if self.backfill:
-            self._mark_requests(conn, txn)
-        if self._skip or self._batch_skip:
-            txn = self._unskipped(conn, txn)
+        txn = self._screened(conn, txn)
         if self.conflict == "lww":
             for pos, change in enumerate(txn.changes):
                 self._apply_lww(conn, txn, pos, change)
             return
-        for target, op, rows, change in self._groups(conn, txn, grouped):
-            try:
-                self._execute(conn, target, op, rows)
-            except DBAPIError as exc:
-                if (grouped and len(rows) > 1) or _transient(exc):
-                    raise
-                raise SinkError(_row_error(target, op, change, exc)) from None
+        for target, op, rows, change in self._groups(conn, txn.changes, grouped):
+            self._run(conn, target, op, rows, change, grouped=grouped)
+
+    def _screened(self, conn: sa.Connection, txn: Transaction) -> Transaction:
+        """The transaction as it applies: its snapshot requests and new tables marked for
+        copying, its changes that a copy holds taken out."""
+        if self.backfill:
+            self._mark_requests(conn, txn)
+        if self._skip or self._batch_skip:
+            txn = self._unskipped(conn, txn)
+        return txn
+
+    def _run(
+        self,
+        conn: sa.Connection,
+        target: _Target,
+        op: str,
+        rows: list[dict[str, Any]],
+        change: Any,
+        *,
+        grouped: bool,
+    ) -> None:
+        try:
+            self._execute(conn, target, op, rows)
+        except DBAPIError as exc:
+            if (grouped and len(rows) > 1) or _transient(exc):
+                raise
+            raise SinkError(_row_error(target, op, change, exc)) from None
+
+    def _apply_reduced(self, conn: sa.Connection, txns: Sequence[Transaction]) -> None:
+        """The batch as one net change per row (``sinks.reduce``); what cannot be reduced
+        goes in stream order, after every row held before it."""
+        reduction = Reduction()
+        held: dict[str, _Target] = {}  # the target each held table's rows were read for
+        for txn in txns:
+            for change in self._screened(conn, txn).changes:
+                if type(change) is RowChange and self._hold(conn, reduction, held, change):
+                    continue
+                if isinstance(change, Message):
+                    continue
+                self._release(conn, reduction, held)
+                for target, op, rows, last in self._groups(conn, (change,), True):
+                    self._run(conn, target, op, rows, last, grouped=True)
+        self._release(conn, reduction, held)
+
+    def _hold(
+        self,
+        conn: sa.Connection,
+        reduction: Reduction,
+        held: dict[str, _Target],
+        change: RowChange,
+    ) -> bool:
+        """Hold one row change in ``reduction``; False when it cannot be (rule 3 there)."""
+        rel = change.relation
+        target = self._targets.get(rel) or self._target(conn, rel)
+        name = target.table.name
+        if target.keyless or held.setdefault(name, target) is not target:
+            return False  # a keyless row, or the table's relation changed in the batch
+        raw, fused, fast = change.raw, target.driver_fused, target.fast_row
+        new = None
+        if change.op != "delete":
+            new = fast(raw, change.new_at) or rel.row_at(raw, change.new_at, fused=fused)
+        if change.old_at >= 0:
+            old = fast(raw, change.old_at) or rel.row_at(raw, change.old_at, fused=fused)
+        elif new is not None:
+            old = new
+        else:
+            return False
+        try:
+            row_key = tuple([old[k] for k in target.keys])
+        except KeyError:
+            return False  # a key value not sent (unchanged TOAST in a new row)
+        if (
+            old is not new
+            and new is not None
+            and any(k in new and new[k] != old[k] for k in target.keys)
+        ):
+            return False  # the key changed
+        key = {pk: old[k] for k, pk in target.key_params}
+        return reduction.add(name, change.op, row_key, new, key, change)
+
+    def _release(self, conn: sa.Connection, reduction: Reduction, held: dict[str, _Target]) -> None:
+        """Apply every held row (rule 4's order, consecutive rows of one shape together)."""
+        rows: list[dict[str, Any]] = []
+        shape: tuple[Any, ...] = ()
+        target: _Target | None = None
+        op, last = "", None
+        for name, this_op, row in reduction.drain():
+            this = held[name]
+            full = len(row.new) == this.ncols
+            this_shape: tuple[Any, ...]
+            if this_op == "delete":
+                bind, this_shape = row.key, (this, this_op)
+            elif this_op == "insert":
+                bind = row.new
+                this_shape = (this, this_op) if full else (this, this_op, tuple(bind))
+            else:
+                bind = {**row.key, **row.new}
+                this_shape = (this, this_op) if full else (this, this_op, tuple(row.new))
+            if rows and target is not None and this_shape != shape:
+                self._run(conn, target, op, rows, last, grouped=True)
+                rows = []
+            shape, target, op, last = this_shape, this, this_op, row.last
+            rows.append(bind)
+        if rows and target is not None:
+            self._run(conn, target, op, rows, last, grouped=True)
+        held.clear()
 
     def _groups(
-        self, conn: sa.Connection, txn: Transaction, grouped: bool
+        self, conn: sa.Connection, changes: Iterable[Any], grouped: bool
     ) -> Iterator[tuple[_Target, str, list[dict[str, Any]], Any]]:
         """Consecutive changes of one shape (table, op, columns) become one executemany."""
         rows: list[dict[str, Any]] = []
@@ -347,7 +470,7 @@ class SqlSink:
         shape: tuple[Any, ...] = ()
         target: _Target | None = None
         op, last = "", None
-        for change in txn.changes:
+        for change in changes:
             if isinstance(change, Message):
                 continue
             if isinstance(change, TruncateChange):
@@ -1078,6 +1201,7 @@ class SqlSink:
             keyless,
             row_values=row_values,
             fast_row=_fast_row(columns, row_values),
+            ncols=rel.ncols,
         )
 
     def _columns(
