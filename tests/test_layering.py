@@ -14,8 +14,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "pglogrepl_bridge"
 #: sans-IO packages: no sockets, waiting, threads, clocks, connections, CLI or SQL (render may
 #: use rich to lay out text for a console it is handed)
 SANS_IO = ("pgoutput", "wire", "render")
-#: pure modules inside packages that also hold IO (jetstream: the rules of the stream)
-SANS_IO_MODULES = ("jetstream/naming.py", "jetstream/entries.py")
+#: pure modules inside packages that also hold IO (jetstream: the rules of the stream; sinks:
+#: the reduction of a batch to net changes)
+SANS_IO_MODULES = ("jetstream/naming.py", "jetstream/entries.py", "sinks/reduce.py")
 FORBIDDEN_IN_SANS_IO = {
     "socket", "select", "selectors", "ssl", "threading", "asyncio", "time", "typer",
     "sqlalchemy", "psycopg.connection", "psycopg.connection_async", "pglogrepl_bridge.postgres",

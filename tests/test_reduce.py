@@ -70,11 +70,11 @@ def test_the_reduced_batch_writes_what_the_stream_order_writes(
     before, changes = batch
     reduction = Reduction()
     for pos, (op, k, new) in enumerate(changes):
-        assert reduction.add("t", op, (k,), None if new is None else dict(new), {"_k": k}, pos)
+        assert reduction.add("t", op, k, None if new is None else dict(new), pos)
     target = {k: dict(row) for k, row in before.items()}
     writes: dict[int, int] = {}
     for table, op, held in reduction.drain():
-        k = held.key["_k"]
+        k = held.key
         assert table == "t"
         writes[k] = writes.get(k, 0) + 1
         assert held.last == max(i for i, c in enumerate(changes) if c[1] == k)
@@ -86,19 +86,20 @@ def test_the_reduced_batch_writes_what_the_stream_order_writes(
             assert k not in target, "an insert over a row the target still holds"
             target[k] = dict(held.new)
     assert target == stream_order(before, changes)
+    assert len(reduction) == 0
     for k, n in writes.items():
         assert n <= min(2, sum(1 for c in changes if c[1] == k))
-    assert not reduction  # drained
 
 
 def test_what_cannot_be_reduced_is_refused_and_what_was_held_stays() -> None:
     """Rule 3: a pair the table lacks (a second insert of a key) holds nothing; the row
     held before it is still there, with its state, to be applied first."""
     reduction = Reduction()
-    assert reduction.add("t", "insert", (1,), {"k": 1, "a": 1}, {"_k": 1}, "first")
-    assert not reduction.add("t", "insert", (1,), {"k": 1, "a": 2}, {"_k": 1}, "second")
-    assert reduction.add("t", "delete", (2,), None, {"_k": 2}, "gone")
-    assert not reduction.add("t", "delete", (2,), None, {"_k": 2}, "twice")
+    assert reduction.add("t", "insert", 1, {"k": 1, "a": 1}, "first")
+    assert not reduction.add("t", "insert", 1, {"k": 1, "a": 2}, "second")
+    assert reduction.add("t", "delete", 2, None, "gone")
+    assert not reduction.add("t", "delete", 2, None, "twice")
+    assert len(reduction) == 2
     drained = [(op, held.new, held.last) for _, op, held in reduction.drain()]
     assert drained == [("delete", {}, "gone"), ("insert", {"k": 1, "a": 1}, "first")]
 
@@ -120,8 +121,8 @@ def test_rows_come_out_table_by_table_deletes_updates_inserts() -> None:
         ("b", "delete", 3, None),  # inserted and deleted: nothing
     ]
     for table, op, k, new in script:
-        assert reduction.add(table, op, (k,), new, {"_k": k}, None)
-    out = [(t, op, held.key["_k"]) for t, op, held in reduction.drain()]
+        assert reduction.add(table, op, k, new, None)
+    out = [(t, op, held.key) for t, op, held in reduction.drain()]
     assert out == [
         ("b", "delete", 2),
         ("b", "insert", 1),

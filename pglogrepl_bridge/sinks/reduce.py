@@ -58,12 +58,12 @@ _NEXT: dict[tuple[State | None, str], State] = {
 
 @dataclass(slots=True)
 class Held:
-    """One row's net change: its state, the values to write (the new row, merged), the
-    bind parameters that find its old key, and the last change that made it (for errors)."""
+    """One row's net change: its state, the values to write (the new row, merged), its key
+    (as ``add`` was given it), and the last change that made it (for errors)."""
 
     state: State
     new: dict[str, Any]
-    key: dict[str, Any]
+    key: Any
     last: Any
 
 
@@ -72,46 +72,41 @@ class Reduction:
 
     def __init__(self) -> None:
         #: table → {key: held row}, each dict in the order of its rows' last changes
-        self._tables: dict[str, dict[tuple[Any, ...], Held]] = {}
+        self._tables: dict[str, dict[Any, Held]] = {}
+        self._held = 0
 
-    def __bool__(self) -> bool:
-        return bool(self._tables)
+    def __len__(self) -> int:
+        """Rows held (a row inserted and deleted again counts until drained)."""
+        return self._held
 
-    def add(
-        self,
-        table: str,
-        op: str,
-        row_key: tuple[Any, ...],
-        new: dict[str, Any] | None,
-        key: dict[str, Any],
-        last: Any,
-    ) -> bool:
-        """Hold one change to the row ``row_key`` of ``table``: ``new`` its new values (None
-        for a delete), ``key`` the bind parameters of its old key. False when the change
-        cannot be reduced (rule 3): nothing was held, and the caller drains first."""
+    def add(self, table: str, op: str, key: Any, new: dict[str, Any] | None, last: Any) -> bool:
+        """Hold one change to the row ``key`` (its key's values, hashable) of ``table``:
+        ``new`` its new values (None for a delete). False when the change cannot be reduced
+        (rule 3): nothing was held, and the caller drains first."""
         rows = self._tables.get(table)
         if rows is None:
             rows = self._tables[table] = {}
-        held = rows.pop(row_key, None)  # popped: put back last, rows stay in change order
+        held = rows.pop(key, None)  # popped: put back last, rows stay in change order
         state = _NEXT.get((held.state if held is not None else None, op))
         if state is None:
             if held is not None:
-                rows[row_key] = held  # where it was is lost; it is drained next anyway
+                rows[key] = held  # where it was is lost; it is drained next anyway
             return False
         if held is None:
-            rows[row_key] = Held(state, new or {}, key, last)
+            rows[key] = Held(state, new or {}, key, last)
+            self._held += 1
             return True
         if op == "update" and new is not None:  # rule 2: over the earlier columns
             held.new.update(new)
         elif op == "insert" and new is not None:  # a new row in a deleted one's place
             held.new = new
         held.state, held.last = state, last
-        rows[row_key] = held
+        rows[key] = held
         return True
 
     def drain(self) -> Iterator[tuple[str, Op, Held]]:
         """Every held row's writes in rule 4's order, and forget them."""
-        tables, self._tables = self._tables, {}
+        tables, self._tables, self._held = self._tables, {}, 0
         for table, rows in tables.items():
             for held in rows.values():
                 if held.state in ("delete", "replace"):

@@ -74,6 +74,9 @@ COPY_BATCH = 2000
 #: a group of at least this many inserts goes into PostgreSQL through COPY (a round trip
 #: to set up); smaller ones through executemany
 COPY_INSERTS_FROM = 16
+#: a reduced batch (``sinks.reduce``) writes what it holds once it holds this many rows:
+#: converted rows cost memory; later changes to them are then plain updates and deletes
+HELD_ROWS = 2000
 #: SQLite: rows per multi-row INSERT, and the parameter limit of its oldest builds
 VALUES_ROWS = 100
 SQLITE_MAX_PARAMS = 999
@@ -104,6 +107,10 @@ class _Target:
     #: binary values, a value that does not convert, no accelerator)
     fast_row: Callable[[bytes, int], dict[str, Any] | None] = lambda buf, pos: None
     ncols: int = 0  # the relation's columns: a row with fewer left unchanged TOAST out
+    #: a row's key values (one value, or a tuple of several; KeyError: one is missing) and
+    #: those values as the old-key bind parameters (``key_params``)
+    key_of: Callable[[Mapping[str, Any]], Any] = lambda row: None
+    key_bind: Callable[[Any], dict[str, Any]] = lambda key: {}
 
 
 @dataclass(frozen=True)
@@ -384,12 +391,15 @@ class SqlSink:
 
     def _apply_reduced(self, conn: sa.Connection, txns: Sequence[Transaction]) -> None:
         """The batch as one net change per row (``sinks.reduce``); what cannot be reduced
-        goes in stream order, after every row held before it."""
+        goes in stream order, after every row held before it. Held rows are also written
+        once ``HELD_ROWS`` are held: converted rows cost memory, the raw batch does not."""
         reduction = Reduction()
         held: dict[str, _Target] = {}  # the target each held table's rows were read for
         for txn in txns:
             for change in self._screened(conn, txn).changes:
                 if type(change) is RowChange and self._hold(conn, reduction, held, change):
+                    if len(reduction) >= HELD_ROWS:
+                        self._release(conn, reduction, held)
                     continue
                 if isinstance(change, Message):
                     continue
@@ -411,28 +421,27 @@ class SqlSink:
         name = target.table.name
         if target.keyless or held.setdefault(name, target) is not target:
             return False  # a keyless row, or the table's relation changed in the batch
-        raw, fused, fast = change.raw, target.driver_fused, target.fast_row
+        raw, fast, key_of = change.raw, target.fast_row, target.key_of
         new = None
-        if change.op != "delete":
-            new = fast(raw, change.new_at) or rel.row_at(raw, change.new_at, fused=fused)
-        if change.old_at >= 0:
-            old = fast(raw, change.old_at) or rel.row_at(raw, change.old_at, fused=fused)
-        elif new is not None:
-            old = new
-        else:
-            return False
         try:
-            row_key = tuple([old[k] for k in target.keys])
+            if change.op != "delete":
+                new = fast(raw, change.new_at) or rel.row_at(
+                    raw, change.new_at, fused=target.driver_fused
+                )
+            if change.old_at >= 0:
+                old = fast(raw, change.old_at) or rel.row_at(
+                    raw, change.old_at, fused=target.driver_fused
+                )
+                key = key_of(old)
+                if new is not None and key != key_of(new):
+                    return False  # the key changed (or was not sent: unchanged TOAST)
+            elif new is not None:
+                key = key_of(new)
+            else:
+                return False
         except KeyError:
             return False  # a key value not sent (unchanged TOAST in a new row)
-        if (
-            old is not new
-            and new is not None
-            and any(k in new and new[k] != old[k] for k in target.keys)
-        ):
-            return False  # the key changed
-        key = {pk: old[k] for k, pk in target.key_params}
-        return reduction.add(name, change.op, row_key, new, key, change)
+        return reduction.add(name, change.op, key, new, change)
 
     def _release(self, conn: sa.Connection, reduction: Reduction, held: dict[str, _Target]) -> None:
         """Apply every held row (rule 4's order, consecutive rows of one shape together)."""
@@ -445,12 +454,13 @@ class SqlSink:
             full = len(row.new) == this.ncols
             this_shape: tuple[Any, ...]
             if this_op == "delete":
-                bind, this_shape = row.key, (this, this_op)
+                bind, this_shape = this.key_bind(row.key), (this, this_op)
             elif this_op == "insert":
                 bind = row.new
                 this_shape = (this, this_op) if full else (this, this_op, tuple(bind))
             else:
-                bind = {**row.key, **row.new}
+                bind = this.key_bind(row.key)
+                bind.update(row.new)
                 this_shape = (this, this_op) if full else (this, this_op, tuple(row.new))
             if rows and target is not None and this_shape != shape:
                 self._run(conn, target, op, rows, last, grouped=True)
@@ -1202,6 +1212,8 @@ class SqlSink:
             row_values=row_values,
             fast_row=_fast_row(columns, row_values),
             ncols=rel.ncols,
+            key_of=itemgetter(*keys) if keys else _Target.key_of,
+            key_bind=_key_bind(tuple(_KEY + k for k in keys)),
         )
 
     def _columns(
@@ -1316,6 +1328,14 @@ def _driver(conn: sa.Connection, what: str) -> Iterator[psycopg.Connection[Any]]
         yield driver
     except psycopg.Error as exc:
         raise DBAPIError.instance(what, None, exc, psycopg.Error) from None
+
+
+def _key_bind(params: tuple[str, ...]) -> Callable[[Any], dict[str, Any]]:
+    """``_Target.key_bind``: ``itemgetter`` gives one key column's value bare."""
+    if len(params) == 1:
+        (only,) = params
+        return lambda key: {only: key}
+    return lambda key: dict(zip(params, key, strict=True))
 
 
 def _declined(values: Sequence[bytes | None]) -> Any:
