@@ -17,7 +17,7 @@ from pglogrepl_bridge.pgoutput import assembly
 from pglogrepl_bridge.pgoutput.assembly import TransactionAssembler
 from pglogrepl_bridge.pgoutput.decoder import PgOutputDecoder, _Bad, parse_tuple
 from pglogrepl_bridge.pgoutput.messages import Column, Relation
-from pglogrepl_bridge.pgoutput.relcache import RelationCache
+from pglogrepl_bridge.pgoutput.relcache import RelationCache, row_key
 from pglogrepl_bridge.pgoutput.transaction import RowChange
 from pglogrepl_bridge.render import textjson
 from pglogrepl_bridge.render._jsoncompile import (
@@ -479,3 +479,37 @@ def test_the_utf8_walk_takes_exactly_what_python_decodes(value: bytes) -> None:
     else:
         text = walk(buf, 0)
         assert text is not None and walk_utf8(buf, 0) == text.encode()
+
+
+@needs_c
+@settings(max_examples=400)
+@given(
+    _tuple_bytes(),
+    st.one_of(  # mostly ascending indexes, as the sink passes them; sometimes anything
+        *[st.sets(st.integers(0, 6), min_size=1, max_size=3).map(sorted)] * 3,
+        st.lists(st.integers(-1, 6), max_size=3),
+    ),
+    st.integers(0, 2),
+)
+@example(_EDGES[6], [0], 0)  # unchanged TOAST outside the key
+@example((2, b"\x00\x02ut\x00\x00\x00\x0212"), [1], 0)  # ... before it
+@example(_EDGES[6], [1], 0)  # the key not sent
+@example((3, b"\x00\x03t\x00\x00\x00\x011nt\x00\x00\x00\x012"), [0, 2], 0)
+@example((3, b"\x00\x03t\x00\x00\x00\x011nt\x00\x00\x00\x012"), [2, 0], 0)  # not ascending
+def test_row_key_equals_the_python_twin(case: tuple[int, bytes], keys: list[int], pos: int) -> None:
+    """The C ``row_key`` (the SQL sink's reduction reads each row's key with it) answers
+    exactly as ``relcache.row_key``, on any bytes and any index tuple."""
+    ncols, buf = case
+    assert accel.row_key is not None
+    indexes = tuple(keys)
+    assert accel.row_key(indexes, ncols, buf, pos) == row_key(indexes, ncols, buf, pos)
+    try:
+        tup, _ = parse_tuple(buf, pos)
+    except _Bad:
+        return
+    got = row_key(indexes, ncols, buf, pos)
+    if got is not None:  # the twin itself against the parser
+        key, complete = got
+        values = [tup.values[i] for i in indexes]
+        assert key == (values[0] if len(values) == 1 else tuple(values))
+        assert complete == (b"u"[0] not in tup.kinds)

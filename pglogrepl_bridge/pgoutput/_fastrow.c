@@ -164,6 +164,87 @@ done:
     return row;
 }
 
+/* row_key(indexes, ncols, buf, pos) -> (key, complete) | None
+ *
+ * A row's identity without converting it: the raw bytes of the columns at ``indexes``
+ * (ascending) of the TupleData at buf[pos:], one bytes object for one column or a tuple of
+ * them, and whether no column is unchanged TOAST. None when a key column is NULL or
+ * unchanged, or the bytes are irregular. The relation's arguments come first for a
+ * functools.partial. The Python twin is relcache.row_key. */
+static PyObject *
+row_key(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyTuple_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "row_key(indexes: tuple, ncols, buf, pos)");
+        return NULL;
+    }
+    PyObject *indexes = args[0];
+    Py_ssize_t nkeys = PyTuple_GET_SIZE(indexes);
+    Py_ssize_t ncols = PyLong_AsSsize_t(args[1]);
+    if (ncols == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t pos = PyLong_AsSsize_t(args[3]);
+    if (pos == -1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[2], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *data = view.buf;
+    Py_ssize_t len = view.len;
+    PyObject *key = NULL, *result = NULL;
+    int complete = 1;
+    if (nkeys < 1 || !read_count(data, len, pos, ncols))
+        goto declined;
+    key = PyTuple_New(nkeys);
+    if (key == NULL)
+        goto done;
+    pos += 2;
+    Py_ssize_t k = 0, want = PyLong_AsSsize_t(PyTuple_GET_ITEM(indexes, 0));
+    if (want == -1 && PyErr_Occurred())
+        goto done;
+    for (Py_ssize_t i = 0; i < ncols; i++) {
+        int kind;
+        Py_ssize_t start, size;
+        if (!next_value(data, len, &pos, &kind, &start, &size))
+            goto declined;
+        if (kind == KIND_UNCHANGED)
+            complete = 0;
+        else if (kind != KIND_TEXT && kind != KIND_BINARY && kind != KIND_NULL)
+            goto declined;
+        if (i != want)
+            continue;
+        if (kind != KIND_TEXT && kind != KIND_BINARY)
+            goto declined; /* a key column NULL or not sent */
+        PyObject *value = PyBytes_FromStringAndSize((const char *)data + start, size);
+        if (value == NULL)
+            goto done;
+        PyTuple_SET_ITEM(key, k++, value);
+        if (k < nkeys) {
+            Py_ssize_t next = PyLong_AsSsize_t(PyTuple_GET_ITEM(indexes, k));
+            if (next == -1 && PyErr_Occurred())
+                goto done;
+            if (next <= want)
+                goto declined; /* not ascending */
+            want = next;
+        }
+        else
+            want = -1;
+    }
+    if (k != nkeys)
+        goto declined;
+    if (nkeys == 1)
+        result = Py_BuildValue("(OO)", PyTuple_GET_ITEM(key, 0), complete ? Py_True : Py_False);
+    else
+        result = Py_BuildValue("(OO)", key, complete ? Py_True : Py_False);
+    goto done;
+declined:
+    result = Py_NewRef(Py_None);
+done:
+    Py_XDECREF(key);
+    PyBuffer_Release(&view);
+    return result;
+}
+
 /* ---- RowChange construction ---------------------------------------------------------
  *
  * The assembler makes one RowChange per Insert/Update/Delete. In Python that is four frames
@@ -1360,6 +1441,8 @@ static PyMethodDef methods[] = {
      PyDoc_STR("int_array_json(text) -> str (ValueError: not an integer array)")},
     {"text_array_json", (PyCFunction)(void (*)(void))text_array_json, METH_FASTCALL,
      PyDoc_STR("text_array_json(text, ascii, separator) -> str | None")},
+    {"row_key", (PyCFunction)(void (*)(void))row_key, METH_FASTCALL,
+     PyDoc_STR("row_key(indexes, ncols, buf, pos) -> (key, complete) | None")},
     {"typed_row", (PyCFunction)(void (*)(void))typed_row, METH_FASTCALL,
      PyDoc_STR("typed_row(template, load_text_row, load_binary_row, buf, pos) -> dict | None")},
     {NULL, NULL, 0, NULL},

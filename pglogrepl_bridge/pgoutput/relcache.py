@@ -157,6 +157,59 @@ class RelationInfo:
         return tuple(n for n, k in zip(self.names, tup.kinds, strict=False) if k == 0x75)
 
 
+#: (buf, pos) -> (the row's key as raw bytes, whether every column was sent) | None
+RowKey = Callable[[bytes, int], "tuple[Any, bool] | None"]
+
+
+def row_key(indexes: tuple[int, ...], ncols: int, buf: bytes, pos: int) -> tuple[Any, bool] | None:
+    """A row's identity without converting it: the raw bytes of the columns at ``indexes``
+    (ascending) of the TupleData at ``buf[pos:]`` (one bytes object for one column, else a
+    tuple), and whether no column is unchanged TOAST. None when a key column is NULL or not
+    sent, or the bytes are irregular. The server prints a value one way, so equal keys have
+    equal bytes within a stream. The C ``_fastrow.row_key`` is this function's twin."""
+    end = len(buf)
+    if not indexes or list(indexes) != sorted(set(indexes)) or pos < 0 or end - pos < 2:
+        return None
+    if (buf[pos] << 8) | buf[pos + 1] != ncols:
+        return None
+    pos += 2
+    key: list[bytes] = []
+    complete = True
+    wanted = set(indexes)
+    for i in range(ncols):
+        if pos >= end:
+            return None
+        kind = buf[pos]
+        value = None
+        if kind in (0x74, 0x62):  # 't', 'b'
+            if end - pos < 5:
+                return None
+            size = _u32(buf, pos + 1)[0]
+            if size > end - pos - 5:
+                return None
+            value = bytes(buf[pos + 5 : pos + 5 + size])
+            pos += 5 + size
+        elif kind in (0x6E, 0x75):  # 'n', 'u'
+            complete = complete and kind != 0x75
+            pos += 1
+        else:
+            return None
+        if i in wanted:
+            if value is None:
+                return None
+            key.append(value)
+    if len(key) != len(indexes):
+        return None
+    return (key[0] if len(key) == 1 else tuple(key)), complete
+
+
+def key_reader(rel: RelationInfo, keys: tuple[str, ...]) -> RowKey:
+    """``row_key`` bound to ``rel`` and the columns ``keys`` (in column order), in C where
+    built."""
+    indexes = tuple(i for i, name in enumerate(rel.names) if name in keys)
+    return partial(accel.row_key or row_key, indexes, rel.ncols)
+
+
 def _fast_row(loaders: ValueLoaders, cols: tuple[Column, ...]) -> FastRow:
     if accel.typed_row is None:
         return _no_fast_row

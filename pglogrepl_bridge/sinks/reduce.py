@@ -14,8 +14,8 @@ Rules (enforced here, by ``_NEXT``):
    existed, was deleted, and a new row took its key: delete, then insert) or ``gone``
    (inserted and deleted within the batch: nothing to write).
 2. The state moves only as ``_NEXT`` says, from the row's state and the change's operation.
-   An update adds its columns over the row's earlier ones, so columns an update did not carry
-   (unchanged TOAST) keep the values of the insert or update before it.
+   An update adds its columns over the row's earlier ones (``merge``), so columns an update
+   did not carry (unchanged TOAST) keep the values of the insert or update before it.
 3. Anything else cannot be reduced: a pair ``_NEXT`` lacks (which a consistent source never
    sends), an update that changes the key, a key that is not all there, a keyless table, a
    truncate. The sink then applies every held row first and that change after it, in stream
@@ -32,7 +32,7 @@ order (``SqlSink.apply``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -56,21 +56,29 @@ _NEXT: dict[tuple[State | None, str], State] = {
 }
 
 
+def merge_dicts(earlier: Any, later: Any) -> Any:
+    """Rule 2 for rows held as dicts: the later columns over the earlier ones."""
+    return {**earlier, **later}
+
+
 @dataclass(slots=True)
 class Held:
-    """One row's net change: its state, the values to write (the new row, merged), its key
-    (as ``add`` was given it), and the last change that made it (for errors)."""
+    """One row's net change: its state, its new values as ``add`` was given them (merged), its
+    key, and the last change that made it."""
 
     state: State
-    new: dict[str, Any]
+    new: Any
     key: Any
     last: Any
 
 
 class Reduction:
-    """Net changes per row of one batch; pure bookkeeping over rows the sink converted."""
+    """Net changes per row of one batch; pure bookkeeping. A row's new values are opaque
+    here but for ``merge(earlier, later)``, which lays an update's values over the row's:
+    the sink holds unconverted rows and converts only what it writes."""
 
-    def __init__(self) -> None:
+    def __init__(self, merge: Callable[[Any, Any], Any] = merge_dicts) -> None:
+        self._merge = merge
         #: table → {key: held row}, each dict in the order of its rows' last changes
         self._tables: dict[str, dict[Any, Held]] = {}
         self._held = 0
@@ -79,7 +87,7 @@ class Reduction:
         """Rows held (a row inserted and deleted again counts until drained)."""
         return self._held
 
-    def add(self, table: str, op: str, key: Any, new: dict[str, Any] | None, last: Any) -> bool:
+    def add(self, table: str, op: str, key: Any, new: Any, last: Any) -> bool:
         """Hold one change to the row ``key`` (its key's values, hashable) of ``table``:
         ``new`` its new values (None for a delete). False when the change cannot be reduced
         (rule 3): nothing was held, and the caller drains first."""
@@ -93,11 +101,11 @@ class Reduction:
                 rows[key] = held  # where it was is lost; it is drained next anyway
             return False
         if held is None:
-            rows[key] = Held(state, new or {}, key, last)
+            rows[key] = Held(state, {} if new is None else new, key, last)
             self._held += 1
             return True
         if op == "update" and new is not None:  # rule 2: over the earlier columns
-            held.new.update(new)
+            held.new = self._merge(held.new, new)
         elif op == "insert" and new is not None:  # a new row in a deleted one's place
             held.new = new
         held.state, held.last = state, last

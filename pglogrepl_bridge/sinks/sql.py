@@ -47,7 +47,7 @@ from pglogrepl_bridge.lsn import Lsn
 from pglogrepl_bridge.pgoutput import _accel as accel
 from pglogrepl_bridge.pgoutput.loaders import transformer
 from pglogrepl_bridge.pgoutput.messages import Column, Message, TupleData
-from pglogrepl_bridge.pgoutput.relcache import Fused, RelationInfo
+from pglogrepl_bridge.pgoutput.relcache import Fused, RelationInfo, RowKey, key_reader
 from pglogrepl_bridge.pgoutput.transaction import RowChange, Transaction, TruncateChange
 from pglogrepl_bridge.sinks import lww
 from pglogrepl_bridge.sinks.lww import NODE_COL, TS_COL, VERSION_COLS
@@ -111,6 +111,8 @@ class _Target:
     #: those values as the old-key bind parameters (``key_params``)
     key_of: Callable[[Mapping[str, Any]], Any] = lambda row: None
     key_bind: Callable[[Any], dict[str, Any]] = lambda key: {}
+    #: a row's key as raw bytes, and whether it sent every column (``relcache.row_key``)
+    row_key: RowKey = lambda buf, pos: None
 
 
 @dataclass(frozen=True)
@@ -391,9 +393,11 @@ class SqlSink:
 
     def _apply_reduced(self, conn: sa.Connection, txns: Sequence[Transaction]) -> None:
         """The batch as one net change per row (``sinks.reduce``); what cannot be reduced
-        goes in stream order, after every row held before it. Held rows are also written
-        once ``HELD_ROWS`` are held: converted rows cost memory, the raw batch does not."""
-        reduction = Reduction()
+        goes in stream order, after every row held before it. A row is held as its change
+        (the raw row) and converted only if it is written; an update that left unchanged
+        TOAST out is merged with the row before it, converted. Held rows are also written
+        once ``HELD_ROWS`` are held."""
+        reduction = Reduction(self._merge)
         held: dict[str, _Target] = {}  # the target each held table's rows were read for
         for txn in txns:
             for change in self._screened(conn, txn).changes:
@@ -415,53 +419,74 @@ class SqlSink:
         held: dict[str, _Target],
         change: RowChange,
     ) -> bool:
-        """Hold one row change in ``reduction``; False when it cannot be (rule 3 there)."""
+        """Hold one row change in ``reduction``, keyed by its key's raw bytes; False when it
+        cannot be (rule 3 there)."""
         rel = change.relation
         target = self._targets.get(rel) or self._target(conn, rel)
         name = target.table.name
         if target.keyless or held.setdefault(name, target) is not target:
             return False  # a keyless row, or the table's relation changed in the batch
-        raw, fast, key_of = change.raw, target.fast_row, target.key_of
-        new = None
-        try:
-            if change.op != "delete":
-                new = fast(raw, change.new_at) or rel.row_at(
-                    raw, change.new_at, fused=target.driver_fused
-                )
-            if change.old_at >= 0:
-                old = fast(raw, change.old_at) or rel.row_at(
-                    raw, change.old_at, fused=target.driver_fused
-                )
-                key = key_of(old)
-                if new is not None and key != key_of(new):
-                    return False  # the key changed (or was not sent: unchanged TOAST)
-            elif new is not None:
-                key = key_of(new)
-            else:
-                return False
-        except KeyError:
-            return False  # a key value not sent (unchanged TOAST in a new row)
+        read, raw = target.row_key, change.raw
+        if change.op == "delete":
+            old = read(raw, change.old_at) if change.old_at >= 0 else None
+            return old is not None and reduction.add(name, "delete", old[0], None, change)
+        got = read(raw, change.new_at)
+        if got is None:
+            return False  # a key value not sent (unchanged TOAST), or irregular bytes
+        key, complete = got
+        if change.old_at >= 0:
+            old = read(raw, change.old_at)
+            if old is None or old[0] != key:
+                return False  # the key changed
+        new = change if complete else self._new_row(change)
         return reduction.add(name, change.op, key, new, change)
 
+    def _new_row(self, row: RowChange | dict[str, Any]) -> dict[str, Any]:
+        """A held row's new values as driver values (a held dict is already converted)."""
+        if type(row) is dict:
+            return row
+        assert isinstance(row, RowChange)
+        target = self._targets[row.relation]
+        return target.fast_row(row.raw, row.new_at) or row.relation.row_at(
+            row.raw, row.new_at, fused=target.driver_fused
+        )
+
+    def _merge(self, earlier: Any, later: Any) -> Any:
+        """Rule 2 of ``sinks.reduce``: an update that sent every column replaces the row;
+        one that left unchanged TOAST out (held converted) goes over the converted row."""
+        if type(later) is RowChange:
+            return later
+        merged = dict(self._new_row(earlier))
+        merged.update(later)
+        return merged
+
     def _release(self, conn: sa.Connection, reduction: Reduction, held: dict[str, _Target]) -> None:
-        """Apply every held row (rule 4's order, consecutive rows of one shape together)."""
+        """Write every held row (rule 4's order, consecutive rows of one shape together)."""
         rows: list[dict[str, Any]] = []
         shape: tuple[Any, ...] = ()
         target: _Target | None = None
         op, last = "", None
         for name, this_op, row in reduction.drain():
             this = held[name]
-            full = len(row.new) == this.ncols
             this_shape: tuple[Any, ...]
             if this_op == "delete":
-                bind, this_shape = this.key_bind(row.key), (this, this_op)
-            elif this_op == "insert":
-                bind = row.new
-                this_shape = (this, this_op) if full else (this, this_op, tuple(bind))
+                if row.state == "delete":  # the key from the delete's old row
+                    change = row.last
+                    old = this.fast_row(change.raw, change.old_at) or change.relation.row_at(
+                        change.raw, change.old_at, fused=this.driver_fused
+                    )
+                else:  # a replace: the key is the new row's
+                    old = self._new_row(row.new)
+                bind, this_shape = this.key_bind(this.key_of(old)), (this, this_op)
             else:
-                bind = this.key_bind(row.key)
-                bind.update(row.new)
-                this_shape = (this, this_op) if full else (this, this_op, tuple(row.new))
+                new = self._new_row(row.new)
+                full = len(new) == this.ncols
+                if this_op == "insert":
+                    bind = new
+                else:
+                    bind = this.key_bind(this.key_of(new))
+                    bind.update(new)
+                this_shape = (this, this_op) if full else (this, this_op, tuple(new))
             if rows and target is not None and this_shape != shape:
                 self._run(conn, target, op, rows, last, grouped=True)
                 rows = []
@@ -1214,6 +1239,7 @@ class SqlSink:
             ncols=rel.ncols,
             key_of=itemgetter(*keys) if keys else _Target.key_of,
             key_bind=_key_bind(tuple(_KEY + k for k in keys)),
+            row_key=key_reader(rel, keys) if keys else _Target.row_key,
         )
 
     def _columns(
