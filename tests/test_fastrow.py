@@ -10,6 +10,8 @@ from collections.abc import Callable, Iterator, Sequence
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from psycopg._copy_base import format_row_text
+from psycopg.adapt import Transformer
 
 from pglogrepl_bridge.errors import DecodeError
 from pglogrepl_bridge.pgoutput import _accel as accel
@@ -513,3 +515,40 @@ def test_row_key_equals_the_python_twin(case: tuple[int, bytes], keys: list[int]
         values = [tup.values[i] for i in indexes]
         assert key == (values[0] if len(values) == 1 else tuple(values))
         assert complete == (b"u"[0] not in tup.kinds)
+
+
+def _psycopg_copy_line(row: list[str | None]) -> bytes:
+    """The line ``Copy.write_row`` writes for ``row`` (psycopg's own text formatter)."""
+    out = bytearray()
+    format_row_text(row, Transformer(), out)
+    return bytes(out)
+
+
+@needs_c
+@settings(max_examples=400)
+@given(_tuple_bytes(), st.integers(0, 2))
+@example((2, b"\x00\x02t\x00\x00\x00\x07a\\b\tc\nnt"), 0)  # escapes; then a cut value
+@example((3, b"\x00\x03t\x00\x00\x00\x03\x08\x0b\x0cnt\x00\x00\x00\x02\r\xc3"), 0)
+@example((1, b"\x00\x01t\x00\x00\x00\x04\x0b\x0c\x08\r"), 0)
+def test_copy_text_is_the_line_psycopg_writes(case: tuple[int, bytes], pos: int) -> None:
+    """``_fastrow.copy_text`` (whole inserts into a PostgreSQL target go as COPY text made
+    from their bytes) writes the line psycopg's ``Copy.write_row`` writes for the values as
+    str, and declines binary values, unchanged TOAST and irregular bytes."""
+    ncols, buf = case
+    assert accel.copy_text is not None
+    got = accel.copy_text(ncols, buf, pos)
+    try:
+        tup, _ = parse_tuple(buf, pos)
+    except _Bad:
+        assert got is None
+        return
+    if len(tup.kinds) != ncols or not ncols or set(tup.kinds) - {b"t"[0], b"n"[0]}:
+        assert got is None
+        return
+    # each byte as one character (latin-1): psycopg escapes characters, the C walk bytes;
+    # the escapes are ASCII, so the two lines agree byte for byte, UTF-8 or not
+    row = [None if v is None else bytes(v).decode("latin-1") for v in tup.values]
+    if any(v is not None and "\x00" in v for v in row):
+        assert got is None  # no text value holds a NUL; psycopg refuses one
+        return
+    assert got == _psycopg_copy_line(row).decode().encode("latin-1")

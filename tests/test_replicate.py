@@ -410,6 +410,8 @@ def _recording(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
 
     def execute(self: SqlSink, conn: Any, target: Any, op: str, rows: list[dict[str, Any]]) -> None:
         for row in rows:
+            if not isinstance(row, dict):  # a whole insert held unconverted (COPY text)
+                row = self._new_row(row)
             key = row.get("_pglb_key_id", row.get("id"))
             writes.append((op, str(key)))
         real(self, conn, target, op, rows)

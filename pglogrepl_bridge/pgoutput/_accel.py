@@ -44,6 +44,8 @@ BOOL, FLOAT, JSON, INT_ARRAY, TEXT_ARRAY = 7, 8, 9, 10, 11
 typed_row: TypedRow | None = None
 #: a row's key as raw bytes and whether every column was sent (``relcache.row_key``)
 row_key: Callable[[tuple[int, ...], int, bytes, int], tuple[Any, bool] | None] | None = None
+#: a TupleData of text values and NULLs → one line of COPY text (None: declined)
+copy_text: Callable[[int, bytes, int], bytes | None] | None = None
 #: one row of COPY TO text → its values (None: irregular, take ``copytext.split_row``)
 copy_row: Callable[[bytes, int], list[bytes | None] | None] | None = None
 #: a one-dimensional array's text → a JSON array (None: declined, take ``textarray``)
@@ -67,6 +69,7 @@ if os.environ.get("PGLOGREPL_BRIDGE_PURE_PYTHON", "") in ("", "0"):
     else:
         typed_row = _fastrow.typed_row
         row_key = _fastrow.row_key
+        copy_text = _fastrow.copy_text
         copy_row = _fastrow.copy_row
         text_array_json = _fastrow.text_array_json
         int_array_json = _fastrow.int_array_json

@@ -1424,6 +1424,92 @@ digit_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return PyBool_FromLong(found);
 }
 
+/* copy_text(ncols, buf, pos) -> bytes | None
+ *
+ * The TupleData at buf[pos:] as one line of COPY text: its text values as the server printed
+ * them, escaped as psycopg's Copy.write_row escapes a str (backslash, \b \t \n \v \f \r),
+ * NULL as \N, tab-separated, '\n' at the end. A PostgreSQL target reads each value with its
+ * type's input function, as it reads the str the sink would bind. None for a binary or
+ * unchanged-TOAST value, a NUL byte, or irregular bytes: the sink then converts the row. */
+static PyObject *
+copy_text(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "copy_text(ncols, buf, pos)");
+        return NULL;
+    }
+    Py_ssize_t ncols = PyLong_AsSsize_t(args[0]);
+    if (ncols == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t pos = PyLong_AsSsize_t(args[2]);
+    if (pos == -1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[1], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *data = view.buf;
+    Py_ssize_t len = view.len;
+    PyObject *result = NULL;
+    Out out;
+    out_init(&out);
+    if (ncols < 1 || !read_count(data, len, pos, ncols))
+        goto declined;
+    pos += 2;
+    for (Py_ssize_t i = 0; i < ncols; i++) {
+        int kind;
+        Py_ssize_t start, size;
+        if (!next_value(data, len, &pos, &kind, &start, &size))
+            goto declined;
+        if (i > 0 && !out_put(&out, "\t", 1))
+            goto done;
+        if (kind == KIND_NULL) {
+            if (!out_put(&out, "\\N", 2))
+                goto done;
+            continue;
+        }
+        if (kind != KIND_TEXT)
+            goto declined;
+        if (!out_reserve(&out, 2 * size))
+            goto done;
+        const unsigned char *v = data + start;
+        char *w = out.buf + out.len;
+        Py_ssize_t run = 0;
+        for (Py_ssize_t j = 0; j < size; j++) {
+            unsigned char c = v[j];
+            char e;
+            switch (c) {
+            case '\\': e = '\\'; break;
+            case '\b': e = 'b'; break;
+            case '\t': e = 't'; break;
+            case '\n': e = 'n'; break;
+            case '\v': e = 'v'; break;
+            case '\f': e = 'f'; break;
+            case '\r': e = 'r'; break;
+            case '\0': goto declined; /* no text value holds one: psycopg refuses it */
+            default: continue;
+            }
+            memcpy(w, v + run, (size_t)(j - run));
+            w += j - run;
+            *w++ = '\\';
+            *w++ = e;
+            run = j + 1;
+        }
+        memcpy(w, v + run, (size_t)(size - run));
+        w += size - run;
+        out.len = w - out.buf;
+    }
+    if (!out_put(&out, "\n", 1))
+        goto done;
+    result = PyBytes_FromStringAndSize(out.buf, out.len);
+    goto done;
+declined:
+    result = Py_NewRef(Py_None);
+done:
+    PyMem_Free(out.heap);
+    PyBuffer_Release(&view);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"bind_row_change", (PyCFunction)(void (*)(void))bind_row_change, METH_FASTCALL,
      PyDoc_STR("bind_row_change(cls, fields): where row_change puts each field")},
@@ -1441,6 +1527,8 @@ static PyMethodDef methods[] = {
      PyDoc_STR("int_array_json(text) -> str (ValueError: not an integer array)")},
     {"text_array_json", (PyCFunction)(void (*)(void))text_array_json, METH_FASTCALL,
      PyDoc_STR("text_array_json(text, ascii, separator) -> str | None")},
+    {"copy_text", (PyCFunction)(void (*)(void))copy_text, METH_FASTCALL,
+     PyDoc_STR("copy_text(ncols, buf, pos) -> bytes | None: a TupleData as COPY text")},
     {"row_key", (PyCFunction)(void (*)(void))row_key, METH_FASTCALL,
      PyDoc_STR("row_key(indexes, ncols, buf, pos) -> (key, complete) | None")},
     {"typed_row", (PyCFunction)(void (*)(void))typed_row, METH_FASTCALL,

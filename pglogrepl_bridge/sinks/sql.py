@@ -77,6 +77,8 @@ COPY_INSERTS_FROM = 16
 #: a reduced batch (``sinks.reduce``) writes what it holds once it holds this many rows:
 #: converted rows cost memory; later changes to them are then plain updates and deletes
 HELD_ROWS = 2000
+#: ... and writes them in groups of at most this many rows (converted rows cost memory)
+GROUP_ROWS = 500
 #: SQLite: rows per multi-row INSERT, and the parameter limit of its oldest builds
 VALUES_ROWS = 100
 SQLITE_MAX_PARAMS = 999
@@ -107,6 +109,7 @@ class _Target:
     #: binary values, a value that does not convert, no accelerator)
     fast_row: Callable[[bytes, int], dict[str, Any] | None] = lambda buf, pos: None
     ncols: int = 0  # the relation's columns: a row with fewer left unchanged TOAST out
+    names: tuple[str, ...] = ()  # the relation's column names, in its order
     #: a row's key values (one value, or a tuple of several; KeyError: one is missing) and
     #: those values as the old-key bind parameters (``key_params``)
     key_of: Callable[[Mapping[str, Any]], Any] = lambda row: None
@@ -461,14 +464,18 @@ class SqlSink:
         return merged
 
     def _release(self, conn: sa.Connection, reduction: Reduction, held: dict[str, _Target]) -> None:
-        """Write every held row (rule 4's order, consecutive rows of one shape together)."""
-        rows: list[dict[str, Any]] = []
+        """Write every held row (rule 4's order, consecutive rows of one shape together).
+        Whole inserts into PostgreSQL stay unconverted: ``_execute`` makes COPY text of
+        their bytes, or converts them."""
+        raw_inserts = self._copies_inserts and accel.copy_text is not None
+        rows: list[Any] = []
         shape: tuple[Any, ...] = ()
         target: _Target | None = None
         op, last = "", None
         for name, this_op, row in reduction.drain():
             this = held[name]
             this_shape: tuple[Any, ...]
+            bind: Any
             if this_op == "delete":
                 if row.state == "delete":  # the key from the delete's old row
                     change = row.last
@@ -478,6 +485,8 @@ class SqlSink:
                 else:  # a replace: the key is the new row's
                     old = self._new_row(row.new)
                 bind, this_shape = this.key_bind(this.key_of(old)), (this, this_op)
+            elif this_op == "insert" and type(row.new) is RowChange and raw_inserts:
+                bind, this_shape = row.new, (this, this_op)  # whole: COPY text from its bytes
             else:
                 new = self._new_row(row.new)
                 full = len(new) == this.ncols
@@ -487,7 +496,7 @@ class SqlSink:
                     bind = this.key_bind(this.key_of(new))
                     bind.update(new)
                 this_shape = (this, this_op) if full else (this, this_op, tuple(new))
-            if rows and target is not None and this_shape != shape:
+            if rows and target is not None and (this_shape != shape or len(rows) >= GROUP_ROWS):
                 self._run(conn, target, op, rows, last, grouped=True)
                 rows = []
             shape, target, op, last = this_shape, this, this_op, row.last
@@ -574,9 +583,9 @@ class SqlSink:
             row.update({_KEY + k: v for k, v in old.items()})
         return row, (target, change.op, tuple(row))
 
-    def _execute(
-        self, conn: sa.Connection, target: _Target, op: str, rows: list[dict[str, Any]]
-    ) -> None:
+    def _execute(self, conn: sa.Connection, target: _Target, op: str, rows: list[Any]) -> None:
+        """One group of rows of one shape: dicts of driver values, or for inserts also
+        RowChanges (whole rows ``_release`` left unconverted)."""
         table = target.table
         if op == "truncate":
             conn.execute(sa.delete(table))
@@ -588,6 +597,8 @@ class SqlSink:
         if op == "insert" and len(rows) >= COPY_INSERTS_FROM and self._copies_inserts:
             self._copy_rows(conn, target, rows)
             return
+        if op == "insert" and any(type(row) is RowChange for row in rows):
+            rows = [self._new_row(row) for row in rows]
         stmt = self._statement(conn, target, op, tuple(rows[0]))
         if op == "insert" and stmt.order is not None and self.dialect == "sqlite":
             self._insert_many(conn, target, stmt.order, list(map(stmt.params, rows)))
@@ -602,12 +613,16 @@ class SqlSink:
                 len(rows),
             )
 
-    def _copy_rows(self, conn: sa.Connection, target: _Target, rows: list[dict[str, Any]]) -> None:
+    def _copy_rows(self, conn: sa.Connection, target: _Target, rows: list[Any]) -> None:
         """Inserts into PostgreSQL through ``COPY FROM STDIN``: psycopg writes the rows in C,
         where ``executemany`` spends about 20 µs a row in Python. Rows of one group have one
-        shape (``_groups``), so the first row's columns are every row's. A refused row fails
-        the batch, which ``apply`` then retries row by row (plain INSERTs) to name it."""
-        names = tuple(rows[0])
+        shape (``_groups``), so the first row's columns are every row's (a RowChange's are
+        all the relation's). A whole row held unconverted (``_release``) goes as COPY text
+        made in C from its bytes (``_fastrow.copy_text``), when the connection speaks UTF-8
+        as the stream does. A refused row fails the batch, which ``apply`` then retries row
+        by row (plain INSERTs) to name it."""
+        first = rows[0]
+        names = target.names if type(first) is RowChange else tuple(first)
         columns = psql.SQL(", ").join(map(psql.Identifier, names))
         stmt = psql.SQL("COPY {} ({}) FROM STDIN").format(
             psql.Identifier(target.table.name), columns
@@ -617,7 +632,15 @@ class SqlSink:
             _driver(conn, f"COPY {target.table.name}") as driver,
             driver.cursor().copy(stmt) as copy,
         ):
+            text = accel.copy_text if driver.info.encoding == "utf-8" else None
+            ncols = target.ncols
             for row in rows:
+                if type(row) is RowChange:
+                    line = None if text is None else text(ncols, row.raw, row.new_at)
+                    if line is not None:
+                        copy.write(line)
+                        continue
+                    row = self._new_row(row)
                 copy.write_row(values(row))
 
     def _insert_many(
@@ -1237,6 +1260,7 @@ class SqlSink:
             row_values=row_values,
             fast_row=_fast_row(columns, row_values),
             ncols=rel.ncols,
+            names=rel.names,
             key_of=itemgetter(*keys) if keys else _Target.key_of,
             key_bind=_key_bind(tuple(_KEY + k for k in keys)),
             row_key=key_reader(rel, keys) if keys else _Target.row_key,
