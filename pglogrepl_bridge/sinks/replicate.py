@@ -10,6 +10,7 @@ import logging
 import time
 import zlib
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
@@ -214,31 +215,63 @@ def _replicate(
         options = replace(options, start_lsn=start)
     pending: list[Transaction] = []
     size = 0
+    # One batch is applied (in the writer thread) while the next is read: the walsender,
+    # this process and the target work at once. A target SQLite database in memory lives
+    # in one thread's connection, so it is written inline.
+    writer = None if sink.in_memory else ThreadPoolExecutor(1, thread_name_prefix="pglb-apply")
+    writing: Future[None] | None = None
 
-    def flush() -> None:
-        nonlocal size
-        if not pending:
-            return
-        apply_retrying(sink, pending, stream, max_backoff=options.max_backoff)
-        for txn in pending:
-            stream.ack(txn.end_lsn)
+    def apply_batch(batch: list[Transaction]) -> None:
+        try:
+            apply_retrying(sink, batch, stream, max_backoff=options.max_backoff)
+        except BaseException:
+            stream.stop()  # the stream ends; settle() raises this in the reading thread
+            raise
+        for txn in batch:
+            stream.ack(txn.end_lsn)  # from the writer thread: applied by the stream's loop
         stats.batches += 1
-        stats.last_lsn = pending[-1].end_lsn
-        pending.clear()
-        size = 0
+        stats.last_lsn = batch[-1].end_lsn
+
+    def settle() -> None:
+        """Wait for the batch being written (its error is raised here); then copy the tables
+        it asked for, before any later batch is applied."""
+        nonlocal writing
+        if writing is not None:
+            done, writing = writing, None
+            done.result()
         if sink.requested:  # a snapshot request, or a new table, was in the batch
             copy_tables(sink.pending_copies())
+
+    def flush() -> None:
+        nonlocal size, writing
+        if not pending:  # caught up: the batch in flight ends, and its copies are made
+            settle()
+            return
+        batch = pending.copy()
+        pending.clear()
+        size = 0
+        settle()
+        if writer is None:
+            apply_batch(batch)
+            settle()
+        else:
+            writing = writer.submit(apply_batch, batch)
 
     stream = ReplicationStream(dsn, options, on_idle=flush)
     if on_stream is not None:
         on_stream(stream)
-    with stream, Progress(stream, metrics=metrics):
-        for txn in stream:
-            pending.append(txn)
-            size += len(txn.changes) + 1
-            stats.transactions += 1
-            stats.changes += len(txn.changes)
-            if size >= batch_changes:
-                flush()
-        flush()  # on a clean stop: what was received is applied, then confirmed on close
+    try:
+        with stream, Progress(stream, metrics=metrics):
+            for txn in stream:
+                pending.append(txn)
+                size += len(txn.changes) + 1
+                stats.transactions += 1
+                stats.changes += len(txn.changes)
+                if size >= batch_changes:
+                    flush()
+            flush()  # on a clean stop: what was received is applied, then confirmed on close
+            settle()
+    finally:
+        if writer is not None:
+            writer.shutdown(wait=True)  # a failed stream still lets the batch in flight end
     return stats

@@ -169,6 +169,12 @@ class SqlSink:
         except (SQLAlchemyError, ImportError, ValueError) as exc:
             raise ConfigError(f"invalid --target {_safe_url(url)}: {exc}") from None
         self.url = _safe_url(url)
+        #: a SQLite database in memory: one per thread's connection, so used from one thread
+        self.in_memory = self.dialect == "sqlite" and self.engine.url.database in (
+            None,
+            "",
+            ":memory:",
+        )
         self.source_id = source_id
         self.slot = slot
         self.conflict = conflict
