@@ -495,3 +495,17 @@ def test_a_reduced_batch_a_target_constraint_refuses_goes_in_stream_order(
         replicate_changes(pg.dsn, target, options, until=last_commit_end(pg_conn, slot, pub))
     assert "applying it in stream order" in caplog.text
     assert assert_same(pg.dsn, target, table, "id") == 2
+
+
+def test_an_in_memory_sqlite_target_is_written_from_the_reading_thread(
+    pg: PostgresServer, pg_conn: Conn
+) -> None:
+    """Batches are written by a second thread, but SQLite's in-memory database lives in
+    one thread's connection (its tables would be missing from another): it is written
+    inline, and every batch lands."""
+    src = Source(pg_conn)
+    src.mixed_workload(n=12)
+    end = src.end()
+    stats = replicate_changes(pg.dsn, "sqlite://", src.options(), until=end, batch_changes=5)
+    assert stats.batches >= 3
+    assert stats.last_lsn == end

@@ -54,7 +54,13 @@ def replicate(
         ),
     ] = None,
     batch: Annotated[
-        int, typer.Option("--batch", min=1, help="Changes per target transaction at most.")
+        int,
+        typer.Option(
+            "--batch",
+            min=1,
+            help="Changes held at most: one target transaction of up to half of them is "
+            "written while the next is read.",
+        ),
     ] = 10_000,
     reduce: Annotated[
         bool,

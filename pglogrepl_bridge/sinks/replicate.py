@@ -108,12 +108,13 @@ def run_replicate(
     message in the stream) or new to the target (added to a publication) is copied again
     while the stream waits, each from its own consistent point.
 
-    Batches of up to ``batch_changes`` changes are applied in one target transaction with
-    the checkpoint, then acknowledged; a batch is also flushed whenever the stream catches
-    up, so a trickle is not held back. A batch goes in as one net change per row
-    (``sinks.reduce``) unless ``reduce`` is False. ``on_stream`` receives the stream before
-    it starts (the CLI attaches its signal handlers there), and the snapshot job before it
-    runs.
+    Batches are applied in one target transaction with the checkpoint, then acknowledged;
+    one is written (by a second thread) while the next is read, each of up to half
+    ``batch_changes`` changes, so at most ``batch_changes`` are held. A batch is also
+    flushed whenever the stream catches up, so a trickle is not held back. A batch goes in
+    as one net change per row (``sinks.reduce``) unless ``reduce`` is False. ``on_stream``
+    receives the stream before it starts (the CLI attaches its signal handlers there), and
+    the snapshot job before it runs.
     """
     from pglogrepl_bridge.sinks.sql import SqlSink
 
@@ -220,6 +221,9 @@ def _replicate(
     # in one thread's connection, so it is written inline.
     writer = None if sink.in_memory else ThreadPoolExecutor(1, thread_name_prefix="pglb-apply")
     writing: Future[None] | None = None
+    # two batches in memory at once (one written, one read): each takes half, so at most
+    # batch_changes changes are held, as when one batch was read, then written
+    per_batch = batch_changes if writer is None else max(1, batch_changes // 2)
 
     def apply_batch(batch: list[Transaction]) -> None:
         try:
@@ -267,7 +271,7 @@ def _replicate(
                 size += len(txn.changes) + 1
                 stats.transactions += 1
                 stats.changes += len(txn.changes)
-                if size >= batch_changes:
+                if size >= per_batch:
                     flush()
             flush()  # on a clean stop: what was received is applied, then confirmed on close
             settle()
