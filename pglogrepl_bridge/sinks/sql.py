@@ -77,8 +77,9 @@ COPY_INSERTS_FROM = 16
 #: a reduced batch (``sinks.reduce``) writes what it holds once it holds this many rows:
 #: converted rows cost memory; later changes to them are then plain updates and deletes
 HELD_ROWS = 2000
-#: ... and writes them in groups of at most this many rows (converted rows cost memory)
-GROUP_ROWS = 500
+#: ... and writes them in groups of at most this many converted rows (they cost memory; rows
+#: going into COPY as the stream's text do not)
+GROUP_ROWS = 100
 #: SQLite: rows per multi-row INSERT, and the parameter limit of its oldest builds
 VALUES_ROWS = 100
 SQLITE_MAX_PARAMS = 999
@@ -502,7 +503,8 @@ class SqlSink:
                     bind = this.key_bind(this.key_of(new))
                     bind.update(new)
                 this_shape = (this, this_op) if full else (this, this_op, tuple(new))
-            if rows and target is not None and (this_shape != shape or len(rows) >= GROUP_ROWS):
+            full_group = len(rows) >= (GROUP_ROWS if type(bind) is dict else HELD_ROWS)
+            if rows and target is not None and (this_shape != shape or full_group):
                 self._run(conn, target, op, rows, last, grouped=True)
                 rows = []
             shape, target, op, last = this_shape, this, this_op, row.last
