@@ -373,6 +373,20 @@ def compare(
         assert rows == expected_rows, f"postgresql rows {rows} != {expected_rows}"
         assert got == source_digest, "the PostgreSQL target's rows differ from the source's"
 
+    def into_sqlite(*extra: str, python: str = PY) -> Callable[[str, str, Lsn, Path], list[str]]:
+        """``replicate`` into a SQLite file of the run's own."""
+        return lambda dsn, slot, end, d: [
+            *ours("replicate", "--target", f"sqlite:///{d / 'target.db'}", "--snapshot",
+                  "never", *extra, python=python)(dsn, slot, end, d)
+        ]  # fmt: skip
+
+    def into_postgres(*extra: str, python: str = PY) -> Callable[[str, str, Lsn, Path], list[str]]:
+        """``replicate`` into a PostgreSQL database of the run's own (``pg_target``)."""
+        return lambda dsn, slot, end, d: [
+            *ours("replicate", "--target", pg_target(d), "--snapshot", "never", *extra,
+                  python=python)(dsn, slot, end, d)
+        ]  # fmt: skip
+
     def count_entries(result: subprocess.CompletedProcess[str], d: Path) -> None:
         assert f"({txns} WalEntries)" in result.stderr, result.stderr[-500:]
 
@@ -412,50 +426,13 @@ def compare(
             ],
             count_entries,
         ),
-        Tool(
-            "replicate into SQLite",
-            lambda dsn, slot, end, d: [
-                *ours(
-                    "replicate", "--target", f"sqlite:///{d / 'target.db'}", "--snapshot", "never"
-                )(dsn, slot, end, d)
-            ],
-            count_rows,
-        ),
-        Tool(
-            "replicate into PostgreSQL",
-            lambda dsn, slot, end, d: [
-                *ours("replicate", "--target", pg_target(d), "--snapshot", "never")(
-                    dsn, slot, end, d
-                )
-            ],
-            count_pg_rows,
-        ),
+        Tool("replicate into SQLite", into_sqlite(), count_rows),
+        Tool("replicate into PostgreSQL", into_postgres(), count_pg_rows),
         # every change written, in stream order: the figures before batches were reduced to
         # one net change per row (this workload's updates and deletes all hit rows its own
         # batch inserted, so reduced they cost the target nothing)
-        Tool(
-            "replicate --no-reduce into SQLite",
-            lambda dsn, slot, end, d: [
-                *ours(
-                    "replicate",
-                    "--target",
-                    f"sqlite:///{d / 'target.db'}",
-                    "--snapshot",
-                    "never",
-                    "--no-reduce",
-                )(dsn, slot, end, d)
-            ],
-            count_rows,
-        ),
-        Tool(
-            "replicate --no-reduce into PostgreSQL",
-            lambda dsn, slot, end, d: [
-                *ours("replicate", "--target", pg_target(d), "--snapshot", "never", "--no-reduce")(
-                    dsn, slot, end, d
-                )
-            ],
-            count_pg_rows,
-        ),
+        Tool("replicate --no-reduce into SQLite", into_sqlite("--no-reduce"), count_rows),
+        Tool("replicate --no-reduce into PostgreSQL", into_postgres("--no-reduce"), count_pg_rows),
     ]
 
     def count_published(result: subprocess.CompletedProcess[str], d: Path) -> None:
@@ -495,33 +472,9 @@ def compare(
                 ],
                 count_entries,
             ),
+            Tool("before: replicate into SQLite", into_sqlite(python=baseline), count_rows),
             Tool(
-                "before: replicate into SQLite",
-                lambda dsn, slot, end, d: [
-                    *ours(
-                        "replicate",
-                        "--target",
-                        f"sqlite:///{d / 'target.db'}",
-                        "--snapshot",
-                        "never",
-                        python=baseline,
-                    )(dsn, slot, end, d)
-                ],
-                count_rows,
-            ),
-            Tool(
-                "before: replicate into PostgreSQL",
-                lambda dsn, slot, end, d: [
-                    *ours(
-                        "replicate",
-                        "--target",
-                        pg_target(d),
-                        "--snapshot",
-                        "never",
-                        python=baseline,
-                    )(dsn, slot, end, d)
-                ],
-                count_pg_rows,
+                "before: replicate into PostgreSQL", into_postgres(python=baseline), count_pg_rows
             ),
         ]
     with psycopg.connect(pg.dsn, autocommit=True) as conn:
