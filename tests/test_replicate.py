@@ -509,3 +509,19 @@ def test_an_in_memory_sqlite_target_is_written_from_the_reading_thread(
     stats = replicate_changes(pg.dsn, "sqlite://", src.options(), until=end, batch_changes=5)
     assert stats.batches >= 3
     assert stats.last_lsn == end
+
+
+def test_copy_takes_held_rows_and_merged_rows_in_one_group(
+    pg: PostgresServer, pg_conn: Conn, target: str
+) -> None:
+    """A reduced batch into PostgreSQL: a row updated without its TOASTed value (merged, so
+    converted) heads a run of whole inserts held unconverted (COPY text from their bytes);
+    one group, every column where it belongs."""
+    src = Source(pg_conn)
+    with pg_conn.transaction():
+        src.insert(0)  # TOASTed: the update below leaves big unsent
+        pg_conn.execute(f"UPDATE {src.items} SET qty = -5, name = 'merged' WHERE id = 0")
+        for i in range(1, 25):
+            src.insert(i)
+    replicate_changes(pg.dsn, target, src.options(), until=src.end())
+    assert assert_same(pg.dsn, target, src.items, "id") == 25

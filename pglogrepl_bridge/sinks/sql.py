@@ -629,8 +629,9 @@ class SqlSink:
         made in C from its bytes (``_fastrow.copy_text``), when the connection speaks UTF-8
         as the stream does. A refused row fails the batch, which ``apply`` then retries row
         by row (plain INSERTs) to name it."""
-        first = rows[0]
-        names = target.names if type(first) is RowChange else tuple(first)
+        first = rows[0]  # a whole row: the relation's columns, in the order copy_text writes
+        whole = type(first) is RowChange or len(first) == len(target.names)
+        names = target.names if whole else tuple(first)
         columns = psql.SQL(", ").join(map(psql.Identifier, names))
         stmt = psql.SQL("COPY {} ({}) FROM STDIN").format(
             psql.Identifier(target.table.name), columns
