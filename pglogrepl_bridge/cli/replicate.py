@@ -59,7 +59,8 @@ def replicate(
             "--batch",
             min=1,
             help="Changes held at most: one target transaction of up to half of them is "
-            "written while the next is read.",
+            "written while the next is read. With --from-nats: messages per pull, one "
+            "target transaction (at most 1024).",
         ),
     ] = 10_000,
     reduce: Annotated[

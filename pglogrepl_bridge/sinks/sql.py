@@ -16,6 +16,10 @@ Rules for tables (``_prepare``):
 - ``--conflict lww`` versions keyed rows (``sinks.lww``); keyless rows have no identity to
   version and are applied in stream order in both modes.
 
+A batch goes in as one net change per row (``sinks.reduce``, ``apply``): rows are held as
+the stream's bytes and converted only if written; ``reduce=False`` applies every change in
+stream order, as ``--conflict lww`` always does.
+
 Faults: a target that goes away (restart, network) raises ``TargetUnavailableError`` and the
 batch is retried by ``run_replicate`` with backoff; anything else (a constraint, a value the
 target cannot hold) stops the run naming the table and the key. Nothing is acknowledged past
