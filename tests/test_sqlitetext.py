@@ -4,6 +4,7 @@ the way the stream opens its own: ISO dates, UTC), and declines what it does not
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -15,11 +16,18 @@ from psycopg.postgres import types as pgtypes
 from sqlalchemy.dialects import sqlite
 
 from pglogrepl_bridge.pgoutput import _accel as accel
-from pglogrepl_bridge.pgoutput.messages import Column
+from pglogrepl_bridge.pgoutput.messages import Column, TupleData
 from pglogrepl_bridge.postgres.connection import connect
-from pglogrepl_bridge.sinks import sqlitetext
-from pglogrepl_bridge.sinks.sqltypes import column_type, describe, loaders, value_path
+from pglogrepl_bridge.sinks import sql, sqlitetext
+from pglogrepl_bridge.sinks.sqltypes import (
+    column_type,
+    describe,
+    loaders,
+    text_is_driver_value,
+    value_path,
+)
 from pglogrepl_bridge.testing.postgres import PostgresServer
+from tests.pgoutput_builders import tuple_bytes
 
 #: type → (an expression over g that varies its values, values it must decline or match)
 CASES: dict[str, tuple[str, list[str]]] = {
@@ -141,3 +149,149 @@ def test_the_c_integer_array_edit_equals_the_python_one(text: str) -> None:
     except ValueError:
         written = None
     assert written == expected
+
+
+# -- the same values made in C: ``_fastrow.driver_row`` and the sink's plan for it ---------
+
+#: scalar types the sink loads (or keeps as text) on SQLite: expressions over g, NULLs and
+#: odd values included (NaN, infinities, long integers, empty and escaped bytea, non-ASCII)
+LOADED: dict[str, str] = {
+    "int2": "(g % 300 - 150)::int2",
+    "int4": "CASE WHEN g = 1 THEN -2147483648 ELSE g * 7919 END",
+    "int8": "CASE WHEN g = 1 THEN -9223372036854775808 ELSE g::bigint * 98765432101 END",
+    "oid": "(g * 1000)::oid",
+    "float4": "CASE g % 4 WHEN 0 THEN 'NaN'::float4 WHEN 1 THEN '-Infinity' ELSE g / 3.0 END",
+    "float8": "CASE g % 5 WHEN 0 THEN 'Infinity'::float8 WHEN 1 THEN 1e308 ELSE g / 7.0 END",
+    "bool": "g % 2 = 0",
+    "bytea": "CASE WHEN g = 1 THEN ''::bytea ELSE decode(md5(g::text), 'hex') END",
+    "text": "'naïve ✓ ' || g || e'\\ttab'",
+    "varchar(8)": "('v' || g)::varchar(8)",
+    "bpchar(5)": "('c' || (g % 10))::bpchar(5)",
+    "numeric": "(g * 3.14159)::numeric(12, 2)",
+    "jsonb": "jsonb_build_object('id', g, 'name', 'é ' || g)",
+    "json": "json_build_object('g', g)",
+    "inet": "('10.0.' || (g % 250) || '.1')::inet",
+    "interval": "make_interval(hours => g)",
+    "float8[]": "ARRAY[g / 2.0, NULL]",
+    "bool[]": "ARRAY[g % 2 = 0]",
+}
+
+
+def _plan_and_path(oid: int) -> tuple[Any, Callable[[list[bytes | None]], tuple[Any, ...]]]:
+    """One column of type ``oid`` on SQLite: the sink's C plan and its Python row path."""
+    col = Column("c", oid, -1, False)
+    dialect = sqlite.dialect()
+    table = sa.Table("t", sa.MetaData(), sa.Column("c", column_type(col, "sqlite", is_key=False)))
+    passthrough = {"c"} if text_is_driver_value(col, "sqlite") else set()
+    plan = sql._driver_plan((col,), table, dialect, passthrough)
+    return plan, sql._row_values((col,), table, dialect, passthrough)
+
+
+def _typed(value: Any) -> tuple[type, Any]:
+    """A value and its type: 1 is not True here; NaN equals NaN."""
+    if isinstance(value, float) and math.isnan(value):
+        return float, "nan"
+    return type(value), value
+
+
+@pytest.mark.skipif(accel.driver_row is None, reason="the C accelerator is not built")
+@pytest.mark.parametrize("type_", [*CASES, *LOADED])
+def test_the_c_row_is_the_python_row(pg: PostgresServer, type_: str) -> None:
+    """``driver_row`` gives, value for value and type for type, what ``row_values`` (the
+    loader and the bind processor, or the text edit) gives for every value PostgreSQL
+    printed; it declines only what the Python edit declines, and then the sink takes the
+    Python path."""
+    assert accel.driver_row is not None
+    if type_ in CASES:
+        plain, odd = server_texts(pg, type_)
+        oid = type_oid(type_)
+    else:
+        with connect(pg.dsn, replication=False) as conn:  # the output function's text
+            cur = conn.execute(f"SELECT ({LOADED[type_]})::{type_} FROM generate_series(1, 200) g")
+            result = cur.pgresult
+            assert result is not None
+            oid = result.ftype(0)
+            got = [result.get_value(i, 0) for i in range(result.ntuples)]
+        plain, odd = [bytes(v).decode() for v in got if v is not None], []
+    plan, python_row = _plan_and_path(int(oid))
+    assert plan is not None
+    if type_ not in ("float8[]", "bool[]"):  # every common type converts without Python
+        assert all(type(step) is int for step in plan), plan
+    for text in [*plain, *odd, None]:
+        value = None if text is None else text.encode()
+        data = tuple_bytes(TupleData(b"n" if value is None else b"t", (value,)))
+        made = accel.driver_row(plan, data, 0)
+        try:
+            expected = python_row([value])
+        except ValueError:
+            assert made is None, text
+            continue
+        assert made is not None, f"declined {text!r}"
+        assert [_typed(v) for v in made] == [_typed(v) for v in expected], text
+
+
+#: each C mode and what it stands for on any text: the edit, or the loader and processor
+_MODE_TYPES = {
+    "timestamp": accel.DRIVER_TIMESTAMP,
+    "timestamptz": accel.DRIVER_TIMESTAMPTZ,
+    "date": accel.DRIVER_DATE,
+    "time": accel.DRIVER_TIME,
+    "timetz": accel.DRIVER_TIMETZ,
+    "uuid": accel.DRIVER_UUID,
+    "int4[]": accel.DRIVER_INT_ARRAY,
+    "text[]": accel.DRIVER_TEXT_ARRAY,
+    "int8": accel.DRIVER_INT,
+    "float8": accel.DRIVER_FLOAT,
+    "bool": accel.DRIVER_BOOL,
+    "bytea": accel.DRIVER_BYTEA,
+    "text": accel.DRIVER_TEXT,
+}
+
+
+@pytest.mark.skipif(accel.driver_row is None, reason="the C accelerator is not built")
+@given(
+    st.sampled_from(list(_MODE_TYPES)),
+    st.text(alphabet=st.sampled_from('0123456789-+:. TZ{},"\\NULaefnxitINFy é✓'), max_size=40)
+    | st.sampled_from(["2024-01-01 10:00:00", "10:00:00.5+02", "\\x00ff", "-1e308", "t"])
+    | st.sampled_from(["2024-01-01 10:00:00.25+05", "2024-01-01 10:00:00-08", "24:00:00"]),
+)
+def test_a_c_mode_declines_or_agrees_on_any_text(type_: str, text: str) -> None:
+    """On text PostgreSQL would never print as much as on its own: a mode's value equals the
+    Python path's (type included), or it declines (the sink then takes that path); where
+    the edit refuses, the mode declines too."""
+    assert accel.driver_row is not None
+    _, python_row = _plan_and_path(type_oid(type_))
+    value = text.encode()
+    made = accel.driver_row((_MODE_TYPES[type_],), tuple_bytes(TupleData(b"t", (value,))), 0)
+    try:
+        expected: Any = python_row([value])
+    except Exception:  # any refusal of the Python path
+        assert made is None
+        return
+    if made is not None:
+        assert [_typed(v) for v in made] == [_typed(v) for v in expected]
+
+
+@pytest.mark.skipif(accel.driver_row is None, reason="the C accelerator is not built")
+def test_the_c_row_declines_what_it_cannot_make() -> None:
+    """Binary and unchanged-TOAST values, a wrong column count, cut-off bytes, and a step
+    that raises: the whole row goes back to the Python path."""
+    assert accel.driver_row is not None
+    text = accel.DRIVER_TEXT
+
+    def refuse(data: bytes) -> Any:
+        raise ValueError("no")
+
+    whole = tuple_bytes(TupleData(b"tn", (b"a", None)))
+    assert accel.driver_row((text, text), whole, 0) == ("a", None)
+    assert accel.driver_row(
+        (text, lambda b: b[::-1]), tuple_bytes(TupleData(b"tt", (b"a", b"xy"))), 0
+    ) == ("a", b"yx")
+    for kinds, values in ((b"tb", (b"a", b"b")), (b"tu", (b"a", None))):
+        assert accel.driver_row((text, text), tuple_bytes(TupleData(kinds, values)), 0) is None
+    assert accel.driver_row((text,), whole, 0) is None
+    assert accel.driver_row((text, text), whole[:-2], 0) is None
+    assert accel.driver_row((text, refuse), whole[:-1] + b"t\0\0\0\0", 0) is None
+    both = tuple_bytes(TupleData(b"tt", (b"a", b"b")))
+    assert accel.driver_row((text, 99), both, 0) is None
+    assert accel.driver_row((text,), tuple_bytes(TupleData(b"t", (b"\xff",))), 0) is None

@@ -42,6 +42,19 @@ DATE, TIME, TIMESTAMP, TIMESTAMPTZ = 3, 4, 5, 6
 BOOL, FLOAT, JSON, INT_ARRAY, TEXT_ARRAY = 7, 8, 9, 10, 11
 
 typed_row: TypedRow | None = None
+# driver_row's modes: how a text value becomes the SQL sink's driver value in C (str, int,
+# float, SQLAlchemy's 1/0 for a bool, bytes of bytea's hex, then ``sinks.sqlitetext``'s edits)
+DRIVER_TEXT, DRIVER_INT, DRIVER_FLOAT, DRIVER_BOOL, DRIVER_BYTEA = 0, 1, 2, 3, 4
+DRIVER_TIMESTAMP, DRIVER_TIMESTAMPTZ, DRIVER_DATE, DRIVER_TIME, DRIVER_TIMETZ = 5, 6, 7, 8, 9
+DRIVER_UUID, DRIVER_INT_ARRAY, DRIVER_TEXT_ARRAY = 10, 11, 12
+#: a column's plan entry: a mode, or a callable(bytes) -> value
+DriverStep = int | Callable[[bytes], Any]
+#: (plan, buf, pos) → a text TupleData's driver values in column order (None: declined)
+driver_row: Callable[[tuple[DriverStep, ...], bytes, int], tuple[Any, ...] | None] | None = None
+#: (template, plan, buf, pos) → the same as {column: value}
+driver_dict: (
+    Callable[[dict[str, None], tuple[DriverStep, ...], bytes, int], dict[str, Any] | None] | None
+) = None
 #: a row's key as raw bytes and whether every column was sent (``relcache.row_key``)
 row_key: Callable[[tuple[int, ...], int, bytes, int], tuple[Any, bool] | None] | None = None
 #: a TupleData of text values and NULLs → one line of COPY text (None: declined)
@@ -68,6 +81,8 @@ if os.environ.get("PGLOGREPL_BRIDGE_PURE_PYTHON", "") in ("", "0"):
         pass
     else:
         typed_row = _fastrow.typed_row
+        driver_row = _fastrow.driver_row
+        driver_dict = _fastrow.driver_dict
         row_key = _fastrow.row_key
         copy_text = _fastrow.copy_text
         copy_row = _fastrow.copy_row

@@ -1510,7 +1510,361 @@ done:
     return result;
 }
 
+/* ---- a row's values as SQLite's driver takes them (sinks.sql into SQLite) ------------- */
+
+/* How driver_row converts one text value (``_accel.DRIVER_*``); a column whose plan entry is
+ * a callable gets that callable's result for the value's bytes instead. Each mode gives what
+ * the sink's Python path gives for the same text (psycopg's loader, then the column's bind
+ * processor, or the ``sinks.sqlitetext`` edit that stands for both), or declines. */
+enum {
+    D_TEXT = 0,        /* str: the text, strict UTF-8 */
+    D_INT = 1,         /* int: [-]digits */
+    D_FLOAT = 2,       /* float: float() of the text (NaN, Infinity too) */
+    D_BOOL = 3,        /* int 1 for t, 0 for f: SQLAlchemy's Boolean on SQLite */
+    D_BYTEA = 4,       /* bytes: \x and hex digits */
+    D_TIMESTAMP = 5,   /* sqlitetext.timestamp */
+    D_TIMESTAMPTZ = 6, /* sqlitetext.timestamptz */
+    D_DATE = 7,        /* sqlitetext.date */
+    D_TIME = 8,        /* sqlitetext.time */
+    D_TIMETZ = 9,      /* sqlitetext.timetz */
+    D_UUID = 10,       /* sqlitetext.uuid: the 32 hex digits */
+    D_INT_ARRAY = 11,  /* sqlitetext.integer_array */
+    D_TEXT_ARRAY = 12  /* sqlitetext.text_array */
+};
+#define D_LAST D_TEXT_ARRAY
+
+static int
+all_ascii(const unsigned char *s, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (s[i] >= 0x80)
+            return 0;
+    return 1;
+}
+
+/* sqlitetext.timestamp's edit of s (ASCII) into w (27 bytes): its length, or 0 to decline. */
+static Py_ssize_t
+edit_timestamp(char *w, const unsigned char *s, Py_ssize_t n)
+{
+    if (n < 19 || s[4] != '-' || s[10] != ' ')
+        return 0;
+    if (n == 19) {
+        memcpy(w, s, 19);
+        memcpy(w + 19, ".000000", 7);
+        return 26;
+    }
+    if (n < 21 || n > 26 || s[19] != '.')
+        return 0;
+    memcpy(w, s, (size_t)n);
+    memset(w + n, '0', (size_t)(26 - n));
+    return 26;
+}
+
+/* sqlitetext.time's edit: the same tests, in the same order. */
+static Py_ssize_t
+edit_time(char *w, const unsigned char *s, Py_ssize_t n)
+{
+    /* text[:2] < "24" and text[2:3] == ":" */
+    if (n < 3 || !(s[0] < '2' || (s[0] == '2' && s[1] < '4')) || s[2] != ':')
+        return 0;
+    if (n == 8) {
+        memcpy(w, s, 8);
+        memcpy(w + 8, ".000000", 7);
+        return 15;
+    }
+    if (n < 10 || n > 15 || s[8] != '.')
+        return 0;
+    memcpy(w, s, (size_t)n);
+    memset(w + n, '0', (size_t)(15 - n));
+    return 15;
+}
+
+/* A plain integer's text ([-]digits) as an int; Py_None (new) to decline. */
+static PyObject *
+driver_int(const unsigned char *s, Py_ssize_t n)
+{
+    Py_ssize_t i = n > 0 && s[0] == '-' ? 1 : 0;
+    if (n - i < 1 || n > 40)
+        return Py_NewRef(Py_None);
+    long long v = 0;
+    for (Py_ssize_t j = i; j < n; j++) {
+        if (s[j] < '0' || s[j] > '9')
+            return Py_NewRef(Py_None);
+        if (n - i <= 18)
+            v = v * 10 + (s[j] - '0');
+    }
+    if (n - i <= 18)
+        return PyLong_FromLongLong(i ? -v : v);
+    char text[41];
+    memcpy(text, s, (size_t)n);
+    text[n] = '\0';
+    return PyLong_FromString(text, NULL, 10);
+}
+
+/* float() of the text; Py_None (new) to decline. */
+static PyObject *
+driver_float(const unsigned char *s, Py_ssize_t n)
+{
+    char text[64], *end;
+    if (n >= (Py_ssize_t)sizeof(text) || !all_ascii(s, n))
+        return Py_NewRef(Py_None);
+    memcpy(text, s, (size_t)n);
+    text[n] = '\0';
+    double d = PyOS_string_to_double(text, &end, NULL);
+    if (d == -1.0 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_ValueError))
+            return NULL;
+        PyErr_Clear();
+        return Py_NewRef(Py_None);
+    }
+    if (end != text + n)
+        return Py_NewRef(Py_None);
+    return PyFloat_FromDouble(d);
+}
+
+static int
+hex_digit(unsigned char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
+/* bytea's hex output (\x then pairs of hex digits) as bytes; Py_None (new) to decline. */
+static PyObject *
+driver_bytea(const unsigned char *s, Py_ssize_t n)
+{
+    if (n < 2 || s[0] != '\\' || s[1] != 'x' || (n - 2) % 2 != 0)
+        return Py_NewRef(Py_None);
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (n - 2) / 2);
+    if (out == NULL)
+        return NULL;
+    unsigned char *w = (unsigned char *)PyBytes_AS_STRING(out);
+    for (Py_ssize_t i = 2; i < n; i += 2) {
+        int hi = hex_digit(s[i]), lo = hex_digit(s[i + 1]);
+        if (hi < 0 || lo < 0) {
+            Py_DECREF(out);
+            return Py_NewRef(Py_None);
+        }
+        *w++ = (unsigned char)(hi << 4 | lo);
+    }
+    return out;
+}
+
+/* One text value by its mode: a new reference, Py_None (new) to decline the row, NULL with
+ * an exception set when out of memory. */
+static PyObject *
+driver_value(int mode, const unsigned char *s, Py_ssize_t n)
+{
+    char w[32];
+    Py_ssize_t got = 0;
+    switch (mode) {
+    case D_TEXT: {
+        PyObject *text = PyUnicode_DecodeUTF8((const char *)s, n, NULL);
+        if (text == NULL && PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
+            PyErr_Clear();
+            return Py_NewRef(Py_None);
+        }
+        return text;
+    }
+    case D_INT:
+        return driver_int(s, n);
+    case D_FLOAT:
+        return driver_float(s, n);
+    case D_BOOL:
+        if (n == 1 && (s[0] == 't' || s[0] == 'f'))
+            return PyLong_FromLong(s[0] == 't');
+        return Py_NewRef(Py_None);
+    case D_BYTEA:
+        return driver_bytea(s, n);
+    case D_INT_ARRAY: {
+        if (!all_ascii(s, n) || !int_array_chars(s, n) || n > PY_SSIZE_T_MAX / 2)
+            return Py_NewRef(Py_None);
+        char *out = PyMem_Malloc((size_t)(2 * n + 1));
+        if (out == NULL)
+            return PyErr_NoMemory();
+        PyObject *json = PyUnicode_DecodeASCII(out, int_array_write(out, s, n, 1) - out, NULL);
+        PyMem_Free(out);
+        return json;
+    }
+    case D_TEXT_ARRAY: {
+        Out o;
+        out_init(&o);
+        int done = out_array_json(&o, s, n, 1, ", ", 2);
+        PyObject *json = done == 1   ? PyUnicode_DecodeASCII(o.buf, o.len, NULL)
+                         : done == 0 ? Py_NewRef(Py_None)
+                                     : NULL;
+        PyMem_Free(o.heap);
+        return json;
+    }
+    default:
+        break;
+    }
+    if (!all_ascii(s, n))
+        return Py_NewRef(Py_None);
+    switch (mode) {
+    case D_TIMESTAMP:
+        got = edit_timestamp(w, s, n);
+        break;
+    case D_TIMESTAMPTZ:
+        if (n >= 3 && memcmp(s + n - 3, "+00", 3) == 0)
+            got = edit_timestamp(w, s, n - 3);
+        break;
+    case D_DATE:
+        if (n == 10 && s[4] == '-' && s[7] == '-') {
+            memcpy(w, s, 10);
+            got = 10;
+        }
+        break;
+    case D_TIME:
+        got = edit_time(w, s, n);
+        break;
+    case D_TIMETZ: {
+        Py_ssize_t cut = -1;
+        for (Py_ssize_t i = 0; i < n; i++)
+            if (s[i] == '+' || s[i] == '-')
+                cut = i;
+        if (cut >= 8)
+            got = edit_time(w, s, cut);
+        break;
+    }
+    case D_UUID:
+        if (n == 36 && s[8] == '-')
+            for (Py_ssize_t i = 0; i < n; i++)
+                if (s[i] != '-')
+                    w[got++] = (char)s[i];
+        break;
+    default:
+        break;
+    }
+    if (got == 0)
+        return Py_NewRef(Py_None);
+    return PyUnicode_DecodeASCII(w, got, NULL);
+}
+
+/* The values of the TupleData at data[pos:] converted by plan (one entry per column: a D_
+ * mode, or a callable(bytes) -> value) in a new tuple; Py_None (new) to decline: irregular
+ * bytes, a binary or unchanged-TOAST value, a mode's refusal, a callable that raised an
+ * Exception. */
+static PyObject *
+driver_values(PyObject *plan, const unsigned char *data, Py_ssize_t len, Py_ssize_t pos)
+{
+    Py_ssize_t ncols = PyTuple_GET_SIZE(plan);
+    if (!read_count(data, len, pos, ncols))
+        return Py_NewRef(Py_None);
+    PyObject *row = PyTuple_New(ncols);
+    if (row == NULL)
+        return NULL;
+    pos += 2;
+    for (Py_ssize_t i = 0; i < ncols; i++) {
+        int kind;
+        Py_ssize_t start, size;
+        PyObject *value;
+        if (!next_value(data, len, &pos, &kind, &start, &size))
+            goto declined;
+        if (kind == KIND_NULL) {
+            PyTuple_SET_ITEM(row, i, Py_NewRef(Py_None));
+            continue;
+        }
+        if (kind != KIND_TEXT)
+            goto declined;
+        PyObject *entry = PyTuple_GET_ITEM(plan, i);
+        if (PyLong_CheckExact(entry)) {
+            long mode = PyLong_AsLong(entry);
+            if (mode < 0 || mode > D_LAST)
+                goto declined;
+            value = driver_value((int)mode, data + start, size);
+            if (value == Py_None) {
+                Py_DECREF(value);
+                goto declined;
+            }
+        }
+        else {
+            PyObject *bytes = PyBytes_FromStringAndSize((const char *)data + start, size);
+            if (bytes == NULL)
+                goto failed;
+            value = PyObject_CallOneArg(entry, bytes);
+            Py_DECREF(bytes);
+            if (value == NULL && PyErr_ExceptionMatches(PyExc_Exception)) {
+                PyErr_Clear(); /* a value the Python path names */
+                goto declined;
+            }
+        }
+        if (value == NULL)
+            goto failed;
+        PyTuple_SET_ITEM(row, i, value);
+    }
+    return row;
+declined:
+    Py_DECREF(row);
+    return Py_NewRef(Py_None);
+failed:
+    Py_DECREF(row);
+    return NULL;
+}
+
+/* driver_row(plan, buf, pos) -> tuple | None
+ *
+ * A text TupleData's values as the SQL sink's driver takes them, in column order, converted
+ * by ``plan`` (driver_values); None where it declines, and the sink converts the row in
+ * Python. The plan comes first for a functools.partial. */
+static PyObject *
+driver_row(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyTuple_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "driver_row(plan: tuple, buf, pos)");
+        return NULL;
+    }
+    Py_ssize_t pos = PyLong_AsSsize_t(args[2]);
+    if (pos == -1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[1], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    PyObject *row = driver_values(args[0], view.buf, view.len, pos);
+    PyBuffer_Release(&view);
+    return row;
+}
+
+/* driver_dict(template, plan, buf, pos) -> dict | None
+ *
+ * driver_row's values as {column: value}: ``template`` is dict.fromkeys(column names) (see
+ * typed_row), in the plan's order. */
+static PyObject *
+driver_dict(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyDict_CheckExact(args[0]) || !PyTuple_Check(args[1]) ||
+        PyDict_GET_SIZE(args[0]) != PyTuple_GET_SIZE(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "driver_dict(template: dict, plan: tuple, buf, pos)");
+        return NULL;
+    }
+    PyObject *values = driver_row(self, args + 1, 3);
+    if (values == NULL || values == Py_None)
+        return values;
+    PyObject *template = args[0];
+    PyObject *row = PyDict_Copy(template);
+    PyObject *key, *unused;
+    Py_ssize_t at = 0, i = 0, ncols = PyTuple_GET_SIZE(values);
+    while (row != NULL && PyDict_Next(template, &at, &key, &unused)) {
+        if (i >= ncols || PyDict_SetItem(row, key, PyTuple_GET_ITEM(values, i++)) < 0) {
+            Py_CLEAR(row);
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_RuntimeError, "driver_dict: template changed size");
+        }
+    }
+    Py_DECREF(values);
+    return row;
+}
+
 static PyMethodDef methods[] = {
+    {"driver_row", (PyCFunction)(void (*)(void))driver_row, METH_FASTCALL,
+     PyDoc_STR("driver_row(plan, buf, pos) -> tuple | None: driver values of a TupleData")},
+    {"driver_dict", (PyCFunction)(void (*)(void))driver_dict, METH_FASTCALL,
+     PyDoc_STR("driver_dict(template, plan, buf, pos) -> dict | None")},
     {"bind_row_change", (PyCFunction)(void (*)(void))bind_row_change, METH_FASTCALL,
      PyDoc_STR("bind_row_change(cls, fields): where row_change puts each field")},
     {"row_change", (PyCFunction)(void (*)(void))row_change, METH_FASTCALL,

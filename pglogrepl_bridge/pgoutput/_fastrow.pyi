@@ -11,6 +11,16 @@ def typed_row(
     pos: int,
     /,
 ) -> dict[str, Any] | None: ...
+def driver_row(
+    plan: tuple[int | Callable[[bytes], Any], ...], buf: bytes, pos: int, /
+) -> tuple[Any, ...] | None: ...
+def driver_dict(
+    template: dict[str, None],
+    plan: tuple[int | Callable[[bytes], Any], ...],
+    buf: bytes,
+    pos: int,
+    /,
+) -> dict[str, Any] | None: ...
 def copy_text(ncols: int, buf: bytes, pos: int, /) -> bytes | None: ...
 def row_key(
     indexes: tuple[int, ...], ncols: int, buf: bytes, pos: int, /

@@ -53,10 +53,16 @@ from pglogrepl_bridge.pgoutput.loaders import transformer
 from pglogrepl_bridge.pgoutput.messages import Column, Message, TupleData
 from pglogrepl_bridge.pgoutput.relcache import Fused, RelationInfo, RowKey, key_reader
 from pglogrepl_bridge.pgoutput.transaction import RowChange, Transaction, TruncateChange
-from pglogrepl_bridge.sinks import lww
+from pglogrepl_bridge.sinks import lww, sqlitetext
 from pglogrepl_bridge.sinks.lww import NODE_COL, TS_COL, VERSION_COLS
 from pglogrepl_bridge.sinks.reduce import Reduction
-from pglogrepl_bridge.sinks.sqltypes import column_type, loaders, text_is_driver_value, value_path
+from pglogrepl_bridge.sinks.sqltypes import (
+    column_type,
+    describe,
+    loaders,
+    text_is_driver_value,
+    value_path,
+)
 from pglogrepl_bridge.snapshot.plan import (
     SNAPSHOT_REQUEST_PREFIX,
     UNTIL_COPIED,
@@ -113,6 +119,9 @@ class _Target:
     #: in C (``_accel.typed_row``); None where the Python walk must look (unchanged TOAST,
     #: binary values, a value that does not convert, no accelerator)
     fast_row: Callable[[bytes, int], dict[str, Any] | None] = lambda buf, pos: None
+    #: the same values as a tuple in column order, where a C plan makes them (SQLite:
+    #: ``_driver_plan``); None elsewhere
+    driver_row: Callable[[bytes, int], tuple[Any, ...] | None] | None = None
     ncols: int = 0  # the relation's columns: a row with fewer left unchanged TOAST out
     names: tuple[str, ...] = ()  # the relation's column names, in its order
     #: a row's key values (one value, or a tuple of several; KeyError: one is missing) and
@@ -478,7 +487,7 @@ class SqlSink:
         """Write every held row (rule 4's order, consecutive rows of one shape together).
         Whole inserts into PostgreSQL stay unconverted: ``_execute`` makes COPY text of
         their bytes, or converts them."""
-        raw_inserts = self._copies_inserts and accel.copy_text is not None
+        raw_copy = self._copies_inserts and accel.copy_text is not None
         rows: list[Any] = []
         shape: tuple[Any, ...] = ()
         target: _Target | None = None
@@ -496,8 +505,12 @@ class SqlSink:
                 else:  # a replace: the key is the new row's
                     old = self._new_row(row.new)
                 bind, this_shape = this.key_bind(this.key_of(old)), (this, this_op)
-            elif this_op == "insert" and type(row.new) is RowChange and raw_inserts:
-                bind, this_shape = row.new, (this, this_op)  # whole: COPY text from its bytes
+            elif (
+                this_op == "insert"
+                and type(row.new) is RowChange
+                and (raw_copy or this.driver_row is not None)
+            ):  # whole: COPY text from its bytes, or driver values made in C
+                bind, this_shape = row.new, (this, this_op)
             else:
                 new = self._new_row(row.new)
                 full = len(new) == this.ncols
@@ -610,6 +623,8 @@ class SqlSink:
             self._copy_rows(conn, target, rows)
             return
         if op == "insert" and any(type(row) is RowChange for row in rows):
+            if target.driver_row is not None and self._insert_whole(conn, target, rows):
+                return
             rows = [self._new_row(row) for row in rows]
         stmt = self._statement(conn, target, op, tuple(rows[0]))
         if op == "insert" and stmt.order is not None and self.dialect == "sqlite":
@@ -655,6 +670,23 @@ class SqlSink:
                         continue
                     row = self._new_row(row)
                 copy.write_row(values(row))
+
+    def _insert_whole(self, conn: sa.Connection, target: _Target, rows: list[Any]) -> bool:
+        """Whole rows (RowChanges ``_release`` held unconverted, and full dicts) inserted
+        with their values made in C (``_Target.driver_row``): no dict, no Python frame per
+        value; a row the C plan declines is converted in Python. False, having done
+        nothing, where the dialect binds in another order than the relation's columns."""
+        names = target.names
+        stmt = self._statement(conn, target, "insert", names)
+        make, params = target.driver_row, stmt.params
+        if make is None or stmt.order != names:
+            return False
+        values: list[tuple[Any, ...]] = []
+        for row in rows:
+            made = make(row.raw, row.new_at) if type(row) is RowChange else None
+            values.append(made if made is not None else params(self._new_row(row)))
+        self._insert_many(conn, target, names, values)
+        return True
 
     def _insert_many(
         self,
@@ -1263,6 +1295,7 @@ class SqlSink:
             for name, tload, bload in fused
         )
         row_values = _row_values(columns, table, dialect, passthrough)
+        plan = _driver_plan(columns, table, dialect, passthrough)
         return _Target(
             table,
             fused,
@@ -1271,7 +1304,10 @@ class SqlSink:
             tuple((k, _KEY + k) for k in keys),
             keyless,
             row_values=row_values,
-            fast_row=_fast_row(columns, row_values),
+            fast_row=_fast_row(columns, row_values, plan),
+            driver_row=None
+            if plan is None or accel.driver_row is None
+            else partial(accel.driver_row, plan),
             ncols=rel.ncols,
             names=rel.names,
             key_of=itemgetter(*keys) if keys else _Target.key_of,
@@ -1407,34 +1443,42 @@ def _declined(values: Sequence[bytes | None]) -> Any:
 
 
 def _fast_row(
-    columns: tuple[Column, ...], row_values: Callable[[Sequence[bytes | None]], tuple[Any, ...]]
+    columns: tuple[Column, ...],
+    row_values: Callable[[Sequence[bytes | None]], tuple[Any, ...]],
+    plan: tuple[accel.DriverStep, ...] | None,
 ) -> Callable[[bytes, int], dict[str, Any] | None]:
+    template = dict.fromkeys(c.name for c in columns)
+    if plan is not None and accel.driver_dict is not None:
+        return partial(accel.driver_dict, template, plan)
     if accel.typed_row is None:
         return _Target.fast_row
-    return partial(accel.typed_row, dict.fromkeys(c.name for c in columns), row_values, _declined)
+    return partial(accel.typed_row, template, row_values, _declined)
+
+
+def _column_path(
+    col: Column, table: sa.Table, dialect: sa.Dialect, passthrough: set[str]
+) -> tuple[int | None, Callable[[Any], Any] | None]:
+    """A column's way to its driver value: the OID whose psycopg loader reads its text (None:
+    the text, decoded), then the step for a non-NULL loaded value (None: none), which is
+    ``value_path``'s edit and the column type's bind processing."""
+    oid, post = (None, None) if col.name in passthrough else value_path(col, dialect.name)
+    impl = None if oid is None else table.c[col.name].type.dialect_impl(dialect)
+    process = None if impl is None else impl.bind_processor(dialect)
+    if dialect.name == "sqlite" and isinstance(impl, sa.LargeBinary):
+        process = None  # sqlite3 binds bytes as the BLOB its Binary (a memoryview) makes
+    if post is not None and process is not None:
+        return oid, _chain(post, process)
+    return oid, post if post is not None else process
 
 
 def _row_values(
     columns: tuple[Column, ...], table: sa.Table, dialect: sa.Dialect, passthrough: set[str]
 ) -> Callable[[Sequence[bytes | None]], tuple[Any, ...]]:
     """``_Target.row_values``: the same values as ``driver_fused``, a row at a time."""
-    oids: list[int] = []
-    steps: list[tuple[int, Callable[[Any], Any]]] = []
-    for i, col in enumerate(columns):
-        oid, post = (None, None) if col.name in passthrough else value_path(col, dialect.name)
-        oids.append(_TEXT_OID if oid is None else oid)
-        impl = None if oid is None else table.c[col.name].type.dialect_impl(dialect)
-        process = None if impl is None else impl.bind_processor(dialect)
-        if dialect.name == "sqlite" and isinstance(impl, sa.LargeBinary):
-            process = None  # sqlite3 binds bytes as the BLOB its Binary (a memoryview) makes
-        if post is not None and process is not None:
-            steps.append((i, _chain(post, process)))
-        elif post is not None:
-            steps.append((i, post))
-        elif process is not None:
-            steps.append((i, process))
+    paths = [_column_path(col, table, dialect, passthrough) for col in columns]
+    steps = [(i, step) for i, (_, step) in enumerate(paths) if step is not None]
     rows = transformer()
-    rows.set_loader_types(oids, Format.TEXT)
+    rows.set_loader_types([_TEXT_OID if oid is None else oid for oid, _ in paths], Format.TEXT)
     load = rows.load_sequence
 
     if not steps:
@@ -1448,6 +1492,48 @@ def _row_values(
         return tuple(row)
 
     return convert
+
+
+#: loaded types whose values ``_fastrow.driver_row`` makes itself, when the column type binds
+#: them as they are (SQLAlchemy's float processor returns a float as it is; its Boolean's
+#: gives 1 or 0 on SQLite, as DRIVER_BOOL does)
+_DRIVER_MODES = {
+    **dict.fromkeys(("int2", "int4", "int8", "oid"), accel.DRIVER_INT),
+    **dict.fromkeys(("float4", "float8"), accel.DRIVER_FLOAT),
+    **dict.fromkeys(("text", "varchar", "bpchar", "name"), accel.DRIVER_TEXT),
+    "bool": accel.DRIVER_BOOL,
+    "bytea": accel.DRIVER_BYTEA,
+}
+
+
+def _driver_plan(
+    columns: tuple[Column, ...], table: sa.Table, dialect: sa.Dialect, passthrough: set[str]
+) -> tuple[accel.DriverStep, ...] | None:
+    """``row_values`` as a plan for ``_fastrow.driver_row`` (SQLite): each column a mode
+    that converts its text in C, or psycopg's loader and the step called from C. Into SQLite,
+    where nearly every value is the source's text edited (``sqlitetext``), that makes a
+    row's values with no Python frame; ``tests/test_sqlite_plan.py`` holds the two equal."""
+    if accel.driver_row is None or dialect.name != "sqlite":
+        return None
+    plan: list[accel.DriverStep] = []
+    for col in columns:
+        oid, step = _column_path(col, table, dialect, passthrough)
+        name = describe(col.type_oid)[0] if oid is not None else None
+        mode = (
+            accel.DRIVER_TEXT
+            if oid is None and step is None
+            else sqlitetext.MODES.get(step)  # type: ignore[arg-type]
+            if oid is None
+            else _DRIVER_MODES.get(name or "")
+            if step is None or name in ("bool", "float4", "float8")
+            else None
+        )
+        if mode is not None:
+            plan.append(mode)
+            continue
+        load = transformer().get_loader(_TEXT_OID if oid is None else oid, Format.TEXT).load
+        plan.append(load if step is None else _chain(load, step))
+    return tuple(plan)
 
 
 def is_keyless(rel: RelationInfo) -> bool:

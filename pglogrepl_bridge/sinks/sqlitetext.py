@@ -108,6 +108,19 @@ _BY_TYPE: dict[str | tuple[str, str], Direct] = {
 }
 
 
+#: each edit as ``_fastrow.driver_row`` does it in C (the same text, the same refusals)
+MODES: dict[Direct, int] = {
+    timestamp: accel.DRIVER_TIMESTAMP,
+    timestamptz: accel.DRIVER_TIMESTAMPTZ,
+    date: accel.DRIVER_DATE,
+    time: accel.DRIVER_TIME,
+    timetz: accel.DRIVER_TIMETZ,
+    uuid: accel.DRIVER_UUID,
+    integer_array: accel.DRIVER_INT_ARRAY,
+    text_array: accel.DRIVER_TEXT_ARRAY,
+}
+
+
 def direct(name: str | None, element: str | None) -> Direct | None:
     """The text edit for a column of this type (``element`` for an array), if there is one."""
     return _BY_TYPE.get(("[]", element) if element is not None else (name or ""))
