@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
-from pglogrepl_bridge import __version__
 from pglogrepl_bridge.errors import ConfigError
 from pglogrepl_bridge.lsn import Lsn
 from pglogrepl_bridge.postgres.stream import StreamOptions
@@ -130,6 +129,8 @@ Verbose = Annotated[
 
 def _version(value: bool) -> None:
     if value:
+        from pglogrepl_bridge import __version__  # reads the installed metadata: startup time
+
         typer.echo(f"pglogrepl-bridge {__version__}")
         raise typer.Exit()
 

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from pglogrepl_bridge.cli import app as cli
 from pglogrepl_bridge.cli.snapshotprogress import snapshot_progress
 from pglogrepl_bridge.errors import ConfigError
-from pglogrepl_bridge.jetstream.consumer import ConsumeConfig, run_consume
 from pglogrepl_bridge.sinks.replicate import DEFAULT_TARGET, run_replicate
 from pglogrepl_bridge.snapshot.runner import DEFAULT_WORKERS, SnapshotJob, SnapshotStats
+
+if TYPE_CHECKING:
+    from pglogrepl_bridge.jetstream.consumer import ConsumeConfig
 
 OptionalSlot = Annotated[
     str | None,
@@ -144,6 +146,9 @@ def replicate(
                 )
             if not stream or not durable:
                 raise ConfigError("--from-nats needs --stream and --durable")
+            # the NATS side (asyncio, nats-py) is imported only here: startup time
+            from pglogrepl_bridge.jetstream.consumer import ConsumeConfig
+
             _from_nats(
                 signals,
                 target,
@@ -224,6 +229,8 @@ def _from_nats(
     node_id: int | None,
     metrics_port: int | None,
 ) -> None:
+    from pglogrepl_bridge.jetstream.consumer import run_consume
+
     with snapshot_progress() as progress:
 
         def attach(job_or_consumer: object) -> None:

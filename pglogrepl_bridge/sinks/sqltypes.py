@@ -14,7 +14,6 @@ from typing import Any
 import sqlalchemy as sa
 from psycopg.postgres import types as pgtypes
 from psycopg.pq import Format
-from sqlalchemy.dialects import mysql, postgresql
 
 from pglogrepl_bridge.pgoutput import bintext, values
 from pglogrepl_bridge.pgoutput.loaders import transformer
@@ -61,6 +60,8 @@ def column_type(col: Column, dialect: str, *, is_key: bool) -> sa.types.TypeEngi
     """
     made = _column_type(col, dialect, is_key=is_key)
     if dialect in _MYSQL:
+        from sqlalchemy.dialects import mysql  # this dialect's types: imported when used
+
         # MariaDB's defaults lose data: DATETIME/TIME drop microseconds, TEXT/BLOB stop at 64 KiB
         if isinstance(made, sa.DateTime):
             return mysql.DATETIME(fsp=6)
@@ -75,10 +76,14 @@ def column_type(col: Column, dialect: str, *, is_key: bool) -> sa.types.TypeEngi
 
 def _column_type(col: Column, dialect: str, *, is_key: bool) -> sa.types.TypeEngine[Any]:
     name, elem = describe(col.type_oid)
+    if dialect == "postgresql" and (name == "jsonb" or (elem is not None and elem in MAPPED)):
+        from sqlalchemy.dialects import postgresql  # as mysql's above: imported when used
+
+        if name == "jsonb":
+            return postgresql.JSONB()
+        inner = column_type(Column(col.name, _oid(elem or ""), -1, False), dialect, is_key=False)
+        return postgresql.ARRAY(inner)
     if elem is not None and elem in MAPPED:
-        if dialect == "postgresql":
-            inner = column_type(Column(col.name, _oid(elem), -1, False), dialect, is_key=False)
-            return postgresql.ARRAY(inner)
         return sa.JSON()
     if name == "numeric":
         if dialect == "sqlite":
@@ -93,7 +98,7 @@ def _column_type(col: Column, dialect: str, *, is_key: bool) -> sa.types.TypeEng
             length = 255
         return sa.String(length) if length is not None else sa.Text()
     if name in ("json", "jsonb"):
-        return postgresql.JSONB() if dialect == "postgresql" and name == "jsonb" else sa.JSON()
+        return sa.JSON()
     factory = _SIMPLE.get(name or "")
     if factory is not None:
         made = factory()
