@@ -50,6 +50,12 @@ def main() -> None:
     else:
         importlib.import_module(f"{__name__}.{module}")
         from pglogrepl_bridge.cli.app import app
+    # A stream makes a few tracked objects per row, most alive until their batch is written.
+    # With CPython's default threshold (700) a collection ran every few hundred rows, and the
+    # full ones walked every object the imports made: 0.2 s of CPU per 200,000 changes into
+    # SQLite (benchmarks/RESULTS.md). The stream's objects are freed by reference counting;
+    # a collection every 10,000 allocations costs a tenth of that.
+    gc.set_threshold(10_000, 10, 10)
     try:
         app()
     finally:

@@ -106,6 +106,23 @@ def row_change_maker(cls: type[T]) -> Callable[[dict[int, Any], bytes, int], T |
     return _row_change
 
 
+#: (targets, held, tables, transitions, merge, changes, start, room) → (index, new rows)
+HoldRows = Callable[
+    [dict[Any, Any], dict[str, Any], dict[str, Any], dict[Any, Any], Any, Any, int, int],
+    tuple[int, int],
+]
+
+
+def row_holder(held_cls: type, row_cls: type) -> HoldRows | None:
+    """``_fastrow.hold_rows`` with ``held_cls`` (``sinks.reduce.Held``) and ``row_cls``
+    (RowChange, as the row maker binds it) bound: the SQL sink's holding of a run of row
+    changes for its reduction; None without the accelerator."""
+    if row_change_maker(row_cls) is None:
+        return None
+    _fastrow.bind_held(held_cls, ("state", "new", "key", "last"))
+    return _fastrow.hold_rows
+
+
 def row_putter(cls: type[T]) -> PutRow | None:
     """``(relations by id, changes, CopyData message) -> bool``: the row maker for a whole
     XLogData message, appending the ``cls`` it makes to ``changes``; False where the message

@@ -164,51 +164,32 @@ done:
     return row;
 }
 
-/* row_key(indexes, ncols, buf, pos) -> (key, complete) | None
- *
- * A row's identity without converting it: the raw bytes of the columns at ``indexes``
- * (ascending) of the TupleData at buf[pos:], one bytes object for one column or a tuple of
- * them, and whether no column is unchanged TOAST. None when a key column is NULL or
- * unchanged, or the bytes are irregular. The relation's arguments come first for a
- * functools.partial. The Python twin is relcache.row_key. */
+/* The raw bytes of the columns at ``indexes`` (ascending) of the TupleData at data[pos:]:
+ * one bytes object for one column, a tuple for several; *complete: whether no column is
+ * unchanged TOAST. Py_None (new) when a key column is NULL or unchanged, or the bytes are
+ * irregular; NULL with an exception set. */
 static PyObject *
-row_key(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+read_key(PyObject *indexes, Py_ssize_t ncols, const unsigned char *data, Py_ssize_t len,
+         Py_ssize_t pos, int *complete)
 {
-    if (nargs != 4 || !PyTuple_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "row_key(indexes: tuple, ncols, buf, pos)");
-        return NULL;
-    }
-    PyObject *indexes = args[0];
     Py_ssize_t nkeys = PyTuple_GET_SIZE(indexes);
-    Py_ssize_t ncols = PyLong_AsSsize_t(args[1]);
-    if (ncols == -1 && PyErr_Occurred())
-        return NULL;
-    Py_ssize_t pos = PyLong_AsSsize_t(args[3]);
-    if (pos == -1 && PyErr_Occurred())
-        return NULL;
-    Py_buffer view;
-    if (PyObject_GetBuffer(args[2], &view, PyBUF_SIMPLE) < 0)
-        return NULL;
-    const unsigned char *data = view.buf;
-    Py_ssize_t len = view.len;
-    PyObject *key = NULL, *result = NULL;
-    int complete = 1;
+    *complete = 1;
     if (nkeys < 1 || !read_count(data, len, pos, ncols))
-        goto declined;
-    key = PyTuple_New(nkeys);
+        return Py_NewRef(Py_None);
+    PyObject *key = PyTuple_New(nkeys);
     if (key == NULL)
-        goto done;
+        return NULL;
     pos += 2;
     Py_ssize_t k = 0, want = PyLong_AsSsize_t(PyTuple_GET_ITEM(indexes, 0));
     if (want == -1 && PyErr_Occurred())
-        goto done;
+        goto failed;
     for (Py_ssize_t i = 0; i < ncols; i++) {
         int kind;
         Py_ssize_t start, size;
         if (!next_value(data, len, &pos, &kind, &start, &size))
             goto declined;
         if (kind == KIND_UNCHANGED)
-            complete = 0;
+            *complete = 0;
         else if (kind != KIND_TEXT && kind != KIND_BINARY && kind != KIND_NULL)
             goto declined;
         if (i != want)
@@ -217,12 +198,12 @@ row_key(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             goto declined; /* a key column NULL or not sent */
         PyObject *value = PyBytes_FromStringAndSize((const char *)data + start, size);
         if (value == NULL)
-            goto done;
+            goto failed;
         PyTuple_SET_ITEM(key, k++, value);
         if (k < nkeys) {
             Py_ssize_t next = PyLong_AsSsize_t(PyTuple_GET_ITEM(indexes, k));
             if (next == -1 && PyErr_Occurred())
-                goto done;
+                goto failed;
             if (next <= want)
                 goto declined; /* not ascending */
             want = next;
@@ -232,16 +213,49 @@ row_key(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     if (k != nkeys)
         goto declined;
-    if (nkeys == 1)
-        result = Py_BuildValue("(OO)", PyTuple_GET_ITEM(key, 0), complete ? Py_True : Py_False);
-    else
-        result = Py_BuildValue("(OO)", key, complete ? Py_True : Py_False);
-    goto done;
+    if (nkeys == 1) {
+        PyObject *only = Py_NewRef(PyTuple_GET_ITEM(key, 0));
+        Py_DECREF(key);
+        return only;
+    }
+    return key;
 declined:
-    result = Py_NewRef(Py_None);
-done:
-    Py_XDECREF(key);
+    Py_DECREF(key);
+    return Py_NewRef(Py_None);
+failed:
+    Py_DECREF(key);
+    return NULL;
+}
+
+/* row_key(indexes, ncols, buf, pos) -> (key, complete) | None
+ *
+ * A row's identity without converting it: read_key's key of the TupleData at buf[pos:], and
+ * whether no column is unchanged TOAST. None when a key column is NULL or unchanged, or the
+ * bytes are irregular. The relation's arguments come first for a functools.partial. The
+ * Python twin is relcache.row_key. */
+static PyObject *
+row_key(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyTuple_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "row_key(indexes: tuple, ncols, buf, pos)");
+        return NULL;
+    }
+    Py_ssize_t ncols = PyLong_AsSsize_t(args[1]);
+    if (ncols == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t pos = PyLong_AsSsize_t(args[3]);
+    if (pos == -1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[2], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    int complete;
+    PyObject *key = read_key(args[0], ncols, view.buf, view.len, pos, &complete);
     PyBuffer_Release(&view);
+    if (key == NULL || key == Py_None)
+        return key;
+    PyObject *result = Py_BuildValue("(OO)", key, complete ? Py_True : Py_False);
+    Py_DECREF(key);
     return result;
 }
 
@@ -258,6 +272,31 @@ static PyTypeObject *row_change_type = NULL;
 static Py_ssize_t row_offsets[N_FIELDS];
 static PyObject *op_insert, *op_update, *op_delete, *kind_key, *kind_old;
 
+/* The offsets of cls's object slots named by fields (n of them) into offsets. */
+static int
+slot_offsets(PyObject *cls_obj, PyObject *fields, int n, Py_ssize_t *offsets)
+{
+    PyTypeObject *cls = (PyTypeObject *)cls_obj;
+    for (int i = 0; i < n; i++) {
+        PyObject *descr = PyObject_GetAttr(cls_obj, PyTuple_GET_ITEM(fields, i));
+        if (descr == NULL)
+            return 0;
+        int ok = Py_IS_TYPE(descr, &PyMemberDescr_Type) &&
+                 ((PyMemberDescrObject *)descr)->d_common.d_type == cls &&
+                 ((PyMemberDescrObject *)descr)->d_member->type == T_OBJECT_EX &&
+                 !(((PyMemberDescrObject *)descr)->d_member->flags & READONLY);
+        if (ok)
+            offsets[i] = ((PyMemberDescrObject *)descr)->d_member->offset;
+        Py_DECREF(descr);
+        if (!ok) {
+            PyErr_Format(PyExc_TypeError, "%R is not an object slot of %s",
+                         PyTuple_GET_ITEM(fields, i), cls->tp_name);
+            return 0;
+        }
+    }
+    return 1;
+}
+
 /* bind_row_change(cls, fields): fields names the slots op, relation, raw, new_at, old_at and
  * old_kind, in that order. */
 static PyObject *
@@ -268,25 +307,9 @@ bind_row_change(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "bind_row_change(cls, fields: 6-tuple)");
         return NULL;
     }
-    PyTypeObject *cls = (PyTypeObject *)args[0];
     Py_ssize_t offsets[N_FIELDS];
-    for (int i = 0; i < N_FIELDS; i++) {
-        PyObject *descr = PyObject_GetAttr(args[0], PyTuple_GET_ITEM(args[1], i));
-        if (descr == NULL)
-            return NULL;
-        int ok = Py_IS_TYPE(descr, &PyMemberDescr_Type) &&
-                 ((PyMemberDescrObject *)descr)->d_common.d_type == cls &&
-                 ((PyMemberDescrObject *)descr)->d_member->type == T_OBJECT_EX &&
-                 !(((PyMemberDescrObject *)descr)->d_member->flags & READONLY);
-        if (ok)
-            offsets[i] = ((PyMemberDescrObject *)descr)->d_member->offset;
-        Py_DECREF(descr);
-        if (!ok) {
-            PyErr_Format(PyExc_TypeError, "%R is not an object slot of %s",
-                         PyTuple_GET_ITEM(args[1], i), cls->tp_name);
-            return NULL;
-        }
-    }
+    if (!slot_offsets(args[0], args[1], N_FIELDS, offsets))
+        return NULL;
     memcpy(row_offsets, offsets, sizeof(offsets));
     Py_XSETREF(row_change_type, (PyTypeObject *)Py_NewRef(args[0]));
     Py_RETURN_NONE;
@@ -1510,6 +1533,247 @@ done:
     return result;
 }
 
+/* ---- a batch's row changes held for the SQL sink's reduction (sinks.reduce) ------------
+ *
+ * SqlSink._hold, then Reduction.add, for a run of changes in one call: per change that is
+ * a frame and a dozen attribute reads in Python, about a microsecond, which the writer
+ * thread spent on every change of a batch. hold_rows does what the Python pair does and
+ * stops, untouched, at the first change it leaves to them (anything but the plain case:
+ * a relation without a target yet or without a key, an unchanged-TOAST row to convert, a
+ * key change, a transition the rules lack). The rules stay in Python: the transitions are
+ * reduce._NEXT itself, and merging is Reduction's merge. */
+
+enum { H_STATE, H_NEW, H_KEY, H_LAST, N_HELD };
+
+static PyTypeObject *held_type = NULL;
+static Py_ssize_t held_offsets[N_HELD];
+static PyObject *str_hold = NULL;
+
+/* bind_held(cls, fields): reduce.Held, its slots state, new, key and last in that order. */
+static PyObject *
+bind_held(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyType_Check(args[0]) || !PyTuple_Check(args[1]) ||
+        PyTuple_GET_SIZE(args[1]) != N_HELD) {
+        PyErr_SetString(PyExc_TypeError, "bind_held(cls, fields: 4-tuple)");
+        return NULL;
+    }
+    Py_ssize_t offsets[N_HELD];
+    if (!slot_offsets(args[0], args[1], N_HELD, offsets))
+        return NULL;
+    memcpy(held_offsets, offsets, sizeof(offsets));
+    Py_XSETREF(held_type, (PyTypeObject *)Py_NewRef(args[0]));
+    Py_RETURN_NONE;
+}
+
+#define SLOT(obj, offsets, field) (*(PyObject **)((char *)(obj) + (offsets)[field]))
+
+/* Replaces a Held slot's value (steals value). */
+static void
+held_set(PyObject *held, int field, PyObject *value)
+{
+    PyObject **at = &SLOT(held, held_offsets, field);
+    PyObject *old = *at;
+    *at = value;
+    Py_XDECREF(old);
+}
+
+/* Whether op is the interned operation name op_x (or an equal str). */
+static int
+is_op(PyObject *op, PyObject *name)
+{
+    return op == name || (PyUnicode_Check(op) && PyUnicode_Compare(op, name) == 0);
+}
+
+/* One change through _hold and add: 1 held, 0 left to Python (nothing changed), -1 error;
+ * *added counts a new row. */
+static int
+hold_one(PyObject *targets, PyObject *by_name, PyObject *tables, PyObject *transitions,
+         PyObject *merge, PyObject *change, int *added)
+{
+    if (Py_TYPE(change) != row_change_type)
+        return 0;
+    PyObject *target = PyDict_GetItemWithError(targets, SLOT(change, row_offsets, F_RELATION));
+    if (target == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    PyObject *hold = PyObject_GetAttr(target, str_hold); /* (name, indexes, ncols) | None */
+    if (hold == NULL)
+        return -1;
+    int result = 0;
+    PyObject *key = NULL, *old = NULL, *state_key = NULL;
+    if (!PyTuple_Check(hold) || PyTuple_GET_SIZE(hold) != 3)
+        goto done; /* keyless */
+    PyObject *name = PyTuple_GET_ITEM(hold, 0), *indexes = PyTuple_GET_ITEM(hold, 1);
+    Py_ssize_t ncols = PyLong_AsSsize_t(PyTuple_GET_ITEM(hold, 2));
+    if ((ncols == -1 && PyErr_Occurred()) || !PyTuple_Check(indexes))
+        goto failed;
+    PyObject *first = PyDict_SetDefault(by_name, name, target); /* held.setdefault */
+    if (first == NULL)
+        goto failed;
+    if (first != target)
+        goto done; /* the table's relation changed in the batch */
+    PyObject *raw = SLOT(change, row_offsets, F_RAW), *op = SLOT(change, row_offsets, F_OP);
+    if (!PyBytes_CheckExact(raw))
+        goto done;
+    const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(raw);
+    Py_ssize_t len = PyBytes_GET_SIZE(raw);
+    Py_ssize_t new_at = PyLong_AsSsize_t(SLOT(change, row_offsets, F_NEW_AT));
+    Py_ssize_t old_at = PyLong_AsSsize_t(SLOT(change, row_offsets, F_OLD_AT));
+    if (PyErr_Occurred())
+        goto failed;
+    int complete, is_delete = is_op(op, op_delete);
+    PyObject *new = NULL; /* borrowed: the change itself, or none for a delete */
+    if (is_delete) {
+        if (old_at < 0)
+            goto done;
+        key = read_key(indexes, ncols, data, len, old_at, &complete);
+    }
+    else {
+        key = read_key(indexes, ncols, data, len, new_at, &complete);
+        new = change;
+    }
+    if (key == NULL)
+        goto failed;
+    if (key == Py_None)
+        goto done;
+    if (!is_delete) {
+        if (!complete)
+            goto done; /* converted by _hold */
+        if (old_at >= 0) {
+            int old_complete, same;
+            old = read_key(indexes, ncols, data, len, old_at, &old_complete);
+            if (old == NULL || (old != Py_None && (same = PyObject_RichCompareBool(old, key, Py_EQ)) < 0))
+                goto failed;
+            if (old == Py_None || !same)
+                goto done; /* the key changed */
+        }
+    }
+    /* Reduction.add(name, op, key, new, change) */
+    PyObject *rows = PyDict_GetItemWithError(tables, name);
+    if (rows == NULL) {
+        if (PyErr_Occurred())
+            goto failed;
+        PyObject *made = PyDict_New();
+        if (made == NULL || PyDict_SetItem(tables, name, made) < 0) {
+            Py_XDECREF(made);
+            goto failed;
+        }
+        rows = made;
+        Py_DECREF(made); /* tables holds it */
+    }
+    PyObject *held = PyDict_GetItemWithError(rows, key);
+    if (held == NULL && PyErr_Occurred())
+        goto failed;
+    if (held != NULL && Py_TYPE(held) != held_type)
+        goto done;
+    state_key = PyTuple_Pack(2, held != NULL ? SLOT(held, held_offsets, H_STATE) : Py_None, op);
+    if (state_key == NULL)
+        goto failed;
+    PyObject *state = PyDict_GetItemWithError(transitions, state_key);
+    if (state == NULL) {
+        if (PyErr_Occurred())
+            goto failed;
+        goto done; /* not reducible: add returns False */
+    }
+    if (held == NULL) {
+        PyObject *made = held_type->tp_alloc(held_type, 0);
+        if (made == NULL)
+            goto failed;
+        PyObject *value = new != NULL ? Py_NewRef(new) : PyDict_New();
+        if (value == NULL) {
+            Py_DECREF(made);
+            goto failed;
+        }
+        SLOT(made, held_offsets, H_STATE) = Py_NewRef(state);
+        SLOT(made, held_offsets, H_NEW) = value;
+        SLOT(made, held_offsets, H_KEY) = Py_NewRef(key);
+        SLOT(made, held_offsets, H_LAST) = Py_NewRef(change);
+        int set = PyDict_SetItem(rows, key, made);
+        Py_DECREF(made);
+        if (set < 0)
+            goto failed;
+        *added += 1;
+        result = 1;
+        goto done;
+    }
+    Py_INCREF(held);
+    if (new != NULL && is_op(op, op_update)) { /* rule 2: over the earlier columns */
+        PyObject *merged = PyObject_CallFunctionObjArgs(
+            merge, SLOT(held, held_offsets, H_NEW), new, NULL);
+        if (merged == NULL) {
+            Py_DECREF(held);
+            goto failed;
+        }
+        held_set(held, H_NEW, merged);
+    }
+    else if (new != NULL && is_op(op, op_insert))
+        held_set(held, H_NEW, Py_NewRef(new));
+    held_set(held, H_STATE, Py_NewRef(state));
+    held_set(held, H_LAST, Py_NewRef(change));
+    /* popped and put back: rows stay in the order of their last changes */
+    int moved = PyDict_DelItem(rows, key) == 0 && PyDict_SetItem(rows, key, held) == 0;
+    Py_DECREF(held);
+    if (!moved)
+        goto failed;
+    result = 1;
+    goto done;
+failed:
+    result = -1;
+done:
+    Py_DECREF(hold);
+    Py_XDECREF(key);
+    Py_XDECREF(old);
+    Py_XDECREF(state_key);
+    return result;
+}
+
+/* hold_rows(targets, held, tables, transitions, merge, changes, start, room)
+ *     -> (index, added)
+ *
+ * Holds changes[start:] (a list or tuple) as SqlSink._hold would, one after the other, and
+ * returns the index of the first one it leaves to Python (len(changes) when none), and how
+ * many new rows it held; it stops after the change that makes ``room`` new rows. targets
+ * is the sink's {relation: _Target} (each with ``hold``: (table name, key column indexes,
+ * column count), or None for a keyless table), held its {table name: _Target} of the
+ * batch, tables the Reduction's {table: {key: Held}}, transitions reduce._NEXT, merge the
+ * Reduction's merge. */
+static PyObject *
+hold_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 8 || !PyDict_Check(args[0]) || !PyDict_Check(args[1]) ||
+        !PyDict_Check(args[2]) || !PyDict_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "hold_rows(targets: dict, held: dict, tables: dict, "
+                                         "transitions: dict, merge, changes, start, room)");
+        return NULL;
+    }
+    Py_ssize_t start = PyLong_AsSsize_t(args[6]), room = PyLong_AsSsize_t(args[7]);
+    if (PyErr_Occurred())
+        return NULL;
+    PyObject *changes = args[5];
+    Py_ssize_t i = start < 0 ? 0 : start;
+    int added = 0;
+    if ((PyList_CheckExact(changes) || PyTuple_CheckExact(changes)) && row_change_type != NULL &&
+        held_type != NULL) {
+        PyObject **items = PySequence_Fast_ITEMS(changes);
+        Py_ssize_t n = PySequence_Fast_GET_SIZE(changes);
+        while (i < n && added < room) {
+            PyObject *change = Py_NewRef(items[i]); /* merge may run Python */
+            int got = hold_one(args[0], args[1], args[2], args[3], args[4], change, &added);
+            Py_DECREF(change);
+            if (got < 0)
+                return NULL;
+            if (got == 0)
+                break;
+            i++;
+            if (PyList_CheckExact(changes)) { /* a list could have changed under merge */
+                items = PySequence_Fast_ITEMS(changes);
+                n = PySequence_Fast_GET_SIZE(changes);
+            }
+        }
+    }
+    return Py_BuildValue("(ni)", i, added);
+}
+
 /* ---- a row's values as SQLite's driver takes them (sinks.sql into SQLite) ------------- */
 
 /* How driver_row converts one text value (``_accel.DRIVER_*``); a column whose plan entry is
@@ -1861,6 +2125,10 @@ driver_dict(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 }
 
 static PyMethodDef methods[] = {
+    {"bind_held", (PyCFunction)(void (*)(void))bind_held, METH_FASTCALL,
+     PyDoc_STR("bind_held(cls, fields): where hold_rows puts a Held's fields")},
+    {"hold_rows", (PyCFunction)(void (*)(void))hold_rows, METH_FASTCALL,
+     PyDoc_STR("hold_rows(targets, held, tables, transitions, merge, changes, start, room)")},
     {"driver_row", (PyCFunction)(void (*)(void))driver_row, METH_FASTCALL,
      PyDoc_STR("driver_row(plan, buf, pos) -> tuple | None: driver values of a TupleData")},
     {"driver_dict", (PyCFunction)(void (*)(void))driver_dict, METH_FASTCALL,
@@ -1908,7 +2176,8 @@ PyInit__fastrow(void)
     op_delete = PyUnicode_InternFromString("delete");
     kind_key = PyUnicode_InternFromString("K");
     kind_old = PyUnicode_InternFromString("O");
-    if (!op_insert || !op_update || !op_delete || !kind_key || !kind_old)
+    str_hold = PyUnicode_InternFromString("hold");
+    if (!op_insert || !op_update || !op_delete || !kind_key || !kind_old || !str_hold)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)

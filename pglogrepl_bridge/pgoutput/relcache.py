@@ -203,11 +203,15 @@ def row_key(indexes: tuple[int, ...], ncols: int, buf: bytes, pos: int) -> tuple
     return (key[0] if len(key) == 1 else tuple(key)), complete
 
 
+def key_indexes(rel: RelationInfo, keys: tuple[str, ...]) -> tuple[int, ...]:
+    """The positions of the columns ``keys`` in ``rel``, ascending: what ``row_key`` reads."""
+    return tuple(i for i, name in enumerate(rel.names) if name in keys)
+
+
 def key_reader(rel: RelationInfo, keys: tuple[str, ...]) -> RowKey:
     """``row_key`` bound to ``rel`` and the columns ``keys`` (in column order), in C where
     built."""
-    indexes = tuple(i for i, name in enumerate(rel.names) if name in keys)
-    return partial(accel.row_key or row_key, indexes, rel.ncols)
+    return partial(accel.row_key or row_key, key_indexes(rel, keys), rel.ncols)
 
 
 def _fast_row(loaders: ValueLoaders, cols: tuple[Column, ...]) -> FastRow:

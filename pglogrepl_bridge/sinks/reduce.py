@@ -32,12 +32,19 @@ order (``SqlSink.apply``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 State = Literal["insert", "update", "delete", "replace", "gone"]
 Op = Literal["insert", "update", "delete"]
+
+#: a walk holding a run of changes: (tables, transitions, merge, changes, start, room) →
+#: (index of the first change not taken, rows added)
+Take = Callable[
+    [dict[str, dict[Any, "Held"]], dict[Any, Any], Callable[[Any, Any], Any], Any, int, int],
+    tuple[int, int],
+]
 
 #: (the row's net state, or None when the batch has not touched it; the change's operation)
 #: → the row's next net state. A pair missing here cannot be reduced (rule 3).
@@ -111,6 +118,15 @@ class Reduction:
         held.state, held.last = state, last
         rows[key] = held
         return True
+
+    def add_run(self, take: Take, changes: Sequence[Any], start: int, limit: int) -> int:
+        """Hold changes from ``changes[start]`` on through ``take``, a walk that reads each
+        change's table and key and applies ``add`` to it itself (``_fastrow.hold_rows``: this
+        very table and ``_NEXT``), until it leaves one to its caller or ``limit`` rows are
+        held; returns the index of the first change not taken."""
+        index, added = take(self._tables, _NEXT, self._merge, changes, start, limit - self._held)
+        self._held += added
+        return index
 
     def drain(self) -> Iterator[tuple[str, Op, Held]]:
         """Every held row's writes in rule 4's order, and forget them."""

@@ -51,11 +51,17 @@ from pglogrepl_bridge.lsn import Lsn
 from pglogrepl_bridge.pgoutput import _accel as accel
 from pglogrepl_bridge.pgoutput.loaders import transformer
 from pglogrepl_bridge.pgoutput.messages import Column, Message, TupleData
-from pglogrepl_bridge.pgoutput.relcache import Fused, RelationInfo, RowKey, key_reader
+from pglogrepl_bridge.pgoutput.relcache import (
+    Fused,
+    RelationInfo,
+    RowKey,
+    key_indexes,
+    key_reader,
+)
 from pglogrepl_bridge.pgoutput.transaction import RowChange, Transaction, TruncateChange
 from pglogrepl_bridge.sinks import lww, sqlitetext
 from pglogrepl_bridge.sinks.lww import NODE_COL, TS_COL, VERSION_COLS
-from pglogrepl_bridge.sinks.reduce import Reduction
+from pglogrepl_bridge.sinks.reduce import Held, Reduction
 from pglogrepl_bridge.sinks.sqltypes import (
     column_type,
     describe,
@@ -100,6 +106,7 @@ ROWID_COL = "_pglb_rowid"  # the surrogate key of a keyless table
 __all__ = ["CHECKPOINT_TABLE", "NODE_COL", "TS_COL", "Conflict", "SqlSink", "base_columns"]
 
 Conflict = Literal["source", "lww"]
+_HOLD_ROWS = accel.row_holder(Held, RowChange)  # SqlSink._hold for runs of changes, in C where built
 _KEY = "_pglb_key_"  # bind-parameter prefix for a row's old key in UPDATE/DELETE
 
 
@@ -130,6 +137,9 @@ class _Target:
     key_bind: Callable[[Any], dict[str, Any]] = lambda key: {}
     #: a row's key as raw bytes, and whether it sent every column (``relcache.row_key``)
     row_key: RowKey = lambda buf, pos: None
+    #: (table name, key column indexes, column count) for ``_fastrow.hold_rows`` to read
+    #: ``row_key``'s key itself; None for a keyless table
+    hold: tuple[str, tuple[int, ...], int] | None = None
 
 
 @dataclass(frozen=True)
@@ -422,8 +432,21 @@ class SqlSink:
         once ``HELD_ROWS`` are held."""
         reduction = Reduction(self._merge)
         held: dict[str, _Target] = {}  # the target each held table's rows were read for
+        # _hold and Reduction.add for runs of changes in C; it leaves the rest to them
+        take = None if _HOLD_ROWS is None else partial(_HOLD_ROWS, self._targets, held)
         for txn in txns:
-            for change in self._screened(conn, txn).changes:
+            changes = self._screened(conn, txn).changes
+            i, n = 0, len(changes)
+            while i < n:
+                if take is not None:
+                    i = reduction.add_run(take, changes, i, HELD_ROWS)
+                    if len(reduction) >= HELD_ROWS:
+                        self._release(conn, reduction, held)
+                        continue
+                    if i == n:
+                        break
+                change = changes[i]
+                i += 1
                 if type(change) is RowChange and self._hold(conn, reduction, held, change):
                     if len(reduction) >= HELD_ROWS:
                         self._release(conn, reduction, held)
@@ -443,7 +466,8 @@ class SqlSink:
         change: RowChange,
     ) -> bool:
         """Hold one row change in ``reduction``, keyed by its key's raw bytes; False when it
-        cannot be (rule 3 there)."""
+        cannot be (rule 3 there). The Python twin of ``_fastrow.hold_rows``, which takes the
+        plain cases of a run of changes and leaves the others here."""
         rel = change.relation
         target = self._targets.get(rel) or self._target(conn, rel)
         name = target.table.name
@@ -1313,6 +1337,7 @@ class SqlSink:
             key_of=itemgetter(*keys) if keys else _Target.key_of,
             key_bind=_key_bind(tuple(_KEY + k for k in keys)),
             row_key=key_reader(rel, keys) if keys else _Target.row_key,
+            hold=(name, key_indexes(rel, keys), rel.ncols) if keys else None,
         )
 
     def _columns(
