@@ -111,7 +111,8 @@ def run_replicate(
     Batches are applied in one target transaction with the checkpoint, then acknowledged;
     one is written (by a second thread) while the next is read, each of up to half
     ``batch_changes`` changes, so at most ``batch_changes`` are held. A batch is also
-    flushed whenever the stream catches up, so a trickle is not held back. A batch goes in
+    flushed whenever the stream catches up and no batch is being written, so a trickle is
+    not held back, and a burst is not cut into a commit per few transactions. A batch goes in
     as one net change per row (``sinks.reduce``) unless ``reduce`` is False. ``on_stream``
     receives the stream before it starts (the CLI attaches its signal handlers there), and
     the snapshot job before it runs.
@@ -261,7 +262,17 @@ def _replicate(
         else:
             writing = writer.submit(apply_batch, batch)
 
-    stream = ReplicationStream(dsn, options, on_idle=flush)
+    def idle() -> None:
+        """Caught up with the source: write what is pending, unless a batch is still being
+        written. Then what is pending waits for that write and the stream's next look (at
+        most a quarter of a second when nothing arrives), where flushing would wait anyway
+        and then give a handful of transactions a commit of their own: a reader just ahead of
+        the walsender made a commit, four fsyncs into SQLite, every few milliseconds."""
+        if writing is not None and not writing.done():
+            return
+        flush()
+
+    stream = ReplicationStream(dsn, options, on_idle=idle)
     if on_stream is not None:
         on_stream(stream)
     try:
