@@ -99,6 +99,17 @@ irregular:
     return Py_NewRef(Py_None);
 }
 
+/* A (..., buf, pos) call's buffer and position: 1, or 0 with an exception set (and no buffer
+ * to release). */
+static int
+buffer_at(PyObject *buf, PyObject *pos_obj, Py_buffer *view, Py_ssize_t *pos)
+{
+    *pos = PyLong_AsSsize_t(pos_obj);
+    if (*pos == -1 && PyErr_Occurred())
+        return 0;
+    return PyObject_GetBuffer(buf, view, PyBUF_SIMPLE) == 0;
+}
+
 /* typed_row(template, load_text_row, load_binary_row, buf, pos) -> dict | None
  *
  * {name: value} for a TupleData whose values are all text or all binary (NULLs allowed),
@@ -117,11 +128,9 @@ typed_row(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     PyObject *template = args[0];
     Py_ssize_t ncols = PyDict_GET_SIZE(template);
-    Py_ssize_t pos = PyLong_AsSsize_t(args[4]);
-    if (pos == -1 && PyErr_Occurred())
-        return NULL;
+    Py_ssize_t pos;
     Py_buffer view;
-    if (PyObject_GetBuffer(args[3], &view, PyBUF_SIMPLE) < 0)
+    if (!buffer_at(args[3], args[4], &view, &pos))
         return NULL;
     int flags;
     PyObject *values = split_values(view.buf, view.len, pos, ncols, &flags);
@@ -243,11 +252,9 @@ row_key(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t ncols = PyLong_AsSsize_t(args[1]);
     if (ncols == -1 && PyErr_Occurred())
         return NULL;
-    Py_ssize_t pos = PyLong_AsSsize_t(args[3]);
-    if (pos == -1 && PyErr_Occurred())
-        return NULL;
+    Py_ssize_t pos;
     Py_buffer view;
-    if (PyObject_GetBuffer(args[2], &view, PyBUF_SIMPLE) < 0)
+    if (!buffer_at(args[2], args[3], &view, &pos))
         return NULL;
     int complete;
     PyObject *key = read_key(args[0], ncols, view.buf, view.len, pos, &complete);
@@ -1464,11 +1471,9 @@ copy_text(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t ncols = PyLong_AsSsize_t(args[0]);
     if (ncols == -1 && PyErr_Occurred())
         return NULL;
-    Py_ssize_t pos = PyLong_AsSsize_t(args[2]);
-    if (pos == -1 && PyErr_Occurred())
-        return NULL;
+    Py_ssize_t pos;
     Py_buffer view;
-    if (PyObject_GetBuffer(args[1], &view, PyBUF_SIMPLE) < 0)
+    if (!buffer_at(args[1], args[2], &view, &pos))
         return NULL;
     const unsigned char *data = view.buf;
     Py_ssize_t len = view.len;
@@ -2083,11 +2088,9 @@ driver_row(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "driver_row(plan: tuple, buf, pos)");
         return NULL;
     }
-    Py_ssize_t pos = PyLong_AsSsize_t(args[2]);
-    if (pos == -1 && PyErr_Occurred())
-        return NULL;
+    Py_ssize_t pos;
     Py_buffer view;
-    if (PyObject_GetBuffer(args[1], &view, PyBUF_SIMPLE) < 0)
+    if (!buffer_at(args[1], args[2], &view, &pos))
         return NULL;
     PyObject *row = driver_values(args[0], view.buf, view.len, pos);
     PyBuffer_Release(&view);
