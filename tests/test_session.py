@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pglogrepl_bridge import DecodeError, ReplicationSession, RowChange, Transaction
+from pglogrepl_bridge import DecodeError, Lsn, ReplicationSession, RowChange, Transaction
 from pglogrepl_bridge.pgoutput import _accel
 from pglogrepl_bridge.pgoutput.messages import (
     Begin,
@@ -186,3 +186,75 @@ def test_nothing_but_decode_errors_escape_on_arbitrary_bytes(
     for frame in frames:
         with contextlib.suppress(DecodeError):
             session.receive(frame)
+
+
+_PUMP = _accel.row_pump(RowChange)
+
+
+def _pumped(
+    session: ReplicationSession, frames: list[Any], limit: int
+) -> tuple[list[Any], list[Lsn]]:
+    """The frames as the stream's read loop takes them with ``_fastrow.pump_rows``: runs of
+    rows in C through ``row_sink``, the rest through ``receive``. A None frame is a moment
+    with nothing buffered: the received position there is noted."""
+    assert _PUMP is not None
+    queue = list(frames)
+
+    def get_copy_data(async_: int) -> tuple[int, Any]:  # psycopg's, over the frames
+        frame = queue.pop(0) if queue else None
+        return (0, b"") if frame is None else (len(frame), frame)
+
+    events, positions = [], []
+    while queue:
+        sink = session.row_sink()
+        if sink is not None:
+            taken, last, pending = _PUMP(get_copy_data, sink[0], sink[1], limit)
+            if taken:
+                session.took_rows(last)
+            if pending is None:
+                continue
+            nbytes, data = pending
+        else:
+            nbytes, data = get_copy_data(1)
+        if nbytes == 0:
+            positions.append(session.received_lsn)
+        elif (event := session.receive(data)) is not None:
+            events.append(event)
+    return events, positions
+
+
+def _shape(event: Any) -> Any:
+    if isinstance(event, Transaction):
+        rows = [
+            (c.op, c.relation.name, bytes(c.raw), c.new_at, c.old_at)
+            for c in event.changes
+            if isinstance(c, RowChange)
+        ]
+        return ("txn", event.xid, event.end_lsn, rows)
+    return event
+
+
+@pytest.mark.skipif(_PUMP is None, reason="C accelerator not built")
+@given(
+    st.lists(st.lists(st.integers(0, 99), max_size=9), min_size=1, max_size=5),
+    st.sampled_from([1, 2, 256]),
+)
+def test_the_c_read_loop_takes_rows_as_receive_does(batches: list[list[int]], limit: int) -> None:
+    """``pump_rows`` (the stream reads a transaction's rows in C): the same transactions,
+    rows, and received position whenever nothing is buffered, as one ``receive`` per frame,
+    whatever the limit."""
+    frames: list[Any] = []
+    for n, ids in enumerate(batches):
+        rows = txn(100 + n, 1000 * (n + 1), *ids)
+        frames += [*rows[:-1], None, rows[-1], keepalive(1000 * (n + 1) + 500)]  # a gap
+    frames.insert(3, None)
+    one, pumped = ReplicationSession(), ReplicationSession()
+    expected, positions = [], []
+    for frame in frames:  # one receive per frame; the position at each gap
+        if frame is None:
+            positions.append(one.received_lsn)
+        elif (event := one.receive(frame)) is not None:
+            expected.append(_shape(event))
+    got, got_positions = _pumped(pumped, frames, limit)
+    assert [_shape(e) for e in got] == expected
+    assert got_positions == positions

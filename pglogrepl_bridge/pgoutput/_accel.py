@@ -123,6 +123,19 @@ def row_holder(held_cls: type, row_cls: type) -> HoldRows | None:
     return _fastrow.hold_rows
 
 
+#: (get_copy_data, relations by id, changes, limit) → (rows taken, the last one's message,
+#: what get_copy_data returned for the first message not taken, or None at the limit)
+PumpRows = Callable[[Callable[[int], Any], dict[int, Any], list[Any], int], tuple[int, Any, Any]]
+
+
+def row_pump(cls: type[T]) -> PumpRows | None:
+    """``_fastrow.pump_rows``: the stream's read loop over a run of row changes, each put as
+    ``row_putter``'s function puts one; None without the accelerator."""
+    if row_putter(cls) is None:
+        return None
+    return _fastrow.pump_rows
+
+
 def row_putter(cls: type[T]) -> PutRow | None:
     """``(relations by id, changes, CopyData message) -> bool``: the row maker for a whole
     XLogData message, appending the ``cls`` it makes to ``changes``; False where the message

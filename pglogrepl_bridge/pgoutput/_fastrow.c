@@ -431,6 +431,38 @@ row_change(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
  * and the answer is True. False leaves the message untouched for the general path. Per row
  * this saves the header unpacking, the payload slice and the assembler's Python frames. */
 #define XLOG_HEADER 25
+
+/* put_row's work: 1 appended, 0 left to the general path, -1 error. */
+static int
+put_one(PyObject *relations, PyObject *changes, PyObject *message)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(message, &view, PyBUF_SIMPLE) < 0)
+        return -1;
+    const unsigned char *data = (const unsigned char *)view.buf;
+    if (view.len < XLOG_HEADER + 6 || data[0] != 'w' ||
+        (data[XLOG_HEADER] != 'I' && data[XLOG_HEADER] != 'U' && data[XLOG_HEADER] != 'D')) {
+        PyBuffer_Release(&view);
+        return 0;
+    }
+    PyObject *payload = PyBytes_FromStringAndSize((const char *)data + XLOG_HEADER,
+                                                  view.len - XLOG_HEADER);
+    PyBuffer_Release(&view);
+    if (payload == NULL)
+        return -1;
+    PyObject *row = make_row(relations, payload, 1);
+    Py_DECREF(payload);
+    if (row == NULL)
+        return -1;
+    if (row == Py_None) {
+        Py_DECREF(row);
+        return 0;
+    }
+    int failed = PyList_Append(changes, row);
+    Py_DECREF(row);
+    return failed ? -1 : 1;
+}
+
 static PyObject *
 put_row(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -438,33 +470,70 @@ put_row(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "put_row(relations: dict, changes: list, message)");
         return NULL;
     }
-    Py_buffer view;
-    if (PyObject_GetBuffer(args[2], &view, PyBUF_SIMPLE) < 0)
+    int got = put_one(args[0], args[1], args[2]);
+    if (got < 0)
         return NULL;
-    const unsigned char *data = (const unsigned char *)view.buf;
-    if (view.len < XLOG_HEADER + 6 || data[0] != 'w' ||
-        (data[XLOG_HEADER] != 'I' && data[XLOG_HEADER] != 'U' && data[XLOG_HEADER] != 'D')) {
-        PyBuffer_Release(&view);
-        Py_RETURN_FALSE;
+    return PyBool_FromLong(got);
+}
+
+/* pump_rows(get_copy_data, relations, changes, limit) -> (taken, last, pending)
+ *
+ * The stream's read loop for a run of row changes, in one call: get_copy_data(1) (psycopg's
+ * PGconn method) again and again, each CopyData that put_row takes appended to changes, up
+ * to ``limit`` of them. Returns how many were taken, the last one taken (its message: the
+ * stream notes its position), and ``pending``: the (nbytes, data) get_copy_data returned
+ * for the first message not taken, which the caller handles as usual (any other message, a
+ * row put_row leaves to Python, nothing buffered, the end of the copy), or None when the
+ * limit stopped the run. Per row this saves the loop's and the session's Python frames. */
+static PyObject *
+pump_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyDict_Check(args[1]) || !PyList_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "pump_rows(get_copy_data, relations: dict, changes: list, limit)");
+        return NULL;
     }
-    PyObject *payload = PyBytes_FromStringAndSize((const char *)data + XLOG_HEADER,
-                                                  view.len - XLOG_HEADER);
-    PyBuffer_Release(&view);
-    if (payload == NULL)
+    Py_ssize_t limit = PyLong_AsSsize_t(args[3]);
+    if (limit == -1 && PyErr_Occurred())
         return NULL;
-    PyObject *row = make_row(args[0], payload, 1);
-    Py_DECREF(payload);
-    if (row == NULL)
-        return NULL;
-    if (row == Py_None) {
-        Py_DECREF(row);
-        Py_RETURN_FALSE;
+    PyObject *one = PyLong_FromLong(1), *last = Py_NewRef(Py_None), *pending = NULL;
+    Py_ssize_t taken = 0;
+    if (one == NULL)
+        goto failed;
+    while (taken < limit) {
+        PyObject *got = PyObject_CallOneArg(args[0], one);
+        if (got == NULL)
+            goto failed;
+        if (!PyTuple_Check(got) || PyTuple_GET_SIZE(got) != 2) {
+            Py_DECREF(got);
+            PyErr_SetString(PyExc_TypeError, "get_copy_data returned no (nbytes, data)");
+            goto failed;
+        }
+        Py_ssize_t nbytes = PyLong_AsSsize_t(PyTuple_GET_ITEM(got, 0));
+        if (nbytes == -1 && PyErr_Occurred()) {
+            Py_DECREF(got);
+            goto failed;
+        }
+        int put = nbytes > 0 ? put_one(args[1], args[2], PyTuple_GET_ITEM(got, 1)) : 0;
+        if (put < 0) {
+            Py_DECREF(got);
+            goto failed;
+        }
+        if (put == 0) {
+            pending = got;
+            break;
+        }
+        Py_SETREF(last, Py_NewRef(PyTuple_GET_ITEM(got, 1)));
+        Py_DECREF(got);
+        taken++;
     }
-    int failed = PyList_Append(args[1], row);
-    Py_DECREF(row);
-    if (failed)
-        return NULL;
-    Py_RETURN_TRUE;
+    Py_DECREF(one);
+    PyObject *result = Py_BuildValue("(nNN)", taken, last, pending ? pending : Py_NewRef(Py_None));
+    return result;
+failed:
+    Py_XDECREF(one);
+    Py_DECREF(last);
+    return NULL;
 }
 
 /* ---- JsonRow: TupleData -> JSON object text ---------------------------------------- */
@@ -2140,6 +2209,8 @@ static PyMethodDef methods[] = {
      PyDoc_STR("bind_row_change(cls, fields): where row_change puts each field")},
     {"row_change", (PyCFunction)(void (*)(void))row_change, METH_FASTCALL,
      PyDoc_STR("row_change(relations, payload, pos) -> RowChange | None")},
+    {"pump_rows", (PyCFunction)(void (*)(void))pump_rows, METH_FASTCALL,
+     PyDoc_STR("pump_rows(get_copy_data, relations, changes, limit) -> (taken, last, pending)")},
     {"put_row", (PyCFunction)(void (*)(void))put_row, METH_FASTCALL,
      PyDoc_STR("put_row(relations, changes, message) -> bool")},
     {"copy_row", (PyCFunction)(void (*)(void))copy_row, METH_FASTCALL,

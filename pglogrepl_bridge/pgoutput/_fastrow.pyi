@@ -44,6 +44,13 @@ def hold_rows(
     room: int,
     /,
 ) -> tuple[int, int]: ...
+def pump_rows(
+    get_copy_data: Callable[[int], Any],
+    relations: dict[int, Any],
+    changes: list[Any],
+    limit: int,
+    /,
+) -> tuple[int, Any, Any]: ...
 def put_row(relations: dict[int, Any], changes: list[Any], message: Any, /) -> bool: ...
 
 class JsonRow:

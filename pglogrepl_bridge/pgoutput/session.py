@@ -95,20 +95,32 @@ class ReplicationSession:
         self.changes = 0
         self._by_id = self.assembler.relations.by_id
         # the open plain transaction's change list, where _put_row may append; None otherwise
-        self._rows: list[Any] | None = None
+        self.open_rows: list[Any] | None = None
         self._last_row: Any = None  # the last message _put_row took: its dataStart is noted late
 
     # -- bytes in ----------------------------------------------------------------------------
 
     def receive(self, data: bytes | memoryview) -> Event | None:
         """Take one CopyData message; return the event it completes, if any."""
-        rows = self._rows
+        rows = self.open_rows
         if rows is not None and _put_row is not None and _put_row(self._by_id, rows, data):
             # the hot path: a row change appended in C. Its position is noted when next needed
             # (a memoryview keeps psycopg's buffer alive only until then).
             self._last_row = data
             return None
         return self._receive(data)
+
+    def row_sink(self) -> tuple[dict[int, Any], list[Any]] | None:
+        """Where row changes may go straight in, as ``receive``'s fast path puts them (the
+        stream's ``_fastrow.pump_rows`` puts a run of them in one call): the relation cache
+        and the open plain transaction's change list; None outside one."""
+        rows = self.open_rows
+        return None if rows is None else (self._by_id, rows)
+
+    def took_rows(self, last: bytes | memoryview) -> None:
+        """Row changes went in through ``row_sink``; ``last`` is the last one's message (its
+        position is noted when next needed, as for ``receive``'s)."""
+        self._last_row = last
 
     def _receive(self, data: bytes | memoryview) -> Event | None:
         self._note_last_row()
@@ -119,7 +131,7 @@ class ReplicationSession:
                 feedback.received = start
             assembler = self.assembler
             event = assembler.feed(bytes(data[XLOGDATA_HEADER:]), start)
-            self._rows = assembler.open_changes if _put_row is not None else None
+            self.open_rows = assembler.open_changes if _put_row is not None else None
             if event is None:
                 return None
             if isinstance(event, Transaction):
@@ -205,7 +217,7 @@ class ReplicationSession:
         """The stream broke: partial transactions come again from the confirmed position;
         delivered-but-unacknowledged ones stay in flight and their copies are skipped."""
         self.assembler.reset()
-        self._rows = None
+        self.open_rows = None
         self._last_row = None
         self.reply_requested = False
         self.skip_upto = max(self.skip_upto, self.feedback.last_delivered)

@@ -39,9 +39,10 @@ from pglogrepl_bridge.errors import (
     SlotInUseError,
 )
 from pglogrepl_bridge.lsn import Lsn, format_lsn
+from pglogrepl_bridge.pgoutput import _accel
 from pglogrepl_bridge.pgoutput.feedback import FeedbackTracker
 from pglogrepl_bridge.pgoutput.session import ReplicationSession
-from pglogrepl_bridge.pgoutput.transaction import Event, Transaction
+from pglogrepl_bridge.pgoutput.transaction import Event, RowChange, Transaction
 from pglogrepl_bridge.pgoutput.values import ValueLoaders, ValueProblem
 from pglogrepl_bridge.pgoutput.walsender import unix_us_to_pg_time
 from pglogrepl_bridge.postgres.connection import (
@@ -64,6 +65,10 @@ __all__ = ["ReplicationStream", "StreamOptions", "max_proto_version", "pause_aft
 #: The pause grows with the burst, so a trickle of small transactions keeps its latency.
 PAUSE_PER_MESSAGE = 10e-6
 MAX_PAUSE = 0.01
+#: In a transaction the read loop takes row changes in C, up to this many per call
+#: (``_fastrow.pump_rows``), then looks at its stop flag again
+PUMP_ROWS = 256
+_PUMP = _accel.row_pump(RowChange)
 
 
 def pause_after(burst: int) -> float:
@@ -304,8 +309,19 @@ class _StreamBase:
         until = self.options.until_lsn
         drained = 0
         burst = 0  # messages since the loop last waited for the server
+        row_sink = session.row_sink if _PUMP is not None else None
         while not self._stopping:
-            nbytes, data = get_copy_data(1)
+            sink = row_sink() if row_sink is not None else None
+            if sink is not None and _PUMP is not None:  # in a transaction: its rows in C
+                taken, last, pending = _PUMP(get_copy_data, sink[0], sink[1], PUMP_ROWS)
+                if taken:
+                    drained += taken
+                    session.took_rows(last)
+                if pending is None:
+                    continue  # PUMP_ROWS taken: look at the stop flag, then read on
+                nbytes, data = pending
+            else:
+                nbytes, data = get_copy_data(1)
             if nbytes > 0:
                 drained += 1
                 event = receive(data)

@@ -106,7 +106,8 @@ ROWID_COL = "_pglb_rowid"  # the surrogate key of a keyless table
 __all__ = ["CHECKPOINT_TABLE", "NODE_COL", "TS_COL", "Conflict", "SqlSink", "base_columns"]
 
 Conflict = Literal["source", "lww"]
-_HOLD_ROWS = accel.row_holder(Held, RowChange)  # SqlSink._hold for runs of changes, in C where built
+#: SqlSink._hold for runs of changes, in C where built
+_HOLD_ROWS = accel.row_holder(Held, RowChange)
 _KEY = "_pglb_key_"  # bind-parameter prefix for a row's old key in UPDATE/DELETE
 
 
