@@ -1542,22 +1542,19 @@ def _driver_plan(
     """``row_values`` as a plan for ``_fastrow.driver_row`` (SQLite): each column a mode
     that converts its text in C, or psycopg's loader and the step called from C. Into SQLite,
     where nearly every value is the source's text edited (``sqlitetext``), that makes a
-    row's values with no Python frame; ``tests/test_sqlite_plan.py`` holds the two equal."""
+    row's values with no Python frame; ``tests/test_sqlitetext.py`` holds the two equal."""
     if accel.driver_row is None or dialect.name != "sqlite":
         return None
     plan: list[accel.DriverStep] = []
     for col in columns:
         oid, step = _column_path(col, table, dialect, passthrough)
-        name = describe(col.type_oid)[0] if oid is not None else None
-        mode = (
-            accel.DRIVER_TEXT
-            if oid is None and step is None
-            else sqlitetext.MODES.get(step)  # type: ignore[arg-type]
-            if oid is None
-            else _DRIVER_MODES.get(name or "")
-            if step is None or name in ("bool", "float4", "float8")
-            else None
-        )
+        mode: int | None = None
+        if oid is None:  # the text, as it is or edited
+            mode = accel.DRIVER_TEXT if step is None else sqlitetext.MODES.get(step)
+        else:  # a loaded value, bound as it is (or as the mode binds it: bool, float)
+            name = describe(col.type_oid)[0]
+            if step is None or name in ("bool", "float4", "float8"):
+                mode = _DRIVER_MODES.get(name or "")
         if mode is not None:
             plan.append(mode)
             continue
