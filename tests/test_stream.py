@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -338,6 +339,36 @@ def test_pause_after_a_burst_grows_with_it() -> None:
     assert pause_after(3) < 0.0001
     assert pause_after(100) < pause_after(500) <= MAX_PAUSE
     assert pause_after(10**6) == MAX_PAUSE == 0.01
+
+
+def test_a_gatherer_wakes_for_a_batch_and_then_for_any_byte() -> None:
+    """On TCP the wait after a burst ends once GATHER_BYTES are buffered, not before (short
+    of its timeout); outside it, and on a Unix-domain socket, a single byte is readable."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        sender = socket.create_connection(server.getsockname())
+        reader, _ = server.accept()
+        with sender, reader:
+            gatherer = connection.Gatherer.open(reader.fileno())
+            assert gatherer is not None
+            try:
+                sender.sendall(b"x" * (connection.GATHER_BYTES // 2))
+                time.sleep(0.05)
+                with gatherer:
+                    assert not select.select([reader], [], [], 0.05)[0]  # half a batch: wait
+                    sender.sendall(b"y" * connection.GATHER_BYTES)
+                    assert select.select([reader], [], [], 5.0)[0]  # a batch: awake
+                sent = connection.GATHER_BYTES // 2 + connection.GATHER_BYTES
+                assert len(reader.recv(sent, socket.MSG_WAITALL)) == sent
+                sender.sendall(b"z")
+                assert select.select([reader], [], [], 5.0)[0]  # the mark is back to 1
+            finally:
+                gatherer.close()
+            assert reader.fileno() >= 0  # close() closed its duplicate, not the socket
+            reader.setblocking(False)
+            assert reader.recv(10) == b"z"
+    left, right = socket.socketpair(socket.AF_UNIX)
+    with left, right:
+        assert connection.Gatherer.open(left.fileno()) is None
 
 
 def test_same_host() -> None:

@@ -29,6 +29,7 @@ from pglogrepl_bridge.pgoutput.transaction import Event, Transaction
 from pglogrepl_bridge.pgoutput.values import ValueProblem
 from pglogrepl_bridge.postgres.connection import (
     SESSION_SETTINGS,
+    Gatherer,
     connect_timeout,
     connection_error,
     limit_receive_buffer,
@@ -40,7 +41,7 @@ from pglogrepl_bridge.postgres.startup import start_steps
 from pglogrepl_bridge.postgres.stream import (
     IDLE,
     Disconnected,
-    Pause,
+    Gather,
     Readable,
     Send,
     _Rewind,
@@ -199,26 +200,35 @@ class AsyncReplicationStream(_StreamBase):
         conn = self._conn
         pgconn = conn.pgconn
         steps = self._steps(pgconn)
+        gatherer = Gatherer.open(pgconn.socket)
         answer: bool | None = None
-        while True:
-            try:
-                step = steps.send(answer)
-            except StopIteration:
-                break
-            answer = None
-            if type(step) is Readable:
-                answer = await _readable(pgconn.socket, step.timeout)
-            elif type(step) is Pause:
-                await asyncio.sleep(step.seconds)
-            elif type(step) is Send:
-                await _send(conn, step.data)
-            elif step is IDLE:
-                assert self._on_idle is not None
-                result = self._on_idle()
-                if asyncio.iscoroutine(result):
-                    await result
-            else:
-                yield step  # type: ignore[misc]
+        try:
+            while True:
+                try:
+                    step = steps.send(answer)
+                except StopIteration:
+                    break
+                answer = None
+                if type(step) is Readable:
+                    answer = await _readable(pgconn.socket, step.timeout)
+                elif type(step) is Gather:
+                    if gatherer is None:
+                        await asyncio.sleep(step.seconds)
+                    else:
+                        with gatherer:
+                            await _readable(pgconn.socket, step.seconds)
+                elif type(step) is Send:
+                    await _send(conn, step.data)
+                elif step is IDLE:
+                    assert self._on_idle is not None
+                    result = self._on_idle()
+                    if asyncio.iscoroutine(result):
+                        await result
+                else:
+                    yield step  # type: ignore[misc]
+        finally:
+            if gatherer is not None:
+                gatherer.close()
         await self.close()
 
     async def _send_status(self, conn: AsyncConn) -> None:

@@ -140,6 +140,57 @@ def limit_receive_buffer(
     return True
 
 
+#: After a burst, the reader waits until this much is buffered on the socket (or its pause
+#: ends): about half of LOCAL_RECEIVE_BUFFER's window, which the kernel doubles
+GATHER_BYTES = 32 * 1024
+
+
+class Gatherer:
+    """Waits for a batch on a TCP socket: its low-water mark (SO_RCVLOWAT) raised for one wait.
+
+    Why: after a burst the reader must not wake for every message (each message the walsender
+    sends into an open receive window takes the whole TCP path in the walsender's process),
+    but a fixed sleep is no better: under a bulk load the window shuts within a millisecond
+    and the walsender then stands idle for the rest of it (benchmarks/RESULTS.md, fourteenth
+    session: 0.4 s of a 1.1 s run). With the mark raised, the kernel wakes the reader as soon
+    as ``GATHER_BYTES`` are there, and the wait's timeout ends a quiet one. The mark goes
+    back to 1 before anything else waits on the socket: libpq's own waits must wake for any
+    byte. Unix-domain sockets ignore the mark in poll, so they get no Gatherer (a sleep).
+    """
+
+    __slots__ = ("_sock",)
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    @classmethod
+    def open(cls, fd: int) -> Gatherer | None:
+        """A Gatherer on a duplicate of ``fd`` (closed by ``close``), or None where the mark
+        cannot work: not TCP, or the option refused."""
+        try:
+            sock = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            return None
+        try:
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+                return cls(sock)
+        except OSError:
+            pass
+        sock.close()
+        return None
+
+    def __enter__(self) -> None:
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, GATHER_BYTES)
+
+    def __exit__(self, *exc: object) -> None:
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+
+    def close(self) -> None:
+        """Close the duplicate; the connection's own socket stays open."""
+        self._sock.close()
+
+
 def same_host(local: str, peer: str) -> bool:
     """Whether a TCP connection from ``local`` to ``peer`` stays on this machine."""
     try:

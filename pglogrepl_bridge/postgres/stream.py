@@ -8,12 +8,13 @@
 Everything about the stream's content (framing, decoding, assembly, skipping, feedback) is
 the session's (``pgoutput.session``); this module only waits, reads, sends and reconnects.
 The read loop itself is written once, as a generator (``_StreamBase._steps``) that yields
-events and what to wait for (``Readable``, ``Pause``, ``Send``, ``IDLE``): this module drives
+events and what to wait for (``Readable``, ``Gather``, ``Send``, ``IDLE``): this module drives
 it with blocking waits, ``postgres.aio`` with the event loop's (psycopg's own split).
 Reads are non-blocking ``get_copy_data`` calls that drain everything buffered before waiting
-on the socket, with a pause after a burst (``pause_after``) so the walsender batches its
-sends. The connection is re-established with backoff when it drops, and resumes where the
-consumer's acknowledgements left off, without delivering a transaction twice.
+on the socket; after a burst the loop waits for a batch to gather (``Gather``) so the
+walsender batches its sends. The connection is re-established with backoff when it drops,
+and resumes where the consumer's acknowledgements left off, without delivering a
+transaction twice.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from pglogrepl_bridge.pgoutput.values import ValueLoaders, ValueProblem
 from pglogrepl_bridge.pgoutput.walsender import unix_us_to_pg_time
 from pglogrepl_bridge.postgres.connection import (
     Conn,
+    Gatherer,
     SystemInfo,
     connect,
     limit_receive_buffer,
@@ -59,10 +61,12 @@ log = logging.getLogger(__name__)
 
 __all__ = ["ReplicationStream", "StreamOptions", "max_proto_version", "pause_after"]
 
-#: After a burst, the reader pauses before it looks again, so that the walsender fills the
-#: socket meanwhile: once the receive window is shut its sends only queue, a fraction of the
-#: cost of sending each message into an open window (benchmarks/RESULTS.md, fourth session).
-#: The pause grows with the burst, so a trickle of small transactions keeps its latency.
+#: After a burst, the reader waits for a batch before it looks again, so that the walsender
+#: fills the socket meanwhile: once the receive window is shut its sends only queue, a
+#: fraction of the cost of sending each message into an open window (benchmarks/RESULTS.md,
+#: fourth session). The wait ends when ``connection.GATHER_BYTES`` are there (``Gatherer``),
+#: or after the pause, which grows with the burst, so a trickle of small transactions keeps
+#: its latency.
 PAUSE_PER_MESSAGE = 10e-6
 MAX_PAUSE = 0.01
 #: In a transaction the read loop takes row changes in C, up to this many per call
@@ -72,7 +76,7 @@ _PUMP = _accel.row_pump(RowChange)
 
 
 def pause_after(burst: int) -> float:
-    """Seconds to pause once ``burst`` messages have been read and the socket ran dry."""
+    """The longest wait for a batch once ``burst`` messages were read and the socket ran dry."""
     return min(MAX_PAUSE, burst * PAUSE_PER_MESSAGE)
 
 
@@ -298,8 +302,9 @@ class _StreamBase:
         it yields the events to hand out and what to wait for, and the sync or async driver
         does the waiting. The per-message path never leaves this frame.
 
-        Reads drain everything buffered before waiting; after a burst the loop pauses
-        (``pause_after``) so that the walsender batches its sends.
+        Reads drain everything buffered before waiting; after a burst the loop waits for a
+        batch to gather (``Gather``, at most ``pause_after``) so that the walsender batches
+        its sends.
         """
         get_copy_data = pgconn.get_copy_data
         session = self.session
@@ -353,11 +358,11 @@ class _StreamBase:
             if until is not None and feedback.inflight:
                 timeout = min(timeout, 0.005)  # the last acks may come from another thread
             if drained:
-                # In a burst: read on at once if more is there; else pause, so that we wake
-                # per batch rather than per message.
+                # In a burst: read on at once if more is there; else wait for a batch, so
+                # that we wake per batch rather than per message.
                 burst += drained
                 if not (yield Readable(0.0)):
-                    yield Pause(pause_after(burst))
+                    yield Gather(pause_after(burst))
             else:
                 burst = 0
                 yield Readable(timeout)
@@ -489,25 +494,34 @@ class ReplicationStream(_StreamBase):
         pgconn = conn.pgconn
         sock = pgconn.socket
         steps = self._steps(pgconn)
+        gatherer = Gatherer.open(sock)
         answer: bool | None = None
-        while True:
-            try:
-                step = steps.send(answer)
-            except StopIteration:
-                break
-            answer = None
-            if type(step) is Readable:
-                answer = bool(select.select([sock], [], [], step.timeout)[0])
-            elif type(step) is Pause:
-                time.sleep(step.seconds)
-            elif type(step) is Send:
-                pgconn.put_copy_data(step.data)
-                pgconn.flush()
-            elif step is IDLE:
-                assert self._on_idle is not None
-                self._on_idle()
-            else:
-                yield step  # type: ignore[misc]
+        try:
+            while True:
+                try:
+                    step = steps.send(answer)
+                except StopIteration:
+                    break
+                answer = None
+                if type(step) is Readable:
+                    answer = bool(select.select([sock], [], [], step.timeout)[0])
+                elif type(step) is Gather:
+                    if gatherer is None:
+                        time.sleep(step.seconds)
+                    else:
+                        with gatherer:
+                            select.select([sock], [], [], step.seconds)
+                elif type(step) is Send:
+                    pgconn.put_copy_data(step.data)
+                    pgconn.flush()
+                elif step is IDLE:
+                    assert self._on_idle is not None
+                    self._on_idle()
+                else:
+                    yield step  # type: ignore[misc]
+        finally:
+            if gatherer is not None:
+                gatherer.close()
         self.close()
 
     def _send_status(self, conn: Conn) -> None:
@@ -558,8 +572,10 @@ class Readable:
 
 
 @dataclass(frozen=True, slots=True)
-class Pause:
-    """Sleep ``seconds`` (the walsender fills the socket meanwhile)."""
+class Gather:
+    """Wait until a batch is buffered on the socket (``connection.Gatherer``), at most
+    ``seconds``; where the socket cannot say, sleep ``seconds``. The walsender fills the
+    socket meanwhile."""
 
     seconds: float
 
@@ -572,7 +588,7 @@ class Send:
 
 
 IDLE = object()  # run the consumer's on_idle callback: the stream has caught up
-Steps = Generator["Event | Readable | Pause | Send | object", "bool | None", None]
+Steps = Generator["Event | Readable | Gather | Send | object", "bool | None", None]
 
 
 class _Rewind(Exception):
