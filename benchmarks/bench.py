@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/bench.py --smoke          # tiny, checks only (CI runs this)
     .venv/bin/python benchmarks/bench.py --memory         # 1M-row transaction, peak RSS
     .venv/bin/python benchmarks/bench.py --nats           # also publish into R1 and R3 streams
+    .venv/bin/python benchmarks/bench.py --pin            # server on CPU 0, clients on CPU 1
 
 Builds the workload on the embedded PostgreSQL after creating one slot per (round, tool), finds
 the exact end LSN of the final commit, then times each tool round-robin, each on its own slot
@@ -268,6 +269,12 @@ def main() -> None:
         "previous commit with its own venv): before/after figures under the same noise",
     )
     ap.add_argument(
+        "--pin",
+        action="store_true",
+        help="the source server's processes (the walsender among them) on CPU 0, the clients "
+        "on CPU 1: the two sides on separate cores, as issue 19 measured (unpinned by default)",
+    )
+    ap.add_argument(
         "--nats",
         action="store_true",
         help="also time publish into an R1 and an R3 JetStream stream, on a three-node NATS "
@@ -279,6 +286,8 @@ def main() -> None:
     versions = find_bindirs()
     version = args.version if args.version in versions else max(versions)
     with postgres_server(version) as pg:
+        if args.pin:
+            pin_apart(pg)
         if args.memory:
             memory_check(pg, 200_000 if args.smoke else 1_000_000)
         else:
@@ -292,6 +301,25 @@ def main() -> None:
                     pg, args.changes, args.rounds, versions[version], args.baseline,
                     args.workload, urls,
                 )  # fmt: skip
+
+
+def pin_apart(pg: PostgresServer) -> None:
+    """The server's postmaster and its processes on CPU 0 (backends forked later inherit it),
+    this process and everything it starts on CPU 1. A PostgreSQL target database lives on the
+    same server, so its backend shares CPU 0 with the walsender."""
+    if len(os.sched_getaffinity(0)) < 2:
+        raise SystemExit("--pin needs two CPUs")
+    with psycopg.connect(pg.dsn, autocommit=True) as conn:
+        backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
+    postmaster = int(Path(f"/proc/{backend}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if entry.name.isdigit():
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if int(entry.name) == postmaster or ppid == postmaster:
+                    os.sched_setaffinity(int(entry.name), {0})
+    os.sched_setaffinity(0, {1})
+    print(f"pinned: server (postmaster {postmaster}) on CPU 0, clients on CPU 1", flush=True)
 
 
 def precompile(baseline: str | None = None) -> None:
