@@ -5,6 +5,7 @@ Every message goes through ``redact_dsn``: no password, ever.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import re
@@ -181,10 +182,12 @@ class Gatherer:
         return None
 
     def __enter__(self) -> None:
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, GATHER_BYTES)
+        with contextlib.suppress(OSError):  # a tuning: the wait then ends at the first byte
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, GATHER_BYTES)
 
     def __exit__(self, *exc: object) -> None:
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+        with contextlib.suppress(OSError):  # the connection's own errors come next
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 
     def close(self) -> None:
         """Close the duplicate; the connection's own socket stays open."""
