@@ -343,13 +343,13 @@ def test_pause_after_a_burst_grows_with_it() -> None:
 
 def test_a_gatherer_wakes_for_a_batch_and_then_for_any_byte() -> None:
     """On TCP the wait after a burst ends once GATHER_BYTES are buffered, not before (short
-    of its timeout); outside it, and on a Unix-domain socket, a single byte is readable."""
+    of its timeout); outside it, and on a Unix-domain socket, a single byte ends it."""
     with socket.create_server(("127.0.0.1", 0)) as server:
         sender = socket.create_connection(server.getsockname())
         reader, _ = server.accept()
         with sender, reader:
             gatherer = connection.Gatherer.open(reader.fileno())
-            assert gatherer is not None
+            assert gatherer.marks
             try:
                 sender.sendall(b"x" * (connection.GATHER_BYTES // 2))
                 time.sleep(0.05)
@@ -368,7 +368,13 @@ def test_a_gatherer_wakes_for_a_batch_and_then_for_any_byte() -> None:
             assert reader.recv(10) == b"z"
     left, right = socket.socketpair(socket.AF_UNIX)
     with left, right:
-        assert connection.Gatherer.open(left.fileno()) is None
+        gatherer = connection.Gatherer.open(left.fileno())
+        assert not gatherer.marks  # poll ignores the mark here: no wait for a batch
+        right.sendall(b"z")
+        with gatherer:
+            assert select.select([left], [], [], 5.0)[0]
+        gatherer.close()
+        assert left.recv(10) == b"z"  # the socket itself stays open
 
 
 def test_same_host() -> None:

@@ -212,11 +212,8 @@ class AsyncReplicationStream(_StreamBase):
                 if type(step) is Readable:
                     answer = await _readable(pgconn.socket, step.timeout)
                 elif type(step) is Gather:
-                    if gatherer is None:
-                        await asyncio.sleep(step.seconds)
-                    else:
-                        with gatherer:
-                            await _readable(pgconn.socket, step.seconds)
+                    with gatherer:
+                        await _readable(pgconn.socket, step.seconds)
                 elif type(step) is Send:
                     await _send(conn, step.data)
                 elif step is IDLE:
@@ -227,8 +224,7 @@ class AsyncReplicationStream(_StreamBase):
                 else:
                     yield step  # type: ignore[misc]
         finally:
-            if gatherer is not None:
-                gatherer.close()
+            gatherer.close()
         await self.close()
 
     async def _send_status(self, conn: AsyncConn) -> None:

@@ -147,31 +147,34 @@ GATHER_BYTES = 32 * 1024
 
 
 class Gatherer:
-    """Waits for a batch on a TCP socket: its low-water mark (SO_RCVLOWAT) raised for one wait.
+    """How the reader waits for a batch after a burst: on a TCP socket, with its low-water mark
+    (SO_RCVLOWAT) raised for that one wait; elsewhere, for the first byte.
 
     Why: after a burst the reader must not wake for every message (each message the walsender
     sends into an open receive window takes the whole TCP path in the walsender's process),
-    but a fixed sleep is no better: under a bulk load the window shuts within a millisecond
-    and the walsender then stands idle for the rest of it (benchmarks/RESULTS.md, fourteenth
+    but a fixed sleep is worse: under a bulk load the window shuts within a millisecond and
+    the walsender then stands idle for the rest of it (benchmarks/RESULTS.md, fourteenth
     session: 0.4 s of a 1.1 s run). With the mark raised, the kernel wakes the reader as soon
     as ``GATHER_BYTES`` are there, and the wait's timeout ends a quiet one. The mark goes
     back to 1 before anything else waits on the socket: libpq's own waits must wake for any
-    byte. Unix-domain sockets ignore the mark in poll, so they get no Gatherer (a sleep).
+    byte. A Unix-domain socket ignores the mark in poll, and holds only a few hundred of the
+    walsender's messages before it blocks: any sleep there left the walsender idle (a 0.6 s
+    stream took 5.6 s with the old sleep), so there the reader waits for the first byte.
     """
 
     __slots__ = ("_sock",)
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket | None) -> None:
         self._sock = sock
 
     @classmethod
-    def open(cls, fd: int) -> Gatherer | None:
-        """A Gatherer on a duplicate of ``fd`` (closed by ``close``), or None where the mark
-        cannot work: not TCP, or the option refused."""
+    def open(cls, fd: int) -> Gatherer:
+        """A Gatherer for the socket ``fd``: with a duplicate of it (closed by ``close``) where
+        the mark works, TCP; without one (waits end at the first byte) anywhere else."""
         try:
             sock = socket.socket(fileno=os.dup(fd))
         except OSError:
-            return None
+            return cls(None)
         try:
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
@@ -179,19 +182,27 @@ class Gatherer:
         except OSError:
             pass
         sock.close()
-        return None
+        return cls(None)
+
+    @property
+    def marks(self) -> bool:
+        """Whether a wait ends only once ``GATHER_BYTES`` are buffered (or at its timeout)."""
+        return self._sock is not None
 
     def __enter__(self) -> None:
-        with contextlib.suppress(OSError):  # a tuning: the wait then ends at the first byte
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, GATHER_BYTES)
+        if self._sock is not None:
+            with contextlib.suppress(OSError):  # a tuning: the wait then ends at the first byte
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, GATHER_BYTES)
 
     def __exit__(self, *exc: object) -> None:
-        with contextlib.suppress(OSError):  # the connection's own errors come next
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+        if self._sock is not None:
+            with contextlib.suppress(OSError):  # the connection's own errors come next
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 
     def close(self) -> None:
         """Close the duplicate; the connection's own socket stays open."""
-        self._sock.close()
+        if self._sock is not None:
+            self._sock.close()
 
 
 def same_host(local: str, peer: str) -> bool:

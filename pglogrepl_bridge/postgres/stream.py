@@ -506,11 +506,8 @@ class ReplicationStream(_StreamBase):
                 if type(step) is Readable:
                     answer = bool(select.select([sock], [], [], step.timeout)[0])
                 elif type(step) is Gather:
-                    if gatherer is None:
-                        time.sleep(step.seconds)
-                    else:
-                        with gatherer:
-                            select.select([sock], [], [], step.seconds)
+                    with gatherer:
+                        select.select([sock], [], [], step.seconds)
                 elif type(step) is Send:
                     pgconn.put_copy_data(step.data)
                     pgconn.flush()
@@ -520,8 +517,7 @@ class ReplicationStream(_StreamBase):
                 else:
                     yield step  # type: ignore[misc]
         finally:
-            if gatherer is not None:
-                gatherer.close()
+            gatherer.close()
         self.close()
 
     def _send_status(self, conn: Conn) -> None:
@@ -573,9 +569,9 @@ class Readable:
 
 @dataclass(frozen=True, slots=True)
 class Gather:
-    """Wait until a batch is buffered on the socket (``connection.Gatherer``), at most
-    ``seconds``; where the socket cannot say, sleep ``seconds``. The walsender fills the
-    socket meanwhile."""
+    """Wait until a batch is buffered on the socket (``connection.Gatherer``: on TCP; on a
+    Unix-domain socket, the first byte), at most ``seconds``. The walsender fills the socket
+    meanwhile."""
 
     seconds: float
 
