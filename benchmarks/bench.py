@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/bench.py --memory         # 1M-row transaction, peak RSS
     .venv/bin/python benchmarks/bench.py --nats           # also publish into R1 and R3 streams
     .venv/bin/python benchmarks/bench.py --pin            # server on CPU 0, clients on CPU 1
+    .venv/bin/python benchmarks/bench.py --socket unix    # the tools over the Unix-domain socket
 
 Builds the workload on the embedded PostgreSQL after creating one slot per (round, tool), finds
 the exact end LSN of the final commit, then times each tool round-robin, each on its own slot
@@ -275,6 +276,13 @@ def main() -> None:
         "on CPU 1: the two sides on separate cores, as issue 19 measured (unpinned by default)",
     )
     ap.add_argument(
+        "--socket",
+        choices=["tcp", "unix"],
+        default="tcp",
+        help="how the tools reach the source: TCP on loopback (the figures since the first "
+        "session) or the cluster's Unix-domain socket, as a local client does by default",
+    )
+    ap.add_argument(
         "--nats",
         action="store_true",
         help="also time publish into an R1 and an R3 JetStream stream, on a three-node NATS "
@@ -299,7 +307,7 @@ def main() -> None:
                     urls = stack.enter_context(nats_cluster(3)).urls
                 compare(
                     pg, args.changes, args.rounds, versions[version], args.baseline,
-                    args.workload, urls,
+                    args.workload, urls, args.socket,
                 )  # fmt: skip
 
 
@@ -345,8 +353,12 @@ def compare(
     baseline: str | None = None,
     kind: str = "basic",
     nats_urls: list[str] | None = None,
+    over: str = "tcp",
 ) -> None:
     precompile(baseline)
+    source = pg.unix_dsn if over == "unix" else pg.dsn
+    if source is None:
+        raise SystemExit("--socket unix needs a local cluster (not an external server)")
     built = "built" if accel.json_row is not None else "NOT built (pure Python)"
     print(f"C accelerator: {built}", flush=True)
     common = ["--proto-version", "1", "--no-streaming"]
@@ -549,7 +561,7 @@ def compare(
                 d.mkdir()
                 with open(d / "out.jsonl", "w") as out:
                     sink = out.fileno() if tool.name.endswith("jsonl") else subprocess.DEVNULL
-                    result, run = timed(tool.command(pg.dsn, slot, end, d), pg.dsn, slot, sink)
+                    result, run = timed(tool.command(source, slot, end, d), pg.dsn, slot, sink)
                 tool.check(result, d)
                 assert confirmed(conn, slot) >= end, f"{tool.name}: slot not confirmed to end"
                 tool.runs.append(run)

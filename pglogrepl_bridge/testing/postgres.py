@@ -67,6 +67,15 @@ class PostgresServer:
 
         return redact_dsn(self.dsn)
 
+    @property
+    def unix_dsn(self) -> str | None:
+        """``dsn`` over the local cluster's Unix-domain socket; None for other servers."""
+        if self._cluster is None:
+            return None
+        from psycopg.conninfo import make_conninfo
+
+        return make_conninfo(self.dsn, host=str(self._cluster.root))
+
     def restart(self, mode: Literal["smart", "fast", "immediate"] = "fast") -> None:
         """Restart the server, to test reconnects. Local clusters only.
 
