@@ -157,9 +157,10 @@ class Gatherer:
     session: 0.4 s of a 1.1 s run). With the mark raised, the kernel wakes the reader as soon
     as ``GATHER_BYTES`` are there, and the wait's timeout ends a quiet one. The mark goes
     back to 1 before anything else waits on the socket: libpq's own waits must wake for any
-    byte. A Unix-domain socket ignores the mark in poll, and holds only a few hundred of the
-    walsender's messages before it blocks: any sleep there left the walsender idle (a 0.6 s
-    stream took 5.6 s with the old sleep), so there the reader waits for the first byte.
+    byte. A Unix-domain socket ignores the mark in poll, and holds only what fits in the
+    walsender's send buffer, each message's overhead counted: any sleep there left the
+    walsender idle (a 0.6 s stream took 5.3 s with the old sleep), so there the reader waits
+    for the first byte.
     """
 
     __slots__ = ("_sock",)
