@@ -128,9 +128,12 @@ def test_request_from_older_than_the_buffer_rewinds() -> None:
     assert hub.floor == 20 and hub.backlog == 1
     assert hub.receive("a", RequestFrom(7, 5)) == [Rewind(5)]
     hub.reset_to(5)
-    assert hub.backlog == 0 and hub.last_lsn == 20
-    hub.publish(30, entry(30))
-    assert lsns(hub.pending("a")) == [30]
+    # what the buffer had dropped is published again (it was skipped as already buffered,
+    # and the replica got 30 right after 5)
+    assert hub.backlog == 0 and hub.last_lsn == 5 and hub.floor == 5
+    for lsn in (10, 20, 30):
+        hub.publish(lsn, entry(lsn))
+        assert lsns(hub.pending("a")) == [lsn]
 
 
 def test_buffer_keeps_recent_entries_and_drops_only_what_a_quorum_has() -> None:
@@ -225,3 +228,48 @@ def test_a_replica_that_holds_most_of_the_buffer_gets_the_rest_after_reconnectin
     hub.connect("b")  # the same replica again: it holds up to 97 (the rest was lost)
     hub.receive("b", RequestFrom(7, 97))
     assert lsns(hub.pending("b")) == [98, 99, 100, 101, 102, 103, 104, 105]
+
+
+def test_a_replica_that_lags_past_the_buffer_gets_a_rewind_not_a_gap() -> None:
+    """A connected replica more than the buffer behind a quorum was sent what followed the
+    gap, and applied it as if nothing were missing (it applies any lsn above its last)."""
+    hub = Hub(node_id=1, quorum=1, window=2, max_entries=3)
+    hub.connect("fast")
+    hub.connect("slow")
+    for lsn in (1, 2, 3):
+        hub.publish(lsn, entry(lsn))
+    assert lsns(hub.pending("slow")) == [1, 2]  # its window; it does not acknowledge yet
+    for lsn in range(4, 10):
+        hub.publish(lsn, entry(lsn))
+        while sent := hub.pending("fast"):
+            hub.receive("fast", Acknowledge(7, lsns(sent)[-1]))
+    assert hub.floor > 2  # 3 left the buffer: a quorum (fast) holds it
+    assert lsns(hub.pending("slow")) == []  # not 7 and 8, past the gap
+    assert hub.take_rewinds() == []  # 1 and 2 are still in flight: it may be stuck
+    hub.receive("slow", Acknowledge(8, 2))
+    assert lsns(hub.pending("slow")) == []
+    assert hub.take_rewinds() == [Rewind(2)]
+    assert hub.take_rewinds() == []
+    hub.reset_to(2)  # what the runner does once the stream restarts after 2
+    for lsn in (3, 4):
+        hub.publish(lsn, entry(lsn))
+    assert lsns(hub.pending("slow")) == [3, 4]
+
+
+def test_what_replicas_say_they_hold_is_not_waited_for() -> None:
+    """A restarted bridge gets again what its replicas applied but PostgreSQL had not
+    confirmed. They do not acknowledge what they hold, nor are they sent it: waiting for
+    those acknowledgements filled the buffer and stopped the stream for good."""
+    hub = Hub(node_id=1, quorum=1, max_entries=5)
+    hub.connect("a")
+    hub.receive("a", RequestFrom(7, 100))  # it holds up to 100; the stream restarts at 0
+    for lsn in range(1, 51):
+        hub.publish(lsn, entry(lsn))
+        assert not hub.full
+    assert hub.backlog <= 5 and lsns(hub.pending("a")) == []
+    assert hub.quorum_lsn == 0  # a claim is no proof: nothing is confirmed on its word
+    for lsn in (100, 110):
+        hub.publish(lsn, entry(lsn))
+    assert lsns(hub.pending("a")) == [110]
+    hub.receive("a", Acknowledge(7, 110))
+    assert hub.quorum_lsn == 110

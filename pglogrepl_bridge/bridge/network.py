@@ -235,7 +235,11 @@ class Network:
         try:
             self.stream.request_rewind(action.lsn)
         except ReplicationError as exc:
-            log.error("RequestFrom cannot be served: %s", exc)
+            log.error(
+                "a replica's replay cannot be served: %s; it gets nothing more from this "
+                "bridge (never entries past a gap) until it is seeded again",
+                exc,
+            )
             return
         with self.lock:
             self.hub.reset_to(action.lsn)
@@ -254,7 +258,15 @@ class Network:
                 for chunk in self.hub.pending(id(conn)):
                     conn.out += chunk
             quorum = self.hub.quorum_lsn
+            rewinds = self.hub.take_rewinds()
             self.lock.notify_all()
+        for rewind in rewinds:  # a replica lagged past the buffer: PostgreSQL sends it again
+            log.warning(
+                "a replica needs entries after %X, which the buffer no longer holds: "
+                "restarting the PostgreSQL stream there",
+                rewind.lsn,
+            )
+            self._act(rewind)
         if quorum:
             # every cycle: entries delivered after the quorum formed may already be covered
             # (a replica's RequestFrom on reconnect acknowledges what it holds)

@@ -304,8 +304,10 @@ def _publish(
                     network.wake()  # what is buffered must go out for the acks to come
                 while hub.full and not stream.stopping:
                     lock.wait(0.1)  # backpressure: a quorum must catch up first
-                published = txn.end_lsn > hub.last_lsn  # not buffered before (a rewind,
-                if published:  # or what a takeover started with)
+                # not buffered before (a rewind, or what a takeover started with); and not
+                # while a rewind is pending: it comes again after those the rewind resends
+                published = txn.end_lsn > hub.last_lsn and not stream.rewind_pending
+                if published:
                     hub.publish(txn.end_lsn, entry)
                     stats.entries += 1
             if not unwoken:

@@ -165,6 +165,12 @@ class _StreamBase:
         self._rewind_to = lsn
 
     @property
+    def rewind_pending(self) -> bool:
+        """A ``request_rewind`` is not carried out yet: the transactions handed out until it
+        is will come again (a publisher that buffers by LSN must not take them now)."""
+        return self._rewind_to is not None
+
+    @property
     def confirmed_lsn(self) -> Lsn:
         """The position confirmed (or to be confirmed by the next status update)."""
         return self.session.confirmed_lsn

@@ -16,6 +16,12 @@ and what to answer. Connections are opaque ids; time is passed in; frames are by
 - The newest ``max_entries`` stay in a buffer for RequestFrom; older ones leave it once a
   quorum holds them. A replay from before the buffer restarts the PostgreSQL stream, which
   works as long as the slot was not confirmed past it.
+- What a quorum says it holds (``held_lsn``: acknowledgements and RequestFrom claims) is
+  never waited for: replicas do not acknowledge what they already have, and are not sent it.
+  The publisher does not stop for it and the buffer may let it go. Why: a bridge restarted
+  after its replicas applied more than PostgreSQL had confirmed gets those transactions
+  again, and waited for acknowledgements that could never come once they filled the buffer.
+  Only ``quorum_lsn`` is confirmed: a claim is no proof, an acknowledgement is.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ class Replica:
     #: what its RequestFrom said it holds: not in flight (the window), though no quorum
     #: counts it beyond ``high``
     holds: int = 0
+    rewound: int = -1  # ``sent`` when a rewind was last asked for it: asked once for each
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,11 +113,14 @@ class Hub:
     last_lsn: int = 0
     replicas: dict[ConnId, Replica] = field(default_factory=dict)
     acked_by_node: dict[int, int] = field(default_factory=dict)
+    #: what each node's RequestFrom said it holds: not confirmed on its word, never waited for
+    claimed_by_node: dict[int, int] = field(default_factory=dict)
     #: acknowledgements of connections that closed without breaking a rule: a replica holds
     #: what it acknowledged after its connection is gone
     settled: dict[int, int] = field(default_factory=dict)
     voted: dict[int, int] = field(default_factory=dict)  # term -> candidate we voted for
     outbox: dict[ConnId, list[bytes]] = field(default_factory=dict)
+    _rewinds: list[int] = field(default_factory=list)  # for take_rewinds
 
     # -- entries ---------------------------------------------------------------------------
 
@@ -125,10 +135,13 @@ class Hub:
         self._trim()
 
     def reset_to(self, lsn: int) -> None:
-        """After a rewind, entries above ``lsn`` will be published again."""
+        """After a rewind, entries above ``lsn`` will be published again. From before the
+        buffer (``lsn < floor``) that includes what it had dropped: the floor comes down too,
+        or the publisher would skip those entries as already buffered."""
         cut = bisect.bisect_right(self._lsns, lsn)
         self._bytes -= sum(map(len, self._frames[cut:]))
         del self._lsns[cut:], self._frames[cut:]
+        self.floor = min(self.floor, lsn)
         self.last_lsn = max(lsn, self._lsns[-1] if self._lsns else self.floor)
         for rep in self.replicas.values():
             rep.sent = min(rep.sent, self.last_lsn)
@@ -140,8 +153,9 @@ class Hub:
 
     @property
     def unconfirmed(self) -> int:
-        """Entries a quorum does not hold yet: the publisher waits while there are too many."""
-        return len(self._lsns) - bisect.bisect_right(self._lsns, self.quorum_lsn)
+        """Entries a quorum does not hold yet, nor say they hold: the publisher waits while
+        there are too many."""
+        return len(self._lsns) - bisect.bisect_right(self._lsns, self.held_lsn)
 
     @property
     def full(self) -> bool:
@@ -152,7 +166,7 @@ class Hub:
     def _trim(self) -> None:
         """Keep the newest entries for replays, within ``max_entries`` and ``max_bytes``;
         older ones go once a quorum has them."""
-        held = bisect.bisect_right(self._lsns, self.quorum_lsn)  # the most we may drop
+        held = bisect.bisect_right(self._lsns, self.held_lsn)  # the most we may drop
         cut = max(len(self._lsns) - self.max_entries, 0)
         size = self._bytes - sum(map(len, self._frames[:cut]))
         while cut < held and size > self.max_bytes:
@@ -186,11 +200,36 @@ class Hub:
         acks = sorted(self.acked_by_node.values(), reverse=True)
         return acks[self.quorum - 1] if len(acks) >= self.quorum else 0
 
+    @property
+    def held_lsn(self) -> int:
+        """Highest LSN that ``quorum`` distinct replicas acknowledged or said they hold (in a
+        RequestFrom): nothing at or below it is waited for (see the module doc). At least
+        ``quorum_lsn``; never confirmed on its own."""
+        acked, claimed = self.acked_by_node, self.claimed_by_node
+        marks = sorted(
+            (max(acked.get(node, 0), claimed.get(node, 0)) for node in acked.keys() | claimed),
+            reverse=True,
+        )
+        return marks[self.quorum - 1] if len(marks) >= self.quorum else 0
+
     def pending(self, conn: ConnId) -> list[bytes]:
-        """Frames to write to ``conn`` now: answers first, then entries within the window."""
+        """Frames to write to ``conn`` now: answers first, then entries within the window.
+
+        A replica whose next entry already left the buffer (it lagged more than the buffer
+        holds behind a quorum) is sent nothing past the gap, which it would apply as if
+        nothing were missing: once it holds all it was sent, a ``Rewind`` to that is queued
+        (``take_rewinds``).
+        """
         rep = self.replicas[conn]
         out = self.outbox[conn]
         self.outbox[conn] = []
+        if rep.sent < self.floor:
+            # only once it holds all it was sent: a replica that stopped acknowledging is
+            # stuck on its window anyway, and must not restart the stream again and again
+            if max(rep.acked, rep.holds) >= rep.sent and rep.rewound != rep.sent:
+                rep.rewound = rep.sent
+                self._rewinds.append(rep.sent)
+            return out
         start = bisect.bisect_right(self._lsns, rep.sent)
         inflight = start - bisect.bisect_right(self._lsns, max(rep.acked, rep.holds))
         room = self.window - max(inflight, 0)
@@ -200,6 +239,11 @@ class Hub:
             rep.sent = self._lsns[stop - 1]
             rep.high = max(rep.high, rep.sent)
         return out
+
+    def take_rewinds(self) -> list[Rewind]:
+        """The rewinds ``pending`` found necessary since the last call (oldest first)."""
+        rewinds, self._rewinds = sorted(self._rewinds), []
+        return [Rewind(lsn) for lsn in rewinds[:1]]  # the oldest serves them all
 
     def heartbeat(self) -> bytes:
         """The Heartbeat to send now."""
@@ -221,6 +265,18 @@ class Hub:
             # and none of it is in flight
             self._ack(rep, msg.node_id, msg.lsn)
             rep.holds = max(rep.holds, msg.lsn)
+            if msg.lsn > self.claimed_by_node.get(msg.node_id, 0):
+                self.claimed_by_node[msg.node_id] = msg.lsn
+                if msg.lsn > self.last_lsn:
+                    log.warning(
+                        "replica %d says it holds up to %X, past this stream's last entry "
+                        "(%X): what it holds is not sent to it again, and is confirmed to "
+                        "PostgreSQL once it acknowledges an entry after that",
+                        msg.node_id,
+                        msg.lsn,
+                        self.last_lsn,
+                    )
+                self._trim()
             if msg.lsn < self.floor:
                 log.warning(
                     "replica %d asks to replay from %X, older than the buffer (%X): "
@@ -264,6 +320,7 @@ class Hub:
         rep.acked = 0
         if node is None:
             return  # it claimed a live node's id: that node's own connection keeps its credit
+        self.claimed_by_node.pop(node, None)
         held = self.settled.get(node, 0)
         if held:
             self.acked_by_node[node] = held
