@@ -49,6 +49,11 @@ def test_json_loads_equals_the_stock_one(value: Any) -> None:
         ours = _OURS.get_loader(oid, Format.TEXT).load(text.encode())
         stock = _STOCK.get_loader(oid, Format.TEXT).load(text.encode())
         assert ours == stock and type(ours) is type(stock)
+        # psycopg's row loop may hand a memoryview
+        assert _OURS.get_loader(oid, Format.TEXT).load(memoryview(text.encode())) == stock
+        row = transformer()
+        row.set_loader_types([oid], Format.TEXT)
+        assert row.load_sequence([text.encode()]) == (stock,)
 
 
 @given(st.ip_addresses(), st.none() | st.integers(0, 128))

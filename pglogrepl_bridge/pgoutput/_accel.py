@@ -66,7 +66,7 @@ text_array_json: Callable[[str, bool, str], str | None] | None = None
 #: an integer array's text → JSON with ", " (ValueError: not one; ``sqlitetext`` in Python)
 int_array_json: Callable[[str], str] | None = None
 #: whether a str/bytes-like value holds N ASCII digits in a row (``loaders``' JSON test)
-digit_run: Callable[[str | bytes | memoryview, int], bool] | None = None
+digit_run: Callable[[str | bytes | bytearray | memoryview, int], bool] | None = None
 #: inet/cidr text (bytes-like) → a plain dotted quad's integer, or None (``loaders``)
 ipv4_int: Callable[[bytes | memoryview], int | None] | None = None
 json_row: Callable[[Sequence[ColumnPlan]], JsonRowWalk] | None = None

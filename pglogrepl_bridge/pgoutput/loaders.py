@@ -9,7 +9,8 @@ the same thing in every output:
 
 - json/jsonb: ``orjson.loads`` where installed, and ``json.loads`` for what orjson reads
   differently or refuses (integers beyond 64 bits, which orjson makes floats; 1e400), so
-  nothing changes but the speed. A property test holds the two to each other.
+  nothing changes but the speed. A property test holds the two to each other. The text
+  formats go through ``JsonTextLoader``, whose ``load`` is that function itself.
 - inet and cidr (text): an IPv4 address without a prefix, and an IPv4 network, are built
   from their four octets (read in C where built) instead of parsed by ``ipaddress``;
   anything else goes the stock way. PostgreSQL's output is canonical, so the shortcut sees
@@ -42,7 +43,7 @@ __all__ = ["ADAPTERS", "json_loads", "transformer"]
 
 # orjson reads an integer beyond 64 bits as a float (json.loads keeps it exact): any run of
 # 19+ digits goes the stock way, costing a scan of the text, not a different value.
-def _digit_run_py(data: str | bytes | memoryview, length: int) -> bool:
+def _digit_run_py(data: str | bytes | bytearray | memoryview, length: int) -> bool:
     """``_fastrow.digit_run`` in Python."""
     if isinstance(data, str):
         return re.search(f"[0-9]{{{length}}}", data) is not None
@@ -50,7 +51,9 @@ def _digit_run_py(data: str | bytes | memoryview, length: int) -> bool:
 
 
 #: N ASCII digits in a row? One C pass where built: the regex cost more than orjson's parse
-_digit_run: Callable[[str | bytes | memoryview, int], bool] = _accel.digit_run or _digit_run_py
+_digit_run: Callable[[str | bytes | bytearray | memoryview, int], bool] = (
+    _accel.digit_run or _digit_run_py
+)
 
 
 def _json_loads_fast(data: str | bytes) -> Any:
@@ -63,6 +66,26 @@ def _json_loads_fast(data: str | bytes) -> Any:
 
 
 json_loads: Callable[[str | bytes], Any] = json.loads if orjson is None else _json_loads_fast
+
+
+def _json_load_buffer(data: abc.Buffer) -> Any:
+    """``json_loads`` of the bytes-like value psycopg hands a loader, without a copy where
+    orjson reads it."""
+    if orjson is None or _digit_run(data, 19):
+        return json.loads(bytes(data))
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(bytes(data))
+
+
+class JsonTextLoader(Loader):
+    """json and jsonb text to Python values through ``json_loads``. Why not psycopg's own
+    loader with ``set_json_loads``: its ``load`` is a Python method that copies the value and
+    then calls ours; psycopg's C row loop calls ``load`` once per value, and that second frame
+    cost 15-20 ms per 200k realistic changes (benchmarks/RESULTS.md, fifteenth session)."""
+
+    load = staticmethod(_json_load_buffer)
 
 
 def _ipv4_int_text(text: str) -> int | None:
@@ -143,7 +166,9 @@ class CidrLoader(Loader):
 
 #: The one adapter context of the package (see the module doc).
 ADAPTERS = AdaptersMap(psycopg.adapters)
-set_json_loads(json_loads, ADAPTERS)
+set_json_loads(json_loads, ADAPTERS)  # the binary formats (jsonb's carries a version byte)
+ADAPTERS.register_loader(builtin_types["json"].oid, JsonTextLoader)
+ADAPTERS.register_loader(builtin_types["jsonb"].oid, JsonTextLoader)
 ADAPTERS.register_loader(builtin_types["inet"].oid, InetLoader)
 ADAPTERS.register_loader(builtin_types["cidr"].oid, CidrLoader)
 
