@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import replace
 from enum import StrEnum
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -40,7 +40,9 @@ from pglogrepl_bridge.pgoutput.transaction import Change, RowChange, Transaction
 from pglogrepl_bridge.postgres.stream import ReplicationStream, StreamOptions
 from pglogrepl_bridge.progress import Progress
 from pglogrepl_bridge.render.jsonl import JsonRenderer
-from pglogrepl_bridge.snapshot.plan import ChunkDone
+
+if TYPE_CHECKING:  # the snapshot's modules load only when --snapshot asks (start-up time)
+    from pglogrepl_bridge.snapshot.plan import ChunkDone
 
 
 class Format(StrEnum):

@@ -19,7 +19,6 @@ from psycopg import sql
 from pglogrepl_bridge.errors import ConfigError
 from pglogrepl_bridge.lsn import Lsn
 from pglogrepl_bridge.postgres.connection import Conn, connect, server_error
-from pglogrepl_bridge.snapshot.plan import SNAPSHOT_REQUEST_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -300,6 +299,10 @@ def request_snapshot(conn: Conn, slot: str, tables: tuple[str, ...]) -> Lsn:
         ).fetchone()
         if not found or not found[0]:
             raise ConfigError(f"table {name} does not exist: name it as schema.table")
+    # here, not at the top: every stream's start-up imports this module, and snapshot.plan's
+    # dataclasses cost it 3 ms
+    from pglogrepl_bridge.snapshot.plan import SNAPSHOT_REQUEST_PREFIX
+
     content = json.dumps({"slot": slot, "tables": names})
     row = conn.execute(
         "SELECT pg_logical_emit_message(true, %s, %s)", (SNAPSHOT_REQUEST_PREFIX, content)
