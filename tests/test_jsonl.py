@@ -77,6 +77,24 @@ def test_basic_capture_as_json_lines(version: int) -> None:
 
 
 @pytest.mark.parametrize("version", VERSIONS)
+def test_the_inlined_hot_path_renders_each_change_as_change_utf8_does(version: int) -> None:
+    """``changes_utf8`` inlines inserts of known tables: on a capture with TOAST, old rows,
+    deletes, messages and truncates, and twice (first unseen tables, then cached shapes),
+    it must give exactly ``change_utf8``'s bytes."""
+    events, _ = replay(version, "basic")
+    txns = [t for t in events if isinstance(t, Transaction)]
+    inlined, one_by_one = JsonRenderer("typed"), JsonRenderer("typed")
+    hot = 0
+    for _ in range(2):
+        for txn in txns:
+            got = inlined.changes_utf8(txn.changes)
+            assert got == [one_by_one.change_utf8(c) for c in txn.changes]
+            assert inlined.line(txn) == one_by_one.line(txn, got)
+            hot += sum(b.endswith(b',"old":null,"unchanged_toast":[]}') for b in got)
+    assert hot > 0  # the inlined path was taken
+
+
+@pytest.mark.parametrize("version", VERSIONS)
 def test_text_values(version: int) -> None:
     events, _ = replay(version, "basic", mode="text")
     doc = json.loads(JsonRenderer("text").transaction(events[0]))  # type: ignore[arg-type]

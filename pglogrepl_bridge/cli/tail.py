@@ -278,7 +278,7 @@ def run_tail(
             elif out_format is Format.jsonl:
                 changes = txn.changes if keep is None else [c for c in txn.changes if keep(c)]
                 if keep is None or changes:
-                    write(renderer.line(txn, map(renderer.change_utf8, changes)))
+                    write(renderer.line(txn, renderer.changes_utf8(changes)))
                     write(b"\n")
                     flush()
                     printed += 1

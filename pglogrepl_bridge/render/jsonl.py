@@ -331,6 +331,25 @@ class JsonRenderer:
         head = shape.heads[change.op]
         return b"".join((head, new, b',"old":', old, b',"unchanged_toast":[', unchanged, b"]}"))
 
+    def changes_utf8(self, changes: Iterable[RowChange | TruncateChange | Message]) -> list[bytes]:
+        """``change_utf8`` of each change. The hot path (an insert, or an update without an
+        old row, of a table already seen, whose row the C walk renders) is inlined here: a
+        call frame per change is a tenth of typed jsonl's client time on wide rows."""
+        out: list[bytes] = []
+        append = out.append
+        shapes = self._shapes
+        tail = _NO_OLD_NO_TOAST
+        for change in changes:
+            if type(change) is RowChange and change.old_at < 0 <= change.new_at:
+                shape = shapes.get(change.relation)
+                if shape is not None:
+                    row = shape.row8(change.raw, change.new_at)
+                    if row is not None:
+                        append(shape.heads[change.op] + row + tail)
+                        continue
+            append(self.change_utf8(change))
+        return out
+
     def _other(self, change: TruncateChange | Message) -> str:
         """A truncate or a logical decoding message as a JSON object."""
         if isinstance(change, TruncateChange):
@@ -355,7 +374,7 @@ class JsonRenderer:
 
     def line(self, txn: Transaction, changes: Iterable[bytes] | None = None) -> bytes:
         """``transaction`` as UTF-8 bytes, from ``change_utf8``'s (or ``changes``)."""
-        body = b",".join(changes if changes is not None else map(self.change_utf8, txn.changes))
+        body = b",".join(self.changes_utf8(txn.changes) if changes is None else changes)
         return b"".join((self._head(txn).encode(), body, b"]}"))
 
     def _head(self, txn: Transaction) -> str:
