@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from pglogrepl_bridge.wire.hub import Drop, Hub, Rewind, StepDown
 from pglogrepl_bridge.wire.protocol import (
     Acknowledge,
@@ -273,3 +276,74 @@ def test_what_replicas_say_they_hold_is_not_waited_for() -> None:
     assert lsns(hub.pending("a")) == [110]
     hub.receive("a", Acknowledge(7, 110))
     assert hub.quorum_lsn == 110
+
+
+def test_a_stalled_replica_never_has_more_than_its_window_in_flight() -> None:
+    """The window bounds what the bridge queues for a replica that stopped reading. Counting
+    in flight only what was still buffered let a replica outside the quorum get one more
+    entry for every one the buffer dropped, for ever: its socket buffer grew without end."""
+    hub = Hub(node_id=1, quorum=1, window=3, max_entries=4)
+    hub.connect("fast")
+    hub.connect("stalled")
+    given: list[int] = []
+    for lsn in range(1, 200):
+        hub.publish(lsn, entry(lsn))
+        while sent := hub.pending("fast"):
+            hub.receive("fast", Acknowledge(7, lsns(sent)[-1]))
+        given += lsns(hub.pending("stalled"))
+    assert given == [1, 2, 3]  # it never acknowledged: its window, and nothing more
+    assert hub.floor > 3 and hub.take_rewinds() == []  # stuck on its window, not rewound
+    hub.receive("stalled", Acknowledge(8, 3))  # it wakes up: past the gap, a rewind
+    assert lsns(hub.pending("stalled")) == [] and hub.take_rewinds() == [Rewind(3)]
+
+
+def test_the_window_counts_what_was_sent_above_what_the_replica_holds() -> None:
+    """Acknowledgements free the window; a RequestFrom's resend and a rewind's re-publish
+    count again only what is sent again."""
+    hub = Hub(node_id=1, quorum=1, window=3)
+    hub.connect("a")
+    for lsn in range(1, 11):
+        hub.publish(lsn, entry(lsn))
+    assert lsns(hub.pending("a")) == [1, 2, 3]
+    hub.receive("a", Acknowledge(7, 1))
+    assert lsns(hub.pending("a")) == [4]
+    hub.receive("a", RequestFrom(7, 2))  # it lost 3 and 4: they are sent again
+    assert lsns(hub.pending("a")) == [3, 4, 5]
+    assert hub.pending("a") == []
+    hub.reset_to(4)  # the stream restarts after 4: 5 is published again, and sent again
+    hub.publish(5, entry(5))
+    hub.receive("a", Acknowledge(7, 3))
+    assert lsns(hub.pending("a")) == [5]
+
+
+@given(
+    st.integers(1, 5),
+    st.integers(2, 8),
+    st.lists(st.tuples(st.sampled_from("pfsa"), st.integers(0, 9)), max_size=60),
+)
+def test_each_replica_gets_consecutive_entries_and_never_more_than_its_window(
+    window: int, max_entries: int, ops: list[tuple[str, int]]
+) -> None:
+    """Whatever the buffer drops, and however replicas outside the quorum acknowledge: each
+    gets entries in order without a gap, and at most ``window`` above what it acknowledged.
+    Ops: ``p`` publish some, ``f`` the quorum's replica takes and acknowledges all, ``s`` a slow
+    replica takes what is pending, ``a`` it acknowledges some of what it got."""
+    hub = Hub(node_id=1, quorum=1, window=window, max_entries=max_entries)
+    for conn in ("fast", "slow"):
+        hub.connect(conn)
+    got: list[int] = []
+    acked = 0
+    for op, arg in ops:
+        if op == "p":
+            for _ in range(arg + 1):
+                hub.publish(hub.last_lsn + 1, entry(hub.last_lsn + 1))
+        elif op == "f":
+            while sent := hub.pending("fast"):
+                hub.receive("fast", Acknowledge(7, lsns(sent)[-1]))
+        elif op == "s":
+            got += lsns(hub.pending("slow"))
+        elif got:
+            acked = max(acked, got[min(arg, len(got) - 1)])
+            hub.receive("slow", Acknowledge(8, acked))
+        assert got == list(range(1, len(got) + 1))  # in order, no gap
+        assert len([lsn for lsn in got if lsn > acked]) <= window

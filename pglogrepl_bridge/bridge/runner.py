@@ -52,7 +52,9 @@ class BridgeConfig:
     payload: PayloadFormat = "json"
     heartbeat_interval: float = 0.05
     window: int = 1000
+    #: the replay buffer (for RequestFrom) keeps the newest entries within both bounds
     buffer_entries: int = 10_000
+    buffer_bytes: int = 64 * 1024 * 1024
     max_frame: int = DEFAULT_MAX_FRAME
     term: int = 1
     tls_client: ssl.SSLContext | None = None
@@ -128,6 +130,7 @@ def _serve(
         quorum=config.quorum(),
         window=config.window,
         max_entries=config.buffer_entries,
+        max_bytes=config.buffer_bytes,
         term=config.term,
         announce=group is not None,
     )

@@ -53,6 +53,21 @@ def bridge(
     window: Annotated[
         int, typer.Option("--window", min=1, help="Unacknowledged entries per replica at most.")
     ] = 1000,
+    buffer_entries: Annotated[
+        int,
+        typer.Option(
+            "--buffer-entries",
+            min=1,
+            help="Newest entries kept to answer a replica's RequestFrom without asking "
+            "PostgreSQL again; the stream pauses while this many are unacknowledged by a quorum.",
+        ),
+    ] = 10_000,
+    buffer_mb: Annotated[
+        float,
+        typer.Option(
+            "--buffer-mb", min=0.001, help="The same buffer's bound in MiB of WalEntry frames."
+        ),
+    ] = 64.0,
     term: Annotated[
         int,
         typer.Option("--term", min=0, help="This master's election term (alone; a group elects)."),
@@ -91,6 +106,8 @@ def bridge(
             payload=payload,  # type: ignore[arg-type]
             heartbeat_interval=heartbeat_interval,
             window=window,
+            buffer_entries=buffer_entries,
+            buffer_bytes=int(buffer_mb * 1024 * 1024),
             term=term,
             tls_client=tls_context(False, tls_cert, tls_key, tls_ca) if tls else None,
             tls_server=tls_context(True, tls_cert, tls_key, tls_ca) if tls else None,

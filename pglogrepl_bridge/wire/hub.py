@@ -1,9 +1,10 @@
 """The bridge's bookkeeping, sans IO: which WalEntries each replica gets, what a quorum holds,
 and what to answer. Connections are opaque ids; time is passed in; frames are bytes.
 
-- Entries go to every replica in LSN order, at most ``window`` unacknowledged at a time;
-  what a replica's RequestFrom says it holds is not in flight (a reconnecting replica ahead
-  of most of the buffer gets what follows at once).
+- Entries go to every replica in LSN order, at most ``window`` unacknowledged at a time,
+  counted per connection, whether or not they are still buffered (a replica that stops
+  reading is sent a window and no more); what a replica's RequestFrom says it holds is not
+  in flight (a reconnecting replica ahead of most of the buffer gets what follows at once).
 - A replica's acknowledgements are cumulative: it applies only ``lsn > last``, in order.
 - ``quorum_lsn`` is the highest LSN acknowledged by ``quorum`` distinct replicas; only that
   may be confirmed to PostgreSQL.
@@ -60,6 +61,16 @@ class Replica:
     #: counts it beyond ``high``
     holds: int = 0
     rewound: int = -1  # ``sent`` when a rewind was last asked for it: asked once for each
+    #: the LSNs sent on this connection above ``max(acked, holds)``, oldest first: the
+    #: window's count. Kept here, not derived from the buffer: entries that left the buffer
+    #: are still in flight to a replica that has not acknowledged them.
+    unacked: list[int] = field(default_factory=list)
+
+    def settle(self) -> None:
+        """Forget in-flight entries that it acknowledged or says it holds."""
+        mark = max(self.acked, self.holds)
+        if self.unacked and self.unacked[0] <= mark:
+            del self.unacked[: bisect.bisect_right(self.unacked, mark)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +156,7 @@ class Hub:
         self.last_lsn = max(lsn, self._lsns[-1] if self._lsns else self.floor)
         for rep in self.replicas.values():
             rep.sent = min(rep.sent, self.last_lsn)
+            del rep.unacked[bisect.bisect_right(rep.unacked, self.last_lsn) :]  # sent again
 
     @property
     def backlog(self) -> int:
@@ -231,11 +243,13 @@ class Hub:
                 self._rewinds.append(rep.sent)
             return out
         start = bisect.bisect_right(self._lsns, rep.sent)
-        inflight = start - bisect.bisect_right(self._lsns, max(rep.acked, rep.holds))
-        room = self.window - max(inflight, 0)
+        room = self.window - len(rep.unacked)
         if room > 0 and start < len(self._lsns):
             stop = min(len(self._lsns), start + room)
             out += self._frames[start:stop]
+            # what it holds is not in flight (a RequestFrom below an earlier one resends it)
+            held = bisect.bisect_right(self._lsns, max(rep.acked, rep.holds), start, stop)
+            rep.unacked += self._lsns[held:stop]
             rep.sent = self._lsns[stop - 1]
             rep.high = max(rep.high, rep.sent)
         return out
@@ -265,6 +279,7 @@ class Hub:
             # and none of it is in flight
             self._ack(rep, msg.node_id, msg.lsn)
             rep.holds = max(rep.holds, msg.lsn)
+            rep.unacked.clear()  # what it holds is not in flight; what follows is sent again
             if msg.lsn > self.claimed_by_node.get(msg.node_id, 0):
                 self.claimed_by_node[msg.node_id] = msg.lsn
                 if msg.lsn > self.last_lsn:
@@ -331,6 +346,7 @@ class Hub:
         counted = min(lsn, rep.high)  # what it was given on this connection, at most
         rep.acked = max(rep.acked, counted)
         rep.sent = max(rep.sent, rep.acked)
+        rep.settle()
         if counted > self.acked_by_node.get(node_id, 0):
             self.acked_by_node[node_id] = counted
             self._trim()
