@@ -14,6 +14,8 @@ import importlib
 import sys
 from typing import TYPE_CHECKING
 
+from pglogrepl_bridge.cli.allocator import keep_freed_heap
+
 if TYPE_CHECKING:
     import typer
 
@@ -56,6 +58,7 @@ def main() -> None:
     # SQLite (benchmarks/RESULTS.md). The stream's objects are freed by reference counting;
     # a collection every 10,000 allocations costs a tenth of that.
     gc.set_threshold(10_000, 10, 10)
+    keep_freed_heap()  # the heap's pages stay for the next transaction (cli.allocator)
     try:
         app()
     finally:
