@@ -39,6 +39,9 @@ class ReplicaNode:
     duplicates: list[int] = field(default_factory=list)  # lsns received again, not applied
     heartbeats: int = 0
     ack: bool = True  # False: a replica that never acknowledges (for tests)
+    #: False: ``applied`` stays empty (``last_lsn`` still moves), for a long run that must
+    #: not hold every entry it was sent, as the benchmark's replica
+    keep: bool = True
 
     def handle(self, msg: ReplicationMessage) -> list[ReplicationMessage]:
         """The protocol rules; returns the messages to send back. Pure."""
@@ -47,7 +50,8 @@ class ReplicaNode:
                 self.duplicates.append(msg.lsn)
                 return []
             self.apply(msg)
-            self.applied.append(msg)
+            if self.keep:
+                self.applied.append(msg)
             self.last_lsn = msg.lsn
             return [Acknowledge(self.node_id, msg.lsn)] if self.ack else []
         if isinstance(msg, Heartbeat):
