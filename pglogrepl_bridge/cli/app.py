@@ -44,6 +44,17 @@ def err() -> Console:
     return Console(stderr=True)
 
 
+def summary(text: str) -> None:
+    """A command's closing line, on stderr. Off a terminal it is written as it is: rich would
+    wrap it at 80 columns, and importing rich.console for one line cost 43-66 ms at the end of
+    every run of bridge, replicate and publish (benchmarks/RESULTS.md, seventeenth session)."""
+    if sys.stderr.isatty():
+        err().print(text, highlight=False)
+    else:
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+
 def out() -> Console:
     """The stdout console for tables. Off a terminal (a pipe, a file, a test) rich would cut
     wide tables to 80 columns with ellipses: there the width is generous, so nothing is lost."""

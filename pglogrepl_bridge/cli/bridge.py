@@ -137,8 +137,7 @@ def bridge(
                 f"stopped: node {stats.stepped_down.node_id} was promoted at term "
                 f"{stats.stepped_down.term}; this bridge is no longer the master"
             )
-        cli.err().print(
+        cli.summary(
             f"bridged {stats.transactions} transactions ({stats.entries} WalEntries); "
             f"confirmed up to {stats.confirmed}",
-            highlight=False,
         )

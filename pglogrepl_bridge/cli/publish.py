@@ -114,9 +114,8 @@ def publish(
         stats = run_publish(
             dsn, options, config, on_stream=signals.attach, metrics_port=metrics_port
         )
-        cli.err().print(
+        cli.summary(
             f"published {stats.published} transactions to {stream} ({stats.duplicates} already "
             f"there, {stats.skipped} skipped as stored before, {stats.retries} retries); "
             f"confirmed up to {stats.confirmed}",
-            highlight=False,
         )

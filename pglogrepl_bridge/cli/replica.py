@@ -65,9 +65,8 @@ def replica(
             on_server=signals.attach,
             tls=tls_context(True, tls_cert, tls_key, tls_ca) if tls_cert else None,
         )
-        cli.err().print(
+        cli.summary(
             f"replica {node_id}: applied {stats.entries} entries over {stats.connections} "
             f"connections ({stats.duplicates} received again); target at "
             f"{stats.last_lsn or stats.resumed_from}",
-            highlight=False,
         )

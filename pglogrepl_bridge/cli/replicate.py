@@ -213,10 +213,9 @@ def replicate(
                 on_snapshot_progress=progress,
             )
         _print_snapshot(stats.snapshot)
-        cli.err().print(
+        cli.summary(
             f"replicated {stats.transactions} transactions ({stats.changes} changes) in "
             f"{stats.batches} batches; target at {stats.last_lsn or stats.resumed_from}",
-            highlight=False,
         )
 
 
@@ -248,12 +247,11 @@ def _from_nats(
             on_snapshot_progress=progress,
         )
     _print_snapshot(stats.snapshot)
-    cli.err().print(
+    cli.summary(
         f"applied {stats.transactions} transactions ({stats.changes} changes) from "
         f"{config.stream} in {stats.batches} batches ({stats.skipped} already applied, "
         f"{stats.refetched} read again by sequence); target at "
         f"{stats.last_lsn or stats.resumed_from}",
-        highlight=False,
     )
 
 
@@ -261,10 +259,9 @@ def _print_snapshot(copied: SnapshotStats | None) -> None:
     if copied is None:
         return
     state = "copied" if copied.complete else "stopped after copying"
-    cli.err().print(
+    cli.summary(
         f"snapshot: {state} {copied.rows} rows of {len(copied.copied)} tables in "
         f"{copied.chunks} chunks ({copied.seconds:.1f}s)"
         + (f", kept {len(copied.kept)} tables copied earlier" if copied.kept else "")
         + ("" if copied.complete else "; run again to resume"),
-        highlight=False,
     )
