@@ -139,3 +139,12 @@ def test_standbys_keep_the_masters_entries_gapless_from_the_first() -> None:
     finally:
         for g in groups:
             g.close()
+
+
+def test_free_ports_are_never_given_twice() -> None:
+    """Ports taken one call at a time for different servers of one test (a member's metrics,
+    a replica) were sometimes the same: the bridge then dialled an HTTP server."""
+    from pglogrepl_bridge.testing.postgres import free_port
+
+    ports = free_ports(300) + [free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from pglogrepl_bridge.postgres.stream import StreamOptions
 from pglogrepl_bridge.sinks.replica import REPLICA_SOURCE
 from pglogrepl_bridge.sinks.replicate import run_replicate
 from pglogrepl_bridge.sinks.sql import CHECKPOINT_TABLE
-from pglogrepl_bridge.testing.postgres import PostgresServer
+from pglogrepl_bridge.testing.postgres import PostgresServer, free_port
 from pglogrepl_bridge.wire.follower import Follower
 from pglogrepl_bridge.wire.protocol import (
     Acknowledge,
@@ -85,13 +84,6 @@ def test_replicas_do_not_vote() -> None:
     assert step.replies == (VoteResponse(2, 7, 9, False),)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _position(url: str, node_id: int) -> int:
     engine = sa.create_engine(url)
     try:
@@ -139,7 +131,7 @@ def _fed(
     """A source, a replica process on SQLite (its port and URL), and a bridge feeding it
     (``config``, with the replica's address added)."""
     src = Source(pg_conn)
-    port = _free_port()
+    port = free_port()
     target = f"sqlite:///{tmp_path}/replica.db"
     proc = _replica(port, target)
     config = replace(config, replicas=[("127.0.0.1", port)])
@@ -218,7 +210,7 @@ def test_every_type_lands_from_json_as_replicate_lands_it(
             pg.dsn, binary_direct, replace(options, no_ack=True), snapshot="never", until=end
         )
         as_binary = _rows(binary_direct)
-    port = _free_port()
+    port = free_port()
     proc = _replica(port, via_json, "--payload", "json")
     try:
         config = BridgeConfig(payload="json", ack_quorum=1, replicas=[("127.0.0.1", port)])
@@ -302,7 +294,7 @@ def test_the_replica_takes_only_masters_with_a_certificate_over_tls(
 
     cert, key, ca = _certificates(tmp_path)
     src = Source(pg_conn)
-    port = _free_port()
+    port = free_port()
     target = f"sqlite:///{tmp_path}/replica.db"
     proc = _replica(port, target, "--tls-cert", cert, "--tls-key", key, "--tls-ca", ca)
     replica = [("127.0.0.1", port)]

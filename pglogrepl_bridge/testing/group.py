@@ -8,7 +8,6 @@ Which member is master is read from PostgreSQL: each member connects with
 from __future__ import annotations
 
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -19,20 +18,14 @@ import psycopg
 
 from pglogrepl_bridge.sinks.replica import REPLICA_SOURCE
 from pglogrepl_bridge.sinks.sql import CHECKPOINT_TABLE
+from pglogrepl_bridge.testing.postgres import free_port
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def free_ports(n: int) -> list[int]:
-    """``n`` loopback ports free right now."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    """``n`` loopback ports free right now, none given out before (``free_port``)."""
+    return [free_port() for _ in range(n)]
 
 
 def slot_holder(conn: psycopg.Connection[Any], slot: str) -> int | None:

@@ -150,12 +150,23 @@ def _major_version(bindir: Path) -> int | None:
     return None
 
 
+#: every port ``free_port`` gave out in this process: it never gives one twice
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A free loopback TCP port."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A free loopback TCP port, never one this process was given before. The kernel may
+    offer a port again once its probe socket is closed: a test gave the same port to a
+    bridge member's metrics server and to a replica, and the bridge dialled an HTTP server.
+    """
+    for _ in range(1000):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no loopback port left that this process was not given already")
 
 
 def docker_available() -> bool:
