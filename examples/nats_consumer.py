@@ -18,7 +18,6 @@ import sqlite3
 import sys
 
 import nats
-from nats.errors import TimeoutError as NatsTimeout
 
 
 def lsn_value(text: str) -> int:
@@ -43,7 +42,7 @@ async def main(url: str, stream: str, prefix: str, path: str, idle: float | None
         while idle is None or quiet < idle:
             try:
                 batch = await sub.fetch(100, timeout=1)
-            except NatsTimeout:
+            except TimeoutError:  # nats-py raises its own, or asyncio's, when nothing came
                 quiet += 1
                 continue
             quiet = 0.0

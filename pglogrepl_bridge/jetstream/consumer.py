@@ -273,8 +273,6 @@ class _Run:
         self.on_snapshot_progress: Callable[[ChunkCopied], None] | None = None
 
     async def go(self) -> None:
-        from nats.errors import TimeoutError as NatsTimeout
-
         checkpoint = await asyncio.to_thread(self.sink.checkpoint)
         self.stats.resumed_from = checkpoint
         if checkpoint is not None:
@@ -300,7 +298,7 @@ class _Run:
             while not self.runner.stopping:
                 try:
                     msgs = await sub.fetch(self.config.fetch, timeout=1)
-                except NatsTimeout:
+                except TimeoutError:  # nats-py's own, or asyncio's where its deadline ran out
                     continue
                 except Exception as exc:  # a connection lost meanwhile: nats-py reconnects
                     log.warning("fetching from NATS failed (%s); retrying", exc)

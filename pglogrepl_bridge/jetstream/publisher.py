@@ -231,7 +231,7 @@ async def _ensure_stream(js: JetStreamContext, config: PublishConfig, subject: s
 
 
 def _retry_or_raise(exc: Exception, attempt: int, what: str) -> None:
-    from nats.errors import NoRespondersError, TimeoutError
+    from nats.errors import NoRespondersError  # nats-py's TimeoutError is a TimeoutError
     from nats.js.errors import APIError, ServiceUnavailableError
 
     transient = isinstance(exc, TimeoutError | NoRespondersError | ServiceUnavailableError)
